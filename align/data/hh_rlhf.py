@@ -1,0 +1,147 @@
+"""Anthropic HH-RLHF: ``\\n\\nHuman:`` / ``\\n\\nAssistant:`` transcripts -> chat messages.
+
+Each row holds two whole dialogues, ``chosen`` and ``rejected``, that should share every turn
+but the last assistant one. The prompt is those shared turns; chosen/rejected are the two final
+assistant turns. Rows that break this (different earlier turns, empty turns, bad JSON, text
+that is not an HH transcript) are counted in a :class:`LoadReport` with file and line, and
+skipped -- or raise :class:`DataError` under ``strict``.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+class DataError(ValueError):
+    """A bad row or file; the message names the file and line."""
+
+
+@dataclass
+class LoadReport:
+    """What a loader kept and skipped, and where; printed in the run summary."""
+
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
+
+    def skip(self, where: str, reason: str, strict: bool) -> None:
+        if strict:
+            raise DataError(f"{where}: {reason}")
+        self.skipped[reason.split(":")[0]] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: "LoadReport") -> None:
+        self.kept += other.kept
+        self.skipped.update(other.skipped)
+        self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
+
+    def summary(self) -> str:
+        parts = [f"kept {self.kept}"]
+        parts += [f"skipped {n} ({reason})" for reason, n in sorted(self.skipped.items())]
+        return ", ".join(parts)
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[{role: user, content: a}, ...]``.
+
+    Raises ValueError for text that is not an HH transcript or has an empty turn.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"not a string: {type(text).__name__}")
+    pieces = _TURN.split(text)
+    # pieces = [before, role, content, role, content, ...]
+    if len(pieces) < 3 or pieces[0].strip():
+        raise ValueError("not an HH transcript (expected it to start with '\\n\\nHuman:')")
+    messages = []
+    for role, content in zip(pieces[1::2], pieces[2::2]):
+        content = content.strip()
+        if not content:
+            raise ValueError(f"empty turn: an empty {role} turn")
+        if messages and messages[-1]["role"] == _ROLE[role]:
+            # Rare in the data: two turns of one speaker in a row. Keep them as one turn.
+            messages[-1]["content"] += "\n\n" + content
+        else:
+            messages.append({"role": _ROLE[role], "content": content})
+    return messages
+
+
+def split_pair(chosen: str, rejected: str) -> dict:
+    """One HH row -> ``{prompt: [...], chosen: [assistant msg], rejected: [assistant msg]}``."""
+    c, r = parse_transcript(chosen), parse_transcript(rejected)
+    for name, msgs in (("chosen", c), ("rejected", r)):
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"no final answer: {name} does not end with an Assistant turn")
+        if len(msgs) < 2:
+            raise ValueError(f"no prompt: {name} has no Human turn before its answer")
+    if c[:-1] != r[:-1]:
+        raise ValueError("prompt mismatch: chosen and rejected differ before the final turn")
+    if c[-1]["content"] == r[-1]["content"]:
+        raise ValueError("identical answers: chosen and rejected final turns are the same")
+    return {"prompt": c[:-1], "chosen": [c[-1]], "rejected": [r[-1]]}
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(
+        path, encoding="utf-8"
+    )
+
+
+def read_hh_file(path: str | Path, strict: bool = False, limit: int = 0):
+    """Yield parsed pairs from one HH-RLHF ``.jsonl[.gz]`` file; returns its LoadReport."""
+    path = Path(path)
+    report = LoadReport()
+    rows = []
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if limit and report.kept >= limit:
+                break
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
+                continue
+            if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+                report.skip(where, "missing field: row needs 'chosen' and 'rejected'", strict)
+                continue
+            try:
+                pair = split_pair(row["chosen"], row["rejected"])
+            except ValueError as e:
+                report.skip(where, str(e), strict)
+                continue
+            pair["source"] = where
+            rows.append(pair)
+            report.kept += 1
+    return rows, report
+
+
+def find_subset_file(root: Path, subset: str, split: str = "test") -> Path:
+    """``<root>/<subset>/<split>.jsonl.gz`` (or ``.jsonl``), with an error that lists choices."""
+    for suffix in (".jsonl.gz", ".jsonl"):
+        path = root / subset / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    # Only the official test splits exist offline: fall back to any split the subset has.
+    sub = root / subset
+    if sub.is_dir():
+        files = sorted(sub.glob("*.jsonl*"))
+        if files:
+            return files[0]
+    raise DataError(
+        f"HH-RLHF subset '{subset}' not found under '{root}' (available: {', '.join(available) or 'none'})"
+    )

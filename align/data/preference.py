@@ -1,0 +1,114 @@
+"""Preference pairs in TRL's standard formats, from local JSONL/Parquet or the Hub.
+
+Accepted rows (TRL's "preference" type):
+  explicit prompt   {"prompt": str | messages, "chosen": str | messages, "rejected": ...}
+  implicit prompt   {"chosen": messages, "rejected": messages}  (shared turns become the prompt)
+Conversational rows come out as ``prompt`` = messages, ``chosen``/``rejected`` = one assistant
+message each; plain-text rows stay plain strings (no chat template is applied to them).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .hh_rlhf import DataError, LoadReport, _open, split_pair
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in x
+    )
+
+
+def normalize_pair(row: dict) -> dict:
+    """One row in any supported format -> our normal form; ValueError says what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"row is not an object: {type(row).__name__}")
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise ValueError(f"missing field: {', '.join(repr(m) for m in missing)}")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            return split_pair(chosen, rejected)  # HH-style transcripts
+        if not (_is_messages(chosen) and _is_messages(rejected)):
+            raise ValueError("implicit-prompt rows need 'chosen'/'rejected' as message lists")
+        n = len(chosen) - 1
+        if n < 1 or chosen[:n] != rejected[:-1] or len(rejected) != len(chosen):
+            raise ValueError("prompt mismatch: chosen and rejected differ before the final turn")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(prompt, str):
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ValueError("plain 'prompt' needs plain-string 'chosen' and 'rejected'")
+        if not prompt.strip():
+            raise ValueError("empty turn: empty prompt")
+        if not chosen.strip() or not rejected.strip():
+            raise ValueError("empty turn: empty answer")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if not _is_messages(prompt) or not prompt:
+        raise ValueError("'prompt' must be a string or a non-empty list of {role, content}")
+    out = {"prompt": prompt}
+    for key, ans in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(ans, str):
+            ans = [{"role": "assistant", "content": ans}]
+        if not _is_messages(ans) or len(ans) != 1 or ans[0]["role"] != "assistant":
+            raise ValueError(f"'{key}' must be one assistant message (or a string)")
+        if not str(ans[0]["content"]).strip():
+            raise ValueError(f"empty turn: empty '{key}' answer")
+        out[key] = [{"role": "assistant", "content": ans[0]["content"]}]
+    return out
+
+
+def read_preference_jsonl(path: Path, strict: bool = False, limit: int = 0):
+    rows, report = [], LoadReport()
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if limit and report.kept >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
+                continue
+            try:
+                pair = normalize_pair(row)
+            except ValueError as e:
+                report.skip(where, str(e), strict)
+                continue
+            pair["source"] = where
+            rows.append(pair)
+            report.kept += 1
+    return rows, report
+
+
+def read_preference_records(records, origin: str, strict: bool = False, limit: int = 0):
+    """Rows from Parquet or a Hub dataset (no line numbers there: row index instead)."""
+    rows, report = [], LoadReport()
+    for i, row in enumerate(records):
+        if limit and report.kept >= limit:
+            break
+        where = f"{origin}[row {i}]"
+        try:
+            pair = normalize_pair(dict(row))
+        except ValueError as e:
+            report.skip(where, str(e), strict)
+            continue
+        pair["source"] = where
+        rows.append(pair)
+        report.kept += 1
+    return rows, report
+
+
+def read_preference_file(path: Path, strict: bool = False, limit: int = 0):
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        return read_preference_jsonl(path, strict, limit)
+    if name.endswith(".parquet"):
+        import datasets
+
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        return read_preference_records(ds, str(path), strict, limit)
+    raise DataError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz or .parquet)")

@@ -1,0 +1,125 @@
+"""Models and roles: ONE frozen base; roles are adapters on it, never second copies.
+
+- ``policy``: a LoRA adapter (default r=8 on all linear layers, attention + MLP).
+- reference: the same base with adapters disabled (:func:`reference_mode`).
+- critic / reward: further named adapters on the same base (PPO and RM jobs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from .assets import AssetError, hub_offline, offline_hint, resolve_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _split_gguf(path: str) -> tuple[str, dict]:
+    """A ``.gguf`` file loads through its folder plus ``gguf_file=``."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    where, extra = _split_gguf(resolve_model(name))
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **extra)
+    except OSError as e:
+        raise AssetError(f"{offline_hint(name, 'model')} ({e})") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(model_cfg, *, with_tokenizer: bool = True):
+    """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model_cfg, "threads", 0):
+        torch.set_num_threads(model_cfg.threads)
+    resolved = resolve_model(model_cfg.name)
+    where, extra = _split_gguf(resolved)
+    if where == model_cfg.name and not Path(where).exists() and hub_offline():
+        raise AssetError(offline_hint(model_cfg.name, "model"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=_DTYPES[model_cfg.dtype], **extra
+        )
+    except OSError as e:
+        raise AssetError(f"{offline_hint(model_cfg.name, 'model')} ({e})") from e
+    if extra.get("gguf_file"):
+        # A GGUF dequantizes to a normal model; drop the markers so PEFT/saving treat it as one.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.config.use_cache = True
+    # Remember what the user called the base, for adapter configs and model cards.
+    model.config._align_base_name = model_cfg.name
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = load_tokenizer(model_cfg.name) if with_tokenizer else None
+    if tok is not None and model.generation_config is not None:
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def lora_peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def add_policy_adapter(base, lora_cfg, name: str = "policy"):
+    """Wrap ``base`` in a PEFT model with a fresh LoRA adapter ``name`` (the trainable policy)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(base, lora_peft_config(lora_cfg), adapter_name=name)
+    return model
+
+
+@contextlib.contextmanager
+def reference_mode(peft_model):
+    """The reference policy: the same weights with every adapter switched off."""
+    with peft_model.disable_adapter():
+        yield peft_model
+
+
+def count_base_copies(model) -> int:
+    """How many distinct storages hold the base's embedding matrix (1 = no second copy)."""
+    storages = {
+        p.untyped_storage().data_ptr()
+        for n, p in model.named_parameters()
+        if n.endswith("embed_tokens.weight")
+    }
+    return len(storages)
+
+
+def chat_prompt(tok, messages, add_generation_prompt: bool = True) -> str:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+@torch.no_grad()
+def greedy_generate(model, tok, messages, max_new_tokens: int = 32) -> str:
+    text = chat_prompt(tok, messages)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
