@@ -85,7 +85,11 @@ def lora_peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
     )
 
 
-def add_policy_adapter(base, lora_cfg, name: str = "policy"):
+# The policy is PEFT's "default" adapter: TRL and PEFT's save/load treat that one as *the* adapter.
+POLICY = "default"
+
+
+def add_policy_adapter(base, lora_cfg, name: str = POLICY):
     """Wrap ``base`` in a PEFT model with a fresh LoRA adapter ``name`` (the trainable policy)."""
     from peft import get_peft_model
 

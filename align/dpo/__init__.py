@@ -1,0 +1,117 @@
+"""`align dpo`: TRL DPO of a LoRA policy; the reference is the same base with adapters off."""
+from __future__ import annotations
+
+import time
+
+from .evaluate import evaluate, score_reference
+
+__all__ = ["run_dpo"]
+
+
+def _metrics_callback(run):
+    from transformers import TrainerCallback
+
+    class MetricsToRun(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                run.log({"step": state.global_step, **logs})
+
+    return MetricsToRun()
+
+
+def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "default"):
+    """Write the adapter as a standard PEFT folder (safetensors), atomically."""
+    from ..runs import atomic_dir
+
+    cfg = peft_model.peft_config[adapter_name]
+    resolved = cfg.base_model_name_or_path
+    cfg.base_model_name_or_path = base_name  # the name users know, not our mirror path
+    try:
+        with atomic_dir(out_dir) as tmp:
+            peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+    finally:
+        cfg.base_model_name_or_path = resolved
+    return out_dir
+
+
+def run_dpo(cfg) -> dict:
+    import datasets
+    import torch
+    from transformers import set_seed
+
+    from ..data import load_preference_splits
+    from ..models import add_policy_adapter, load_base
+    from ..runs import RunDir, plot_metrics
+    from .trainer import PackedDPOTrainer, dpo_args
+
+    t0 = time.time()
+    set_seed(cfg.run.seed)
+    run = RunDir(cfg.run, cfg, "dpo")
+    print(f"run folder: {run.path}")
+
+    train_rows, eval_rows, reports = load_preference_splits(cfg.data)
+    for split, rep in reports.items():
+        print(f"data[{split}]: {rep.summary()}")
+        for ex in rep.examples[:3]:
+            print(f"  e.g. {ex}")
+    if not train_rows:
+        raise ValueError(f"data.dataset '{cfg.data.dataset}': no usable training pairs")
+
+    base, tok = load_base(cfg.model)
+    model = add_policy_adapter(base, cfg.lora)
+    model.print_trainable_parameters()
+
+    def to_ds(rows):
+        return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                           for r in rows])
+
+    args = dpo_args(cfg, str(run.path / "trainer"))
+    trainer = PackedDPOTrainer(
+        model=model, args=args, train_dataset=to_ds(train_rows), processing_class=tok,
+        max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
+        callbacks=[_metrics_callback(run)],
+    )
+    collator = trainer.data_collator
+    eval_ds = ref_scores = None
+    if cfg.evaluate and eval_rows:
+        eval_ds = trainer._prepare_dataset(to_ds(eval_rows), tok, args, "eval")
+        t_ref = time.time()
+        ref_scores = score_reference(model, eval_ds, collator, cfg.train.batch_size)
+        print(f"reference scores for {len(eval_ds)} held-out pairs in {time.time() - t_ref:.0f}s")
+
+    t_train = time.time()
+    trainer.train()
+    train_seconds = time.time() - t_train
+    adapter_dir = save_adapter(model, run.path / "adapter", cfg.model.name)
+
+    summary = {"train_pairs": len(train_rows), "train_seconds": round(train_seconds, 1),
+               "steps": trainer.state.global_step, "adapter": str(adapter_dir)}
+    if eval_ds is not None:
+        t_eval = time.time()
+        result = evaluate(model, eval_ds, collator, cfg.train.beta, ref_scores, cfg.train.batch_size)
+        result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
+        result["eval_seconds"] = round(time.time() - t_eval, 1)
+        run.write_json("eval.json", result)
+        run.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in result.items()
+                                                        if isinstance(v, (int, float))}})
+        summary["eval"] = result
+    summary["wall_seconds"] = round(time.time() - t0, 1)
+    run.write_json("summary.json", summary)
+    if cfg.run.plot:
+        plot_metrics(run.read_metrics(), ["loss", "rewards/accuracies", "rewards/margins"],
+                     run.path / "plots.png", title=f"DPO {cfg.model.name}")
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(s: dict) -> None:
+    print("\n== DPO summary ==")
+    print(f"trained on {s['train_pairs']} pairs in {s['steps']} steps, {s['train_seconds']:.0f}s;"
+          f" total wall {s['wall_seconds']:.0f}s")
+    if "eval" in s:
+        e = s["eval"]
+        print(f"held-out ({', '.join(e['eval_subsets'])}, {e['pairs']} pairs): implicit accuracy "
+              f"{e['implicit_accuracy']:.3f}, mean margin {e['mean_margin']:.3f}")
+        print(f"reference-free accuracy: base {e['reference_free_accuracy_base']:.3f} -> "
+              f"policy {e['reference_free_accuracy_policy']:.3f}")
+    print(f"adapter: {s['adapter']}")

@@ -1,0 +1,154 @@
+"""Compute less per DPO pair: the shared prompt once, the LM head only on answer tokens.
+
+A pair ``(prompt, chosen, rejected)`` is laid out as ONE packed row ``prompt + chosen +
+rejected``. Position ids restart the rejected answer right after the prompt, and a 4-D
+attention mask stops rejected tokens from seeing chosen ones, so each answer sees exactly
+``prompt + itself`` -- the same numbers as two separate rows, for ~(P+C+R)/(2P+C+R) of the
+backbone cost. The vocabulary projection runs only where a label is scored.
+
+TRL's DPOTrainer keeps doing everything else (loss variants, metrics, reference handling): the
+collator also emits TRL's usual "virtual" layout (chosen rows, then rejected rows), and
+:func:`install_packed_forward` makes the model's ``fused_lm_head=True`` path read the packed
+tensors and return per-token values in that virtual layout.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_attention_mask", "packed_src")
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
+                  max_length: int, max_prompt_length: int):
+    """Keep the prompt's *last* tokens (latest turns) and each answer's first tokens."""
+    prompt = prompt[-max_prompt_length:] if len(prompt) > max_prompt_length else prompt
+    budget = max(1, max_length - len(prompt))
+    return prompt, chosen[:budget], rejected[:budget]
+
+
+@dataclass
+class PackedPairCollator:
+    """Batches TRL-tokenized pairs in both the virtual layout and the packed one."""
+
+    pad_token_id: int
+    max_length: int = 384
+    max_prompt_length: int = 256
+
+    def __call__(self, examples: list[dict]) -> dict:
+        B = len(examples)
+        trip = [truncate_pair(list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"]),
+                              self.max_length, self.max_prompt_length) for e in examples]
+        L = max(len(p) + max(len(c), len(r)) for p, c, r in trip)
+        Lp = max(len(p) + len(c) + len(r) for p, c, r in trip)
+        pad = self.pad_token_id
+        input_ids = torch.full((2 * B, L), pad, dtype=torch.long)
+        attention = torch.zeros((2 * B, L), dtype=torch.long)
+        completion = torch.zeros((2 * B, L), dtype=torch.long)
+        p_ids = torch.full((B, Lp), pad, dtype=torch.long)
+        p_pos = torch.zeros((B, Lp), dtype=torch.long)
+        p_mask = torch.zeros((B, 1, Lp, Lp), dtype=torch.bool)
+        # src[row, t]: packed index whose hidden state predicts virtual token t+1 of that row.
+        src = torch.zeros((2 * B, L - 1), dtype=torch.long)
+        causal = torch.ones((Lp, Lp), dtype=torch.bool).tril()
+        for i, (p, c, r) in enumerate(trip):
+            P, C, R = len(p), len(c), len(r)
+            for row, ans in ((i, c), (B + i, r)):
+                n = P + len(ans)
+                input_ids[row, :n] = torch.tensor(p + ans)
+                attention[row, :n] = 1
+                completion[row, P:n] = 1
+            n = P + C + R
+            p_ids[i, :n] = torch.tensor(p + c + r)
+            p_pos[i, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+            m = causal[:n, :n].clone()
+            m[P + C:, P:P + C] = False  # rejected never sees chosen
+            p_mask[i, 0, :n, :n] = m
+            p_mask[i, 0, n:, :].fill_(False)
+            p_mask[i, 0, range(n, Lp), range(n, Lp)] = True  # padding rows attend to themselves
+            t = torch.arange(L - 1)
+            src[i] = t.clamp(max=Lp - 1)
+            src[B + i] = torch.where(t < P, t, t + C).clamp(max=Lp - 1)
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
+            "packed_input_ids": p_ids, "packed_position_ids": p_pos,
+            "packed_attention_mask": p_mask, "packed_src": src,
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch
+
+
+def _output_type():
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    return FusedCausalLMOutput
+
+
+def install_packed_forward(model) -> None:
+    """Make ``model(..., labels, fused_lm_head=True, packed_*)`` score packed pairs.
+
+    ``model`` is the bare causal LM (PEFT's base model); its LoRA layers stay in place, so
+    the adapter (or its absence, for the reference) is honoured. Without ``fused_lm_head``
+    the model's own forward runs, so generation is unchanged.
+    """
+    plain_forward = type(model).forward.__get__(model)
+
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None,
+                packed_input_ids=None, packed_position_ids=None, packed_attention_mask=None,
+                packed_src=None, **kwargs):
+        if not fused_lm_head:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return plain_forward(*args, **kwargs)
+        if packed_input_ids is None:
+            raise ValueError("packed forward needs the PackedPairCollator's packed_* tensors")
+        kwargs.pop("input_ids", None)
+        kwargs.pop("attention_mask", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(
+            input_ids=packed_input_ids, position_ids=packed_position_ids,
+            attention_mask=packed_attention_mask, **kwargs,
+        ).last_hidden_state
+        return score_labels(self, hidden, labels, packed_src, num_items_in_batch)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
+    """Gather the hidden states that predict each scored label and project only those."""
+    B2 = labels.size(0)
+    B = hidden.size(0)
+    shift = labels[:, 1:]
+    mask = shift != -100
+    rows = torch.arange(B2, device=hidden.device).unsqueeze(1).expand_as(shift) % B
+    h = hidden[rows[mask], packed_src[mask]]  # (N, H)
+    lm_head = model.get_output_embeddings()
+    logits = F.linear(h, lm_head.weight, lm_head.bias).float()
+    logp_all = logits.log_softmax(-1)
+    targets = shift[mask]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        mean_logits = logits.mean(-1)
+        is_top1 = logits.argmax(-1) == targets
+
+    def scatter(x):  # back to the virtual (rows, L-1) layout TRL reads; zeros elsewhere
+        return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
+
+    log_probs = scatter(logp)
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return _output_type()(
+        loss=-log_probs.sum() / denom,
+        log_probs=log_probs,
+        entropy=scatter(entropy),
+        log_sum_sq_probs=None,
+        mean_logits=scatter(mean_logits),
+        is_top1=scatter(is_top1),
+        label_mask=mask,
+        aux_loss=None,
+    )

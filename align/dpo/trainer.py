@@ -1,0 +1,57 @@
+"""TRL's DPOTrainer, made to run near plain-PyTorch cost on a CPU.
+
+TRL 1.16 scores log-probs through a fused LM head that, without Triton, loops in Python over
+small token x vocabulary tiles of *every* position (prompt and padding included). Here the
+model's ``fused_lm_head`` path is replaced by :mod:`align.dpo.packing`: each pair is one packed
+row (prompt once), and only answer tokens go through the vocabulary projection. TRL keeps the
+loss variants, metrics, optimizer/scheduler and the PEFT reference (adapter disabled, no second
+model); reference log-probs are computed once before training and reused.
+"""
+from __future__ import annotations
+
+from trl import DPOConfig, DPOTrainer
+
+from .packing import PackedPairCollator, install_packed_forward
+
+
+class PackedDPOTrainer(DPOTrainer):
+    def __init__(self, *args, max_length: int, max_prompt_length: int, **kwargs):
+        tok = kwargs["processing_class"]
+        kwargs.setdefault("data_collator", PackedPairCollator(
+            pad_token_id=tok.pad_token_id, max_length=max_length,
+            max_prompt_length=max_prompt_length))
+        super().__init__(*args, **kwargs)
+        # TRL patched the base model's forward with its fused head; put ours in its place.
+        install_packed_forward(self.model.get_base_model())
+
+
+def dpo_args(cfg, output_dir: str) -> DPOConfig:
+    t = cfg.train
+    return DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type="linear",
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        label_smoothing=t.label_smoothing,
+        # Truncation happens in the collator (prompt keeps its end, answers their start).
+        max_length=None,
+        precompute_ref_log_probs=True,
+        logging_steps=cfg.run.log_every,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=cfg.run.seed,
+        data_seed=cfg.data.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
