@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import reference_mode
-from .packing import PACKED_KEYS, PackedPairCollator
+from .packing import PACKED_KEYS, PackedPairCollator, packed_length
 
 
 @dataclass
@@ -35,6 +35,11 @@ def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 
     model.eval()
     out = {k: [] for k in ("c", "r", "cn", "rn")}
     rows = [dataset[i] for i in range(len(dataset))]
+    # Score in length order (little padding), then put results back in dataset order.
+    order = sorted(range(len(rows)), key=lambda i: packed_length(
+        len(rows[i]["prompt_ids"]), len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"]),
+        collator.max_length, collator.max_prompt_length))
+    rows = [rows[i] for i in order]
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
         batch = collator(rows[start:start + batch_size])
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -46,7 +51,9 @@ def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 
         out["c"].append(logps[:B]); out["r"].append(logps[B:])
         out["cn"].append(n[:B]); out["rn"].append(n[B:])
     model.train(was_training)
-    cat = {k: torch.cat(v).float() for k, v in out.items()}
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    cat = {k: torch.cat(v).float()[inverse] for k, v in out.items()}
     return PairScores(cat["c"], cat["r"], cat["cn"], cat["rn"])
 
 

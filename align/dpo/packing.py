@@ -30,6 +30,13 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
     return prompt, chosen[:budget], rejected[:budget]
 
 
+def packed_length(P: int, C: int, R: int, max_length: int, max_prompt_length: int) -> int:
+    """Tokens in the packed row of a pair after truncation (for length-grouped batching)."""
+    P = min(P, max_prompt_length)
+    budget = max(1, max_length - P)
+    return P + min(C, budget) + min(R, budget)
+
+
 @dataclass
 class PackedPairCollator:
     """Batches TRL-tokenized pairs in both the virtual layout and the packed one."""
