@@ -72,6 +72,10 @@ def run_dpo(cfg) -> dict:
         callbacks=[_metrics_callback(run)],
     )
     collator = trainer.data_collator
+    t_ref = time.time()
+    train_ref = score_reference(model, trainer.train_dataset, collator, cfg.train.batch_size)
+    trainer.attach_reference_logps(train_ref)
+    print(f"reference scores for {len(train_rows)} training pairs in {time.time() - t_ref:.0f}s")
     eval_ds = ref_scores = None
     if cfg.evaluate and eval_rows:
         eval_ds = trainer._prepare_dataset(to_ds(eval_rows), tok, args, "eval")

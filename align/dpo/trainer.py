@@ -23,8 +23,22 @@ class PackedDPOTrainer(DPOTrainer):
             pad_token_id=tok.pad_token_id, max_length=max_length,
             max_prompt_length=max_prompt_length))
         super().__init__(*args, **kwargs)
-        # TRL patched the base model's forward with its fused head; put ours in its place.
+        # TRL patched the forwards with its fused head; put ours in their place.
         install_packed_forward(self.model.get_base_model())
+        if self.ref_model is not None:  # only when a user passes a separate reference model
+            install_packed_forward(self.ref_model)
+
+    def attach_reference_logps(self, ref_scores) -> None:
+        """Use reference log-probs computed once by :func:`align.dpo.evaluate.score_pairs`
+        (length-sorted batches) instead of recomputing the reference at every step."""
+        ds = self.train_dataset
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):
+            if name in ds.column_names:
+                ds = ds.remove_columns(name)
+        ds = ds.add_column("ref_chosen_logps", ref_scores.chosen_logp.tolist())
+        ds = ds.add_column("ref_rejected_logps", ref_scores.rejected_logp.tolist())
+        self.train_dataset = ds
+        self.precompute_ref_logps = True  # TRL's _compute_loss then reads them from the batch
 
     def _get_train_sampler(self, train_dataset=None):
         """Batches of similar packed length: HH lengths vary a lot, and padding is pure waste
@@ -60,7 +74,9 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         label_smoothing=t.label_smoothing,
         # Truncation happens in the collator (prompt keeps its end, answers their start).
         max_length=None,
-        precompute_ref_log_probs=True,
+        # Reference log-probs are precomputed by align (attach_reference_logps), not by TRL,
+        # whose precompute pass batches in dataset order (long, padded batches).
+        precompute_ref_log_probs=False,
         logging_steps=cfg.run.log_every,
         save_strategy="no",
         report_to="none",
