@@ -134,3 +134,26 @@ def test_score_pairs_in_dataset_order(policy):
     torch.testing.assert_close(scores.chosen_logp, plain.sum(1)[:B], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(scores.rejected_logp, plain.sum(1)[B:], atol=1e-4, rtol=1e-5)
     assert scores.chosen_tokens.tolist() == [3, 1, 2] and scores.rejected_tokens.tolist() == [2, 4, 2]
+
+
+def test_trainer_holds_no_reference_model(tiny_model_path, tmp_path):
+    """TRL must take the reference from the disabled adapter: no second model object, one base copy."""
+    import datasets
+
+    from align.config import ModelConfig
+    from align.dpo.trainer import PackedDPOTrainer, dpo_args
+    from align.models import load_base
+
+    cfg = load_config("dpo", None, [f"model.name={tiny_model_path}", "train.max_steps=1"])
+    base, tok = load_base(ModelConfig(name=tiny_model_path))
+    model = add_policy_adapter(base, cfg.lora)
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
+                                      "chosen": [{"role": "assistant", "content": "hello"}],
+                                      "rejected": [{"role": "assistant", "content": "go"}]}] * 4)
+    trainer = PackedDPOTrainer(model=model, args=dpo_args(cfg, str(tmp_path)), train_dataset=ds,
+                               processing_class=tok, max_length=64, max_prompt_length=32)
+    assert trainer.ref_model is None
+    assert count_base_copies(trainer.model) == 1
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    n_base = sum(p.numel() for p in base.parameters() if not p.requires_grad)
+    assert n_params - n_base == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
