@@ -28,6 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="train a LoRA policy with DPO (reference = base, adapter off)")
     _add_config_args(p, "configs/dpo_hh_rlhf.yaml")
 
+    p = sub.add_parser("export", help="write a run's adapter as a PEFT folder (or merged model), verified")
+    p.add_argument("source", help="a run folder (runs/NAME) or a PEFT adapter folder")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    p.add_argument("--merge", action="store_true", help="write a full model with the adapter merged")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged model (the merge itself runs in float32)")
+    p.add_argument("--checkpoint", default="final", help="final (default), best, or a step number")
+    p.add_argument("--base", default=None, help="base model to put the adapter on (default: the run's)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
+    p.add_argument("--no-vllm-check", dest="vllm_check", action="store_false",
+                   help="skip the vLLM load-and-decode check (it starts an engine, ~30 s on CPU)")
+
     p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
     p.add_argument("job", choices=["dpo"])
     _add_config_args(p, "")
@@ -47,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for what, where in prepare_assets(args.shared, args.force).items():
                 print(f"{what}: {where}")
+            return 0
+        if args.command == "export":
+            from .export import export
+
+            export(args.source, args.out, merge=args.merge, dtype=args.dtype, checkpoint=args.checkpoint,
+                   verify=args.verify, force=args.force, base=args.base, vllm_check=args.vllm_check)
             return 0
         if args.command == "config":
             from .config import dump_yaml

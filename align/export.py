@@ -1,0 +1,277 @@
+"""`align export`: the trained adapter out as a standard PEFT folder (and a merged model on
+request), verified after writing.
+
+Failures users hit elsewhere and that this guards against: adapter configs that no longer load
+(a mirror path or a wrong base id, ``lora_alpha: 0``), merged models that drift because the merge
+ran in bf16, a half-written output folder, and an adapter silently put onto another base.
+Everything is written to a temp folder beside ``--out`` and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .runs import atomic_dir, atomic_write_text
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+VERIFY_PROMPTS = [
+    "What is the capital of France?",
+    "Give me one tip for sleeping better.",
+    "Write a short sentence about the sea.",
+]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(ValueError):
+    """A problem with the source, the base or the output folder; the message names it."""
+
+
+@dataclass
+class Source:
+    adapter_dir: Path
+    run_dir: Path | None
+    base_name: str
+    run_config: dict | None
+    eval: dict | None
+
+
+def find_source(path: str | Path, checkpoint: str = "final") -> Source:
+    """A run folder (``adapter/`` + ``config.yaml``) or a bare PEFT adapter folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"'{path}' does not exist (expected a run folder or an adapter folder)")
+    run_dir = path if (path / "config.yaml").is_file() else None
+    if run_dir is not None:
+        adapter = _pick_checkpoint(run_dir, checkpoint)
+    else:
+        if checkpoint != "final":
+            raise ExportError(f"--checkpoint {checkpoint} needs a run folder, '{path}' is an adapter")
+        adapter = path
+    for name in ADAPTER_FILES:
+        f = adapter / name
+        if not f.is_file():
+            raise ExportError(f"adapter file '{f}' is missing")
+    cfg = _read_adapter_config(adapter)
+    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else None
+    base = (run_cfg or {}).get("model", {}).get("name") or cfg.get("base_model_name_or_path")
+    if not base:
+        raise ExportError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; pass --base")
+    ev = None
+    if run_dir is not None and (run_dir / "eval.json").is_file():
+        ev = json.loads((run_dir / "eval.json").read_text())
+    return Source(adapter, run_dir, base, run_cfg, ev)
+
+
+def _pick_checkpoint(run_dir: Path, checkpoint: str) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    steps = {}
+    if ckpt_root.is_dir():
+        for d in ckpt_root.glob("step-*"):
+            if (d / "adapter_model.safetensors").is_file() or (d / "adapter" / "adapter_model.safetensors").is_file():
+                steps[int(d.name.split("-")[1])] = d / "adapter" if (d / "adapter").is_dir() else d
+    if checkpoint == "final":
+        return run_dir / "adapter"
+    if checkpoint == "best":
+        scored = {}
+        for step, d in steps.items():
+            ev = d.parent / "eval.json" if d.name == "adapter" else d / "eval.json"
+            if ev.is_file():
+                scored[step] = json.loads(ev.read_text()).get("implicit_accuracy")
+        scored = {s: v for s, v in scored.items() if v is not None}
+        if not scored:
+            raise ExportError(f"--checkpoint best: no evaluated checkpoints under '{ckpt_root}'")
+        return steps[max(scored, key=scored.get)]
+    if checkpoint.isdigit():
+        if int(checkpoint) not in steps:
+            raise ExportError(f"--checkpoint {checkpoint}: no such step under '{ckpt_root}' "
+                              f"(have: {sorted(steps) or 'none'})")
+        return steps[int(checkpoint)]
+    raise ExportError(f"--checkpoint must be 'final', 'best' or a step number, got '{checkpoint}'")
+
+
+def _read_adapter_config(adapter: Path) -> dict:
+    f = adapter / "adapter_config.json"
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"'{f}' is not valid JSON: {e}") from e
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise ExportError(f"'{f}': '{key}' must be > 0, got {cfg.get(key)!r}")
+    return cfg
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+    except Exception as e:  # truncated or corrupt file
+        raise ExportError(f"'{path}' is truncated or corrupt: {e}") from e
+
+
+def load_adapter_model(base_name: str, adapter_dir: Path, dtype=torch.float32):
+    """Base + adapter with plain transformers/PEFT (what a user would do), with clear errors."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve_model
+
+    where = resolve_model(base_name)
+    base = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(where)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise ExportError(f"adapter '{adapter_dir}' does not fit base '{base_name}' "
+                              f"(trained on another base?): {str(e).splitlines()[0]}") from e
+        raise
+    model.eval()
+    return model, tok
+
+
+@torch.no_grad()
+def prompt_logprobs(model, tok, prompts=VERIFY_PROMPTS) -> list[torch.Tensor]:
+    """Next-token log-probs over each chat-formatted prompt (fp32), for parity checks."""
+    out = []
+    for p in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out.append(model(input_ids=ids).logits[0].float().log_softmax(-1))
+    return out
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _top1_agreement(a, b) -> float:
+    same = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b))
+    return same / sum(x.shape[0] for x in a)
+
+
+def model_card(src: Source, merged: bool, dtype: str) -> str:
+    rc = src.run_config or {}
+    method = "PPO" if "ppo" in rc else "DPO" if "train" in rc and "beta" in rc.get("train", {}) else "unknown"
+    lora = rc.get("lora", {})
+    train = rc.get("train", {})
+    data = rc.get("data", {})
+    lines = [
+        "---", f"base_model: {src.base_name}", "library_name: peft", "tags: [align, lora, "
+        f"{method.lower()}]", "---", "",
+        f"# LoRA adapter for {src.base_name} ({method}, trained with align)", "",
+        f"- **Base model:** `{src.base_name}`",
+        f"- **Method:** {method}" + (f", beta {train.get('beta')}" if "beta" in train else ""),
+        f"- **LoRA:** r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+        f"targets={lora.get('target_modules')}",
+        f"- **Data:** {data.get('dataset')} train subsets {data.get('train_subsets')}, "
+        f"{data.get('max_train_pairs')} pairs max",
+        f"- **Optimisation:** lr {train.get('learning_rate')}, batch {train.get('batch_size')}, "
+        f"epochs {train.get('epochs')}, max length {train.get('max_length')}",
+    ]
+    if merged:
+        lines.append(f"- **This folder:** the adapter merged into the base (merged in float32, saved as {dtype})")
+    if src.eval:
+        e = src.eval
+        lines += ["", "## Held-out evaluation", "",
+                  f"On {e.get('pairs')} pairs of {e.get('eval_subsets')} (never trained on):", "",
+                  "| metric | value |", "|---|---|"]
+        for k in ("implicit_accuracy", "mean_margin", "reference_free_accuracy_base",
+                  "reference_free_accuracy_policy"):
+            if k in e:
+                lines.append(f"| {k} | {e[k]:.4f} |")
+    lines += ["", "## Load", "", "```python",
+              "from transformers import AutoModelForCausalLM", "from peft import PeftModel",
+              f"base = AutoModelForCausalLM.from_pretrained('{src.base_name}')",
+              "model = PeftModel.from_pretrained(base, 'PATH_TO_THIS_FOLDER')", "```", ""]
+    if src.run_config:
+        lines += ["The full training config is in `training_config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "float32",
+           checkpoint: str = "final", verify: bool = True, force: bool = False,
+           base: str | None = None, vllm_check: bool = True, log=print) -> dict:
+    out = Path(out)
+    if dtype not in _DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"output folder '{out}' exists and is not empty (use --force to replace it)")
+    src = find_source(source, checkpoint)
+    if base:
+        src.base_name = base
+    _check_safetensors(src.adapter_dir / "adapter_model.safetensors")
+    report: dict = {"source": str(src.adapter_dir), "base": src.base_name, "out": str(out)}
+
+    # Load once: this fails early, before anything is written, on a mismatched base.
+    model, tok = load_adapter_model(src.base_name, src.adapter_dir)
+    ref_logps = prompt_logprobs(model, tok) if verify else None
+
+    with atomic_dir(out) as tmp:
+        adapter_out = tmp if not merge else tmp / "adapter"
+        adapter_out.mkdir(exist_ok=True)
+        for name in ADAPTER_FILES:
+            shutil.copy2(src.adapter_dir / name, adapter_out / name)
+        cfg = json.loads((adapter_out / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = src.base_name  # the id users know, not a local path
+        cfg["inference_mode"] = True
+        atomic_write_text(adapter_out / "adapter_config.json", json.dumps(cfg, indent=2))
+        card = model_card(src, merged=merge, dtype=dtype)
+        atomic_write_text(tmp / "README.md", card)
+        if src.run_dir is not None:
+            shutil.copy2(src.run_dir / "config.yaml", tmp / "training_config.yaml")
+        if verify:
+            exported, _ = load_adapter_model(src.base_name, adapter_out)
+            diff = _max_diff(ref_logps, prompt_logprobs(exported, tok))
+            report["adapter_max_logprob_diff"] = diff
+            if diff > 1e-5:
+                raise ExportError(f"verification failed: exported adapter differs from the run's "
+                                  f"(max |d log p| = {diff:.2e})")
+            del exported
+        if merge:
+            merged = model.merge_and_unload()  # merged in fp32 (the model was loaded in fp32)
+            merged = merged.to(_DTYPES[dtype])
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if verify:
+                from transformers import AutoModelForCausalLM
+
+                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=_DTYPES[dtype]).eval()
+                got = prompt_logprobs(reloaded, tok)
+                diff, agree = _max_diff(ref_logps, got), _top1_agreement(ref_logps, got)
+                report.update(merged_max_logprob_diff=diff, merged_top1_agreement=agree)
+                tol = 1e-3 if dtype == "float32" else 0.5
+                if diff > tol or agree < (1.0 if dtype == "float32" else 0.9):
+                    raise ExportError(f"verification failed: merged ({dtype}) differs from adapter-on-base "
+                                      f"(max |d log p| {diff:.2e}, top-1 agreement {agree:.3f})")
+    if verify and vllm_check:
+        vllm = _verify_in_vllm(out, src.base_name, merge, tok)
+        if vllm is not None:
+            report["vllm"] = vllm
+    log(json.dumps(report, indent=2))
+    return report
+
+
+def _verify_in_vllm(out: Path, base_name: str, merged: bool, tok) -> dict | None:
+    """Where vLLM is installed, load the export there and compare greedy decoding with HF.
+    A merged export is checked as a full model; an adapter as base + LoRARequest."""
+    from .rollout import vllm_available
+
+    if not vllm_available():
+        return None
+    from .rollout.vllm_check import greedy_parity
+
+    result = greedy_parity(out, base_name, merged=merged, prompts=VERIFY_PROMPTS)
+    if not result["match"]:
+        raise ExportError(f"verification failed: vLLM greedy decoding differs from transformers: "
+                          f"{result['mismatches'][:1]}")
+    return result
