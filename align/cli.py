@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="train a LoRA policy with DPO (reference = base, adapter off)")
     _add_config_args(p, "configs/dpo_hh_rlhf.yaml")
 
+    p = sub.add_parser("ppo", help="PPO with a custom reward (policy/reference/critic on one base)")
+    _add_config_args(p, "configs/ppo_imdb_sentiment.yaml")
+
     p = sub.add_parser("export", help="write a run's adapter as a PEFT folder (or merged model), verified")
     p.add_argument("source", help="a run folder (runs/NAME) or a PEFT adapter folder")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the vLLM load-and-decode check (it starts an engine, ~30 s on CPU)")
 
     p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
-    p.add_argument("job", choices=["dpo"])
+    p.add_argument("job", choices=["dpo", "ppo"])
     _add_config_args(p, "")
 
     p = sub.add_parser("prepare-assets",
@@ -78,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             from .dpo import run_dpo
 
             run_dpo(cfg)
+            return 0
+        if args.command == "ppo":
+            from .ppo import run_ppo
+
+            run_ppo(cfg)
             return 0
     except ConfigError as e:
         print(f"align: config error: {e}", file=sys.stderr)

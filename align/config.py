@@ -111,7 +111,91 @@ class DPOJobConfig:
     evaluate: bool = True
 
 
-JOBS: dict[str, type] = {"dpo": DPOJobConfig}
+@dataclass
+class PromptDataConfig:
+    # A local JSONL/Parquet file or folder, a Hub id, or the mirror's `imdb-reviews` /
+    # `Anthropic/hh-rlhf` (HH rows give their prompts).
+    dataset: str = "imdb-reviews"
+    # The row field holding the prompt: a string or a list of chat messages.
+    text_field: str = "review"
+    # Keep only the first N words of the field (0 = all): IMDB openings as prompts.
+    first_words: int = 12
+    # Wrapped in the chat template as one user turn; {text} is the field's text.
+    template: str = "Continue this movie review in one or two sentences: {text}"
+    subsets: list[str] = field(default_factory=list)
+    # Rows [start:stop) of the source (0 = to the end): keep prompts apart from data a reward
+    # model was fitted on.
+    rows_start: int = 1200
+    rows_stop: int = 2000
+    # The first `eval_prompts` of those rows (after a seeded shuffle) are held out.
+    eval_prompts: int = 64
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # vLLM adapter sync: lora (swap in a new LoRARequest) | merged | auto
+    sync: str = "lora"
+    # Greedy-decode this many prompts in engine and trainer after each sync (0 = off).
+    parity_prompts: int = 2
+    parity_every: int = 1
+
+
+@dataclass
+class RewardConfig:
+    # `path/to/file.py:function` or `package.module:function`.
+    function: str = "reward.sentiment:positive_sentiment"
+    # Added to the score of answers cut at max_new_tokens without an EOS (0 = no penalty).
+    truncation_penalty: float = 0.0
+
+
+@dataclass
+class PPOTrainConfig:
+    iterations: int = 40
+    prompts_per_iteration: int = 16
+    samples_per_prompt: int = 2
+    # gae: actor-critic PPO with a LoRA critic + value head; grpo / rloo: group baselines.
+    advantage: str = "gae"
+    learning_rate: float = 5e-4
+    value_learning_rate: float = 5e-4
+    ppo_epochs: int = 2
+    minibatch_size: int = 16
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    # KL(policy || reference) penalty per token; adaptive control when kl_target > 0.
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float = 0.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+    # Stop this batch's epochs once approx-KL(old||new) exceeds this (0 = never).
+    target_approx_kl: float = 0.1
+    eval_every: int = 5
+
+
+@dataclass
+class PPOJobConfig:
+    """`align ppo`: PPO with a custom reward; policy, reference and critic on one frozen base."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+JOBS: dict[str, type] = {"dpo": DPOJobConfig, "ppo": PPOJobConfig}
 
 
 # --------------------------------------------------------------------------------------
@@ -119,8 +203,23 @@ JOBS: dict[str, type] = {"dpo": DPOJobConfig}
 # --------------------------------------------------------------------------------------
 
 
+class _Override:
+    """A command-line value: YAML-parsed, with its raw text kept for string keys
+    (``data.template={text}`` is a YAML mapping, but the key wants the text)."""
+
+    def __init__(self, parsed: Any, raw: str):
+        self.parsed, self.raw = parsed, raw
+
+
 def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
     """Return ``value`` coerced to ``tp`` (int -> float allowed) or raise naming ``key``."""
+    if isinstance(value, _Override):
+        try:
+            return _check_type(value.parsed, tp, key, where)
+        except ConfigError:
+            if tp is str or str in typing.get_args(tp):
+                return value.raw
+            raise
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -195,7 +294,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return key.split("."), _Override(value, raw)
 
 
 def _merge(into: dict, path: list[str], value: Any) -> None:
@@ -260,6 +359,32 @@ def validate(cfg, where: str = "config") -> None:
             bad("train.learning_rate", f"must be > 0, got {train.learning_rate}")
         if train.max_prompt_length >= train.max_length:
             bad("train.max_prompt_length", "must be smaller than train.max_length")
+    ppo = getattr(cfg, "ppo", None)
+    if ppo is not None:
+        for key in ("iterations", "prompts_per_iteration", "samples_per_prompt", "ppo_epochs",
+                    "minibatch_size"):
+            if getattr(ppo, key) <= 0:
+                bad(f"ppo.{key}", f"must be > 0, got {getattr(ppo, key)}")
+        if ppo.advantage not in ("gae", "grpo", "rloo"):
+            bad("ppo.advantage", f"must be gae, grpo or rloo, got {ppo.advantage!r}")
+        if ppo.advantage in ("grpo", "rloo") and ppo.samples_per_prompt < 2:
+            bad("ppo.samples_per_prompt", f"must be >= 2 for {ppo.advantage} group baselines")
+        batch = ppo.prompts_per_iteration * ppo.samples_per_prompt
+        if batch % ppo.minibatch_size:
+            bad("ppo.minibatch_size", f"must divide the batch of prompts_per_iteration x "
+                f"samples_per_prompt = {batch}, got {ppo.minibatch_size}")
+        if ppo.kl_estimator not in ("k1", "k3"):
+            bad("ppo.kl_estimator", f"must be k1 or k3, got {ppo.kl_estimator!r}")
+        if ppo.learning_rate <= 0:
+            bad("ppo.learning_rate", f"must be > 0, got {ppo.learning_rate}")
+    rollout = getattr(cfg, "rollout", None)
+    if rollout is not None:
+        if rollout.engine not in ("hf", "vllm"):
+            bad("rollout.engine", f"must be hf or vllm, got {rollout.engine!r}")
+        if rollout.sync not in ("lora", "merged", "auto"):
+            bad("rollout.sync", f"must be lora, merged or auto, got {rollout.sync!r}")
+        if rollout.max_new_tokens <= 0:
+            bad("rollout.max_new_tokens", f"must be > 0, got {rollout.max_new_tokens}")
 
 
 def to_dict(cfg) -> dict:

@@ -1,0 +1,87 @@
+"""Prompt datasets for PPO: any JSONL/Parquet/Hub dataset with a prompt field (a string or
+chat messages), HH-RLHF's dialogues (their prompts), or IMDB review openings."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from ..assets import resolve_dataset
+from .hh_rlhf import DataError, _open, find_subset_file, read_hh_file
+
+
+def _text(value, where: str, field: str) -> str | list:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{field}' is empty")
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in value):
+        return value
+    raise DataError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages")
+
+
+def _read_rows(path: Path, field: str):
+    if path.name.endswith(".parquet"):
+        import datasets
+
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for i, row in enumerate(ds):
+            yield f"{path}[row {i}]", row
+        return
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+
+
+def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
+    """(train, eval) lists of ``{"messages": [...], "source": where}`` from a PromptDataConfig."""
+    root = Path(resolve_dataset(cfg.dataset))
+    prompts: list[tuple[str, str | list]] = []
+    if root.is_dir() and any((root / s).is_dir() for s in ("helpful-base", "harmless-base")):
+        for subset in cfg.subsets or ["helpful-base"]:
+            rows, _ = read_hh_file(find_subset_file(root, subset, "train"))
+            prompts += [(r["source"], r["prompt"]) for r in rows]
+    else:
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.name.endswith((".jsonl", ".jsonl.gz", ".parquet")))
+        elif root.is_file():
+            files = [root]
+        else:
+            import datasets
+
+            ds = datasets.load_dataset(cfg.dataset, split="train")
+            files = []
+            prompts = [(f"{cfg.dataset}[row {i}]", _text(r.get(cfg.text_field), f"{cfg.dataset}[row {i}]",
+                                                            cfg.text_field)) for i, r in enumerate(ds)]
+        if root.exists() and not files:
+            raise DataError(f"prompt dataset '{root}' has no .jsonl/.parquet files")
+        for path in files:
+            for where, row in _read_rows(path, cfg.text_field):
+                if not isinstance(row, dict) or cfg.text_field not in row:
+                    raise DataError(f"{where}: missing field '{cfg.text_field}' (data.text_field)")
+                prompts.append((where, _text(row[cfg.text_field], where, cfg.text_field)))
+    stop = cfg.rows_stop or len(prompts)
+    prompts = prompts[cfg.rows_start:stop]
+    if not prompts:
+        raise DataError(f"prompt dataset '{cfg.dataset}': no prompts in rows [{cfg.rows_start}:{stop})")
+    out = [{"messages": _to_messages(p, cfg), "source": where} for where, p in prompts]
+    random.Random(cfg.seed).shuffle(out)
+    n_eval = min(cfg.eval_prompts, len(out) // 2)
+    return out[n_eval:], out[:n_eval]
+
+
+def _to_messages(p, cfg) -> list[dict]:
+    if isinstance(p, list):
+        return p
+    text = re.sub(r"\s+", " ", p.replace("<br />", " ")).strip()
+    if cfg.first_words:
+        text = " ".join(text.split()[: cfg.first_words])
+    return [{"role": "user", "content": cfg.template.format(text=text)}]

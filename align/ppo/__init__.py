@@ -1,0 +1,56 @@
+"""`align ppo`: PPO with a custom reward; policy, reference and critic on one frozen base."""
+from __future__ import annotations
+
+import time
+
+__all__ = ["run_ppo", "build_engine"]
+
+
+def build_engine(cfg, ac, tok):
+    if cfg.rollout.engine == "hf":
+        from ..rollout.hf import HFEngine
+
+        return HFEngine(ac.model, tok)
+    from ..rollout.vllm_engine import VLLMEngine  # imports vLLM only here
+
+    return VLLMEngine.from_config(cfg, ac.model, tok)
+
+
+def run_ppo(cfg) -> dict:
+    from transformers import set_seed
+
+    from ..data.prompts import load_prompts
+    from ..dpo import save_adapter
+    from ..models import load_base
+    from ..runs import RunDir, plot_metrics
+    from .actor_critic import ActorCritic
+    from .trainer import train_ppo
+
+    t0 = time.time()
+    set_seed(cfg.run.seed)
+    run = RunDir(cfg.run, cfg, "ppo")
+    print(f"run folder: {run.path}")
+    train_prompts, eval_prompts = load_prompts(cfg.data)
+    print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
+    base, tok = load_base(cfg.model)
+    ac = ActorCritic(base, cfg.lora, with_critic=cfg.ppo.advantage == "gae")
+    engine = build_engine(cfg, ac, tok)
+    try:
+        summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
+    finally:
+        engine.close()
+    summary["adapter"] = str(save_adapter(ac.model, run.path / "adapter", cfg.model.name))
+    summary["wall_seconds"] = round(time.time() - t0, 1)
+    summary["engine"] = cfg.rollout.engine
+    run.write_json("summary.json", summary)
+    if cfg.run.plot:
+        plot_metrics(run.read_metrics(), ["reward_mean", "eval/reward_mean", "kl_per_answer",
+                                          "eval/kl_per_answer", "entropy", "clipfrac"],
+                     run.path / "plots.png", title=f"PPO {cfg.model.name} ({cfg.ppo.advantage})")
+    print("\n== PPO summary ==")
+    if "eval_final" in summary:
+        i, f = summary["eval_initial"], summary["eval_final"]
+        print(f"held-out reward {i['reward_mean']:.3f} ± {i['reward_std']:.3f} -> {f['reward_mean']:.3f} "
+              f"({summary['reward_gain_in_initial_std']:+.2f} initial std), KL/answer {f['kl_per_answer']:.2f}")
+    print(f"{summary['iterations']} iterations in {summary['train_seconds']:.0f}s; adapter: {summary['adapter']}")
+    return summary

@@ -1,0 +1,92 @@
+"""Policy, reference and critic on ONE frozen base.
+
+- policy    = PEFT adapter ``default`` (what gets exported)
+- critic    = PEFT adapter ``value`` + a scalar value head (absent for critic-free advantages)
+- reference = the same model with every adapter disabled
+Switching roles is switching adapters; no second copy of the base is ever loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from ..models import POLICY, add_policy_adapter, lora_peft_config
+
+VALUE = "value"
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, base, lora_cfg, with_critic: bool = True):
+        super().__init__()
+        self.model = add_policy_adapter(base, lora_cfg)
+        self.with_critic = with_critic
+        if with_critic:
+            self.model.add_adapter(VALUE, lora_peft_config(lora_cfg))
+            hidden = base.config.hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self._role = None
+        self.use_role("policy")
+
+    # -- roles -------------------------------------------------------------------------
+    def _train_all_adapters(self) -> None:
+        # PEFT's set_adapter freezes the inactive adapter; both are trained, so undo that.
+        for n, p in self.model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+
+    def use_role(self, role: str) -> None:
+        if role == self._role:
+            return
+        self.model.base_model.set_adapter(POLICY if role == "policy" else VALUE)
+        self._train_all_adapters()
+        self._role = role
+
+    @contextlib.contextmanager
+    def role(self, role: str):
+        """``policy`` | ``value`` | ``reference`` (adapters off)."""
+        if role == "reference":
+            self.use_role("policy")
+            with self.model.disable_adapter():
+                yield self
+            return
+        if role == "value" and not self.with_critic:
+            raise ValueError("this run has no critic (critic-free advantage)")
+        self.use_role(role)
+        yield self
+
+    def policy_parameters(self):
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
+
+    def value_parameters(self):
+        if not self.with_critic:
+            return []
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n and f".{VALUE}." in n]
+        return lora + list(self.value_head.parameters())
+
+    # -- forward passes ----------------------------------------------------------------
+    def hidden_at(self, input_ids, attention_mask, pred_pos) -> torch.Tensor:
+        """Hidden states (B, T, H) at the positions that predict each completion token."""
+        backbone = self.model.get_base_model().model
+        h = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.size(-1)))
+
+    def token_logprobs(self, input_ids, attention_mask, pred_pos, targets, with_entropy=False):
+        """log p(target) per completion token under the active role (policy or reference)."""
+        h = self.hidden_at(input_ids, attention_mask, pred_pos)
+        logits = self.model.get_base_model().get_output_embeddings()(h).float()
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+        return logp, entropy
+
+    def values(self, input_ids, attention_mask, pred_pos) -> torch.Tensor:
+        with self.role("value"):
+            h = self.hidden_at(input_ids, attention_mask, pred_pos)
+        return self.value_head(h.float()).squeeze(-1)
+
+    def critic_state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.value_head.state_dict().items()} if self.with_critic else {}

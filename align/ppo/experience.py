@@ -1,0 +1,107 @@
+"""Experience making, apart from the update: rollouts -> rewards -> log-probs of policy and
+reference, values, per-token KL penalty, advantages and returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reward.api import call_reward
+
+from ..rollout.base import Completion, SamplingConfig
+from . import losses
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor       # (B, L) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    pred_pos: torch.Tensor        # (B, T) position whose output predicts completion token t
+    targets: torch.Tensor         # (B, T) completion token ids (pad where mask is 0)
+    mask: torch.Tensor            # (B, T) 1 on real completion tokens
+    old_logp: torch.Tensor        # (B, T) policy at sampling time
+    ref_logp: torch.Tensor        # (B, T) reference (adapters off)
+    values: torch.Tensor | None   # (B, T) critic
+    scores: torch.Tensor          # (B,) reward function (+ truncation penalty)
+    kl: torch.Tensor              # (B, T) per-token KL estimate, masked
+    advantages: torch.Tensor      # (B, T)
+    returns: torch.Tensor | None  # (B, T)
+    prompts: list[str]
+    completions: list[str]
+    finished: list[bool]
+
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        out = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v[idx]
+            elif isinstance(v, list):
+                out[k] = [v[i] for i in idx.tolist()]
+            else:
+                out[k] = v
+        return Experience(**out)
+
+
+def collate(completions: list[Completion], pad_id: int):
+    """Right-padded prompt+completion rows and the gather indices for completion tokens."""
+    B = len(completions)
+    L = max(len(c.prompt_ids) + len(c.token_ids) for c in completions)
+    T = max(1, max(len(c.token_ids) for c in completions))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    pred_pos = torch.zeros((B, T), dtype=torch.long)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, c in enumerate(completions):
+        P, C = len(c.prompt_ids), len(c.token_ids)
+        ids[i, :P + C] = torch.tensor(c.prompt_ids + c.token_ids)
+        attn[i, :P + C] = 1
+        pred_pos[i] = (torch.arange(T) + P - 1).clamp(max=L - 1)
+        if C:
+            targets[i, :C] = torch.tensor(c.token_ids)
+            mask[i, :C] = 1
+    return ids, attn, pred_pos, targets, mask
+
+
+@torch.no_grad()
+def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, kl_coef: float,
+                    sampling: SamplingConfig) -> Experience:
+    """``prompts`` are chat messages; each is sampled ``cfg.ppo.samples_per_prompt`` times."""
+    k = cfg.ppo.samples_per_prompt
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    completions = engine.generate([p for p in prompt_ids for _ in range(k)], sampling)
+    prompt_text = [m[-1]["content"] for m in prompts for _ in range(k)]
+    comp_text = [c.text for c in completions]
+    finished = [c.finished for c in completions]
+
+    scores = torch.tensor(call_reward(reward_fn, prompt_text, comp_text, truncated=[not f for f in finished]))
+    if cfg.reward.truncation_penalty:
+        scores = scores + cfg.reward.truncation_penalty * torch.tensor([0.0 if f else 1.0 for f in finished])
+
+    ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id)
+    was_training = ac.training
+    ac.eval()
+    with ac.role("policy"):
+        old_logp, _ = ac.token_logprobs(ids, attn, pred_pos, targets)
+    with ac.role("reference"):
+        ref_logp, _ = ac.token_logprobs(ids, attn, pred_pos, targets)
+    values = ac.values(ids, attn, pred_pos) * mask if cfg.ppo.advantage == "gae" else None
+    ac.train(was_training)
+    old_logp, ref_logp = old_logp * mask, ref_logp * mask
+    kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
+
+    if cfg.ppo.advantage == "gae":
+        rewards = losses.token_rewards(scores, kl, mask, kl_coef)
+        advantages, returns = losses.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    else:  # critic-free: a sequence advantage from the group, KL folded into the score
+        seq = scores - kl_coef * kl.sum(1)
+        advantages = losses.group_advantages(seq, k, cfg.ppo.advantage)[:, None] * mask
+        returns = None
+    if cfg.ppo.whiten_advantages:
+        advantages = losses.masked_whiten(advantages, mask)
+    return Experience(ids, attn, pred_pos, targets, mask, old_logp, ref_logp, values, scores, kl,
+                      advantages, returns, prompt_text, comp_text, finished)

@@ -1,0 +1,137 @@
+"""PPO math: pure tensors in, tensors out -- no model, no I/O -- so hand-computed cases pin it.
+
+Shapes: ``(batch, T)`` over completion tokens, with a 0/1 ``mask`` for real tokens. Sequence
+reductions are *token means over the masked tokens of the whole batch* (each token weighs the
+same), the convention of OpenRLHF/TRL's PPO; the docstrings say where a function differs.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to unit variance over masked tokens (and zero mean unless ``shift_mean``)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
+
+    k1 = log pi - log ref (unbiased, can be negative per token; the sum over an answer is the
+    usual "KL per answer"); k3 = (r - 1) - log r with r = ref/pi (non-negative, low variance).
+    Positive means the policy put more mass on its own sample than the reference did.
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{kind}' (k1 or k3)")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """Per-token reward: -beta * KL on every token, plus the sequence score on the last token."""
+    rewards = -beta * kl * mask
+    last = mask.sum(1).long().clamp(min=1) - 1
+    rewards[torch.arange(len(score)), last] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the completion tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V past the last real token is 0);
+    A_t = delta_t + gamma * lam * A_{t+1}; returns = A + V. Padding gets 0.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    T = rewards.size(1)
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate: -min(ratio * A, clip(ratio, 1-e, 1+e) * A), token mean.
+
+    Also returns the clip fraction and approx-KL(old||new) = mean((ratio - 1) - log ratio).
+    """
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """0.5 * max((V - R)^2, (clip(V, V_old +- e) - R)^2), token mean (PPO2's clipped value loss)."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        vclipfrac = masked_mean(((v_clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
+    return loss, {"value_clipfrac": vclipfrac}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free sequence advantages from groups of samples of the same prompt.
+
+    ``scores`` is (n_prompts * group_size,) with each prompt's samples contiguous.
+    grpo: (s - mean_group) / (std_group + eps); rloo: s - mean of the *other* samples.
+    """
+    s = scores.view(-1, group_size)
+    if kind == "grpo":
+        adv = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)
+    elif kind == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs group_size >= 2")
+        adv = s - (s.sum(1, keepdim=True) - s) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group advantage '{kind}' (grpo or rloo)")
+    return adv.reshape(-1)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move beta so the measured KL tracks ``target`` over ``horizon``."""
+
+    def __init__(self, init_beta: float, target: float, horizon: int = 10000):
+        self.beta, self.target, self.horizon = init_beta, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.beta *= 1 + error * n_steps / self.horizon
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}

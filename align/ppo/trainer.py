@@ -1,0 +1,180 @@
+"""The PPO update and the loop, top to bottom: make experience, update, sync the engine, log."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from reward.api import load_reward_fn
+
+from ..rollout.base import SamplingConfig
+from . import losses
+from .experience import Experience, make_experience
+
+
+def ppo_update(ac, exp: Experience, optimizer, cfg) -> dict:
+    """Several epochs of minibatch updates on one batch; stops early on approx-KL."""
+    p = cfg.ppo
+    stats: dict[str, list[float]] = {k: [] for k in
+                                     ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
+    params = ac.policy_parameters() + ac.value_parameters()
+    ac.train()
+    epochs_done = 0
+    for epoch in range(p.ppo_epochs):
+        perm = torch.randperm(len(exp))
+        epoch_kl = []
+        for start in range(0, len(exp), p.minibatch_size):
+            mb = exp.select(perm[start:start + p.minibatch_size])
+            with ac.role("policy"):
+                logp, entropy = ac.token_logprobs(mb.input_ids, mb.attention_mask, mb.pred_pos,
+                                                  mb.targets, with_entropy=True)
+            pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, p.clip_range)
+            ent = losses.masked_mean(entropy, mb.mask)
+            loss = pl - p.entropy_coef * ent
+            if p.advantage == "gae":
+                v = ac.values(mb.input_ids, mb.attention_mask, mb.pred_pos)
+                vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
+                loss = loss + p.vf_coef * vl
+                stats["value_loss"].append(float(vl.detach()))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite PPO loss ({float(loss)}) at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+            optimizer.step()
+            stats["policy_loss"].append(float(pl.detach()))
+            stats["entropy"].append(float(ent.detach()))
+            stats["clipfrac"].append(float(info["clipfrac"]))
+            stats["approx_kl"].append(float(info["approx_kl"]))
+            epoch_kl.append(float(info["approx_kl"]))
+        epochs_done += 1
+        if p.target_approx_kl and sum(epoch_kl) / len(epoch_kl) > p.target_approx_kl:
+            break
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["ppo_epochs_done"] = epochs_done
+    return out
+
+
+def make_optimizer(ac, cfg):
+    groups = [{"params": ac.policy_parameters(), "lr": cfg.ppo.learning_rate}]
+    if ac.with_critic:
+        groups.append({"params": ac.value_parameters(), "lr": cfg.ppo.value_learning_rate})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+@torch.no_grad()
+def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int) -> dict:
+    """Held-out prompts, one sample each with a fixed seed: reward and KL per answer."""
+    from reward.api import call_reward
+
+    from .experience import collate
+
+    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, seed=seed)
+    comps = engine.generate(ids, sampling)
+    scores = torch.tensor(call_reward(reward_fn, [m[-1]["content"] for m in prompts],
+                                      [c.text for c in comps], truncated=[not c.finished for c in comps]))
+    x, attn, pred_pos, targets, mask = collate(comps, tok.pad_token_id)
+    ac.eval()
+    with ac.role("policy"):
+        logp, _ = ac.token_logprobs(x, attn, pred_pos, targets)
+    with ac.role("reference"):
+        ref, _ = ac.token_logprobs(x, attn, pred_pos, targets)
+    ac.train()
+    kl = ((logp - ref) * mask).sum(1)
+    return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+            "kl_per_answer": float(kl.mean()), "length": float(mask.sum(1).mean()),
+            "samples": [{"prompt": m[-1]["content"], "completion": c.text, "reward": float(s)}
+                        for m, c, s in zip(prompts[:4], comps[:4], scores[:4])]}
+
+
+def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print) -> dict:
+    reward_fn = load_reward_fn(cfg.reward.function)
+    p = cfg.ppo
+    optimizer = make_optimizer(ac, cfg)
+    kl_ctl = losses.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target > 0 else None
+    sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    order = torch.randperm(len(train_prompts), generator=gen).tolist()
+    cursor = 0
+    eval_seed = cfg.run.seed + 12345
+    samples_path = run.path / "samples.jsonl"
+
+    def run_eval(it):
+        if not eval_prompts:
+            return None
+        ev = evaluate_prompts(ac, engine, tok, [p["messages"] for p in eval_prompts], reward_fn, cfg,
+                              eval_seed)
+        with open(samples_path, "a") as f:
+            for s in ev.pop("samples"):
+                f.write(json.dumps({"iteration": it, "split": "eval", **s}) + "\n")
+        run.log({"step": it, **{f"eval/{k}": v for k, v in ev.items()}})
+        log(f"[eval it {it}] reward {ev['reward_mean']:.3f} ± {ev['reward_std']:.3f}, "
+            f"KL/answer {ev['kl_per_answer']:.2f}")
+        return ev
+
+    initial = run_eval(0)
+    history = [initial] if initial else []
+    t_start = time.time()
+    for it in range(1, p.iterations + 1):
+        t0 = time.time()
+        batch = []
+        for _ in range(p.prompts_per_iteration):
+            if cursor == len(order):
+                order, cursor = torch.randperm(len(train_prompts), generator=gen).tolist(), 0
+            batch.append(train_prompts[order[cursor]]["messages"])
+            cursor += 1
+        beta = kl_ctl.beta if kl_ctl else p.kl_coef
+        gen_before = engine.stats.seconds
+        exp = make_experience(ac, engine, tok, batch, reward_fn, cfg, beta, sampling)
+        t_gen = engine.stats.seconds - gen_before
+        upd = ppo_update(ac, exp, optimizer, cfg)
+        t_sync = time.time()
+        engine.sync(ac.model, it)
+        t_sync = time.time() - t_sync
+        kl_answer = float(exp.kl.sum(1).mean())
+        if kl_ctl:
+            kl_ctl.update(kl_answer, len(exp))
+        n_tok = int(exp.mask.sum())
+        dt = time.time() - t0
+        rec = {"step": it, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
+               "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
+               "truncated_frac": 1 - sum(exp.finished) / len(exp), "gen_tokens": n_tok,
+               "gen_tokens_per_s": n_tok / max(t_gen, 1e-9), "iteration_seconds": dt,
+               "sync_seconds": t_sync}
+        run.log(rec)
+        with open(samples_path, "a") as f:
+            for i in range(min(2, len(exp))):
+                f.write(json.dumps({"iteration": it, "split": "train", "prompt": exp.prompts[i],
+                                    "completion": exp.completions[i], "reward": float(exp.scores[i])}) + "\n")
+        log(f"[it {it}/{p.iterations}] reward {rec['reward_mean']:.3f} KL/answer {kl_answer:.2f} "
+            f"clip {upd['clipfrac']:.2f} approx-KL {upd['approx_kl']:.3f} {dt:.0f}s")
+        if p.eval_every and (it % p.eval_every == 0 or it == p.iterations):
+            history.append(run_eval(it))
+        if cfg.run.save_every and it % cfg.run.save_every == 0:
+            save_checkpoint(ac, run, it, cfg)
+    out = {"iterations": p.iterations, "train_seconds": round(time.time() - t_start, 1)}
+    if history and history[0] and history[-1]:
+        init, last = history[0], history[-1]
+        out.update(eval_initial=init, eval_final=last,
+                   reward_gain_in_initial_std=(last["reward_mean"] - init["reward_mean"])
+                   / max(init["reward_std"], 1e-9))
+    return out
+
+
+def save_checkpoint(ac, run, it: int, cfg) -> None:
+    from ..dpo import save_adapter
+    from ..runs import atomic_dir
+
+    with atomic_dir(run.path / "checkpoints" / f"step-{it}") as tmp:
+        save_adapter(ac.model, tmp / "adapter", cfg.model.name)
+        if ac.with_critic:
+            ac.model.save_pretrained(tmp / "critic", selected_adapters=["value"])
+            torch.save(ac.critic_state(), tmp / "value_head.pt")
+    ckpts = sorted((run.path / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+    import shutil
+
+    for old in ckpts[: max(0, len(ckpts) - cfg.run.keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
