@@ -29,6 +29,8 @@ class Experience:
     prompts: list[str]
     completions: list[str]
     finished: list[bool]
+    # mean |engine log-prob - trainer log-prob| of the sampled tokens (None: engine gave none)
+    engine_logprob_gap: float | None = None
 
     def __len__(self) -> int:
         return self.input_ids.size(0)
@@ -92,6 +94,12 @@ def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, 
     values = ac.values(ids, attn, pred_pos) * mask if cfg.ppo.advantage == "gae" else None
     ac.train(was_training)
     old_logp, ref_logp = old_logp * mask, ref_logp * mask
+    gap = None
+    if completions and completions[0].logprobs is not None:
+        eng = torch.zeros_like(old_logp)
+        for i, c in enumerate(completions):
+            eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        gap = float(((eng - old_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
     kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
 
     if cfg.ppo.advantage == "gae":
@@ -104,4 +112,4 @@ def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, 
     if cfg.ppo.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask)
     return Experience(ids, attn, pred_pos, targets, mask, old_logp, ref_logp, values, scores, kl,
-                      advantages, returns, prompt_text, comp_text, finished)
+                      advantages, returns, prompt_text, comp_text, finished, gap)

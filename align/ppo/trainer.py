@@ -134,6 +134,7 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
         t_sync = time.time()
         engine.sync(ac.model, it)
         t_sync = time.time() - t_sync
+        parity = guard_parity(engine, ac, tok, eval_prompts or train_prompts, cfg, it)
         kl_answer = float(exp.kl.sum(1).mean())
         if kl_ctl:
             kl_ctl.update(kl_answer, len(exp))
@@ -143,7 +144,7 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
                "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
                "truncated_frac": 1 - sum(exp.finished) / len(exp), "gen_tokens": n_tok,
                "gen_tokens_per_s": n_tok / max(t_gen, 1e-9), "iteration_seconds": dt,
-               "sync_seconds": t_sync}
+               "sync_seconds": t_sync, "engine_logprob_gap": exp.engine_logprob_gap, **parity}
         run.log(rec)
         with open(samples_path, "a") as f:
             for i in range(min(2, len(exp))):
@@ -162,6 +163,23 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
                    reward_gain_in_initial_std=(last["reward_mean"] - init["reward_mean"])
                    / max(init["reward_std"], 1e-9))
     return out
+
+
+def guard_parity(engine, ac, tok, prompts, cfg, it: int) -> dict:
+    """After a sync, the engine must decode exactly like the trainer's current policy."""
+    n, every = cfg.rollout.parity_prompts, cfg.rollout.parity_every
+    if engine.name == "hf" or not n or not every or it % every:
+        return {}
+    from ..rollout.vllm_engine import StaleAdapterError, check_parity
+
+    texts = [p["messages"][-1]["content"] for p in prompts[:n]]
+    with ac.role("policy"):
+        res = check_parity(engine, ac.model, tok, texts)
+    if res["mismatches"]:
+        raise StaleAdapterError(
+            f"iteration {it}: the {engine.name} engine does not decode like the trainer's policy "
+            f"(adapter version {engine.version}); first mismatch: {res['mismatches'][0]}")
+    return {"parity_checked": res["prompts"]}
 
 
 def save_checkpoint(ac, run, it: int, cfg) -> None:

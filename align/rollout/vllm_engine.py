@@ -1,0 +1,205 @@
+"""vLLM hosting the policy, colocated with the trainer: ONE engine holds the base once.
+
+Sync strategies after each policy update:
+- ``lora``:   the new adapter (only the LoRA tensors, ~MBs) is written to a RAM-backed folder
+              and used through a fresh ``LoRARequest`` id; the previous version is evicted.
+              No merge, no full-weight copy.
+- ``merged``: the adapter is merged into the linear weights in fp32 in the trainer and the
+              changed matrices are loaded into the engine's model in place, for hardware where
+              vLLM's LoRA kernels are slow.
+- ``auto``:   measures both on a small batch at start and keeps the faster.
+
+A parity guard (``check_parity``) decodes a few prompts greedily in the engine and in the
+trainer after a sync; any mismatch means the engine is not serving the current policy.
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weights move by reference,
+and a script that builds it needs no ``__main__`` spawn dance for its own code.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
+
+
+class StaleAdapterError(RuntimeError):
+    """The engine did not decode like the trainer's current policy."""
+
+
+def _fast_dir() -> Path:
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix="align-adapters-", dir=root))
+
+
+class VLLMEngine(RolloutEngine):
+    name = "vllm"
+
+    def __init__(self, base_path: str, tokenizer, *, max_lora_rank: int = 8, sync: str = "lora",
+                 seed: int = 0, max_model_len: int = 1024, kv_cache_gib: int = 2,
+                 base_name: str | None = None):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        self.tok = tokenizer
+        self.sync_mode = sync
+        self.base_name = base_name or base_path
+        lora_kwargs = {}
+        if sync == "lora":  # a merged engine has no LoRA layers, so its weights load by HF name
+            lora_kwargs = dict(enable_lora=True, max_lora_rank=max(8, max_lora_rank), max_loras=2)
+        self.llm = LLM(model=base_path, dtype="float32", enforce_eager=True, seed=seed,
+                       max_model_len=max_model_len, gpu_memory_utilization=0.25, **lora_kwargs)
+        self.stats = EngineStats()
+        self.version = -1
+        self._lora = None  # the LoRARequest of the current version (lora mode)
+        self._dir = _fast_dir()
+
+    @classmethod
+    def from_config(cls, cfg, peft_model, tok):
+        from ..assets import resolve_model
+
+        def build(mode):
+            return cls(resolve_model(cfg.model.name), tok, max_lora_rank=cfg.lora.r, sync=mode,
+                       seed=cfg.run.seed, base_name=cfg.model.name)
+
+        if cfg.rollout.sync != "auto":
+            eng = build(cfg.rollout.sync)
+            eng.sync(peft_model, 0)
+            return eng
+        # auto: time one sync + one generation round of each strategy, keep the faster engine.
+        timing, best = {}, None
+        for mode in ("merged", "lora"):
+            eng = build(mode)
+            timing[mode] = eng.time_round(peft_model)
+            if best is None or timing[mode] < timing[best.sync_mode]:
+                if best is not None:
+                    best.close()
+                best = eng
+            else:
+                eng.close()
+        best.auto_timing = timing
+        return best
+
+    # -- sync --------------------------------------------------------------------------
+    def sync(self, peft_model, version: int) -> None:
+        t0 = time.perf_counter()
+        if self.sync_mode == "merged":
+            self._sync_merged(peft_model)
+        else:
+            self._sync_lora(peft_model, version)
+        self.version = version
+        self.stats.syncs += 1
+        self.stats.sync_seconds.append(time.perf_counter() - t0)
+
+    def _sync_lora(self, peft_model, version: int) -> None:
+        from vllm.lora.request import LoRARequest
+
+        from ..dpo import save_adapter
+
+        path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name)
+        old = self._lora
+        # lora_int_id must be > 0 and unique per version: a reused id would serve cached weights.
+        self._lora = LoRARequest(f"policy-v{version}", version + 1, str(path))
+        self.llm.llm_engine.add_lora(self._lora)
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    @torch.no_grad()
+    def _merged_linear_weights(self, peft_model) -> dict[str, torch.Tensor]:
+        """HF-named weights of every LoRA-wrapped linear with the adapter merged (fp32)."""
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        prefix = "base_model.model."
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                w = module.get_base_layer().weight
+                delta = module.get_delta_weight("default")
+                key = (name[len(prefix):] if name.startswith(prefix) else name) + ".weight"
+                out[key] = (w.float() + delta.float()).to(w.dtype)
+        return out
+
+    def _sync_merged(self, peft_model) -> None:
+        weights = self._merged_linear_weights(peft_model)
+
+        def load(model):
+            model.load_weights(weights.items())
+            return len(weights)
+
+        self.llm.apply_model(load)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._lora = None
+
+    def time_round(self, peft_model, n_prompts: int = 16, tokens: int = 32) -> float:
+        """Seconds for one sync plus one greedy generation round (for ``sync: auto``)."""
+        prompt = self.tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
+                                              tokenize=False, add_generation_prompt=True)
+        ids = [self.tok(prompt, add_special_tokens=False)["input_ids"]] * n_prompts
+        t0 = time.perf_counter()
+        self.sync(peft_model, 0)
+        self.generate(ids, SamplingConfig(max_new_tokens=tokens, greedy=True))
+        return time.perf_counter() - t0
+
+    # -- generate ----------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[Completion]:
+        from vllm import SamplingParams
+
+        t0 = time.perf_counter()
+        sp = SamplingParams(
+            n=1, max_tokens=params.max_new_tokens, seed=params.seed, logprobs=0,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p, top_k=-1 if not params.greedy else -1,
+            stop_token_ids=[self.tok.eos_token_id], skip_special_tokens=True,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp,
+                                 lora_request=self._lora if self.sync_mode != "merged" else None,
+                                 use_tqdm=False)
+        result = []
+        for p, o in zip(prompt_ids, outs):
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            finished = c.finish_reason == "stop"
+            lps = None
+            if c.logprobs is not None:
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
+            result.append(Completion(p, ids, finished, lps, text=self.tok.decode(ids, skip_special_tokens=True)))
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in result)
+        self.stats.seconds += time.perf_counter() - t0
+        return result
+
+    def close(self) -> None:
+        import gc
+
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self.llm = None
+        gc.collect()
+
+
+@torch.no_grad()
+def check_parity(engine: RolloutEngine, peft_model, tok, prompts: list[str], max_new_tokens: int = 16) -> dict:
+    """Greedy-decode ``prompts`` in the engine and with the trainer's model (fp32); compare ids."""
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    eng = engine.generate(ids, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
+    was_training = peft_model.training
+    peft_model.eval()
+    mismatches = []
+    for p, pid, e in zip(prompts, ids, eng):
+        x = torch.tensor([pid])
+        out = peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id)[0, len(pid):].tolist()
+        if tok.eos_token_id in out:
+            out = out[: out.index(tok.eos_token_id) + 1]
+        if out != e.token_ids:
+            mismatches.append({"prompt": p, "trainer": tok.decode(out), "engine": tok.decode(e.token_ids)})
+    peft_model.train(was_training)
+    return {"prompts": len(prompts), "mismatches": mismatches}
