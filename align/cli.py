@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="PPO with a custom reward (policy/reference/critic on one base)")
     _add_config_args(p, "configs/ppo_imdb_sentiment.yaml")
 
+    p = sub.add_parser("rm", help="train a LoRA reward model on preference pairs (TRL RewardTrainer)")
+    _add_config_args(p, "configs/rm_hh_rlhf.yaml")
+
     p = sub.add_parser("export", help="write a run's adapter as a PEFT folder (or merged model), verified")
     p.add_argument("source", help="a run folder (runs/NAME) or a PEFT adapter folder")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the vLLM load-and-decode check (it starts an engine, ~30 s on CPU)")
 
     p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
-    p.add_argument("job", choices=["dpo", "ppo"])
+    p.add_argument("job", choices=["dpo", "ppo", "rm"])
     _add_config_args(p, "")
 
     p = sub.add_parser("prepare-assets",
@@ -81,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             from .dpo import run_dpo
 
             run_dpo(cfg)
+            return 0
+        if args.command == "rm":
+            from .rm import run_rm
+
+            run_rm(cfg)
             return 0
         if args.command == "ppo":
             from .ppo import run_ppo

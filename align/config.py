@@ -195,7 +195,30 @@ class PPOJobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-JOBS: dict[str, type] = {"dpo": DPOJobConfig, "ppo": PPOJobConfig}
+@dataclass
+class RMTrainConfig:
+    learning_rate: float = 5e-4
+    batch_size: int = 8
+    epochs: int = 1
+    max_steps: int = 0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+
+
+@dataclass
+class RMJobConfig:
+    """`align rm`: a LoRA reward model (TRL RewardTrainer) on preference pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: RMTrainConfig = field(default_factory=RMTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    evaluate: bool = True
+
+
+JOBS: dict[str, type] = {"dpo": DPOJobConfig, "ppo": PPOJobConfig, "rm": RMJobConfig}
 
 
 # --------------------------------------------------------------------------------------
@@ -359,6 +382,12 @@ def validate(cfg, where: str = "config") -> None:
             bad("train.learning_rate", f"must be > 0, got {train.learning_rate}")
         if train.max_prompt_length >= train.max_length:
             bad("train.max_prompt_length", "must be smaller than train.max_length")
+    if isinstance(train, RMTrainConfig):
+        for key in ("batch_size", "epochs", "max_length"):
+            if getattr(train, key) <= 0:
+                bad(f"train.{key}", f"must be > 0, got {getattr(train, key)}")
+        if train.learning_rate <= 0:
+            bad("train.learning_rate", f"must be > 0, got {train.learning_rate}")
     ppo = getattr(cfg, "ppo", None)
     if ppo is not None:
         for key in ("iterations", "prompts_per_iteration", "samples_per_prompt", "ppo_epochs",

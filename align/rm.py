@@ -1,0 +1,119 @@
+"""`align rm`: a LoRA reward model on preference pairs with TRL's RewardTrainer.
+
+The model is the base as a sequence classifier (one scalar); LoRA on all linear layers plus a
+trainable score head (PEFT's ``modules_to_save``). Held-out pairwise accuracy (ties 1/2) is
+measured on subsets never trained on. The saved adapter is usable directly as a PPO reward:
+``reward.function=reward.model:score`` with ``ALIGN_REWARD_MODEL=runs/<rm-run>/adapter``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def load_reward_model(base_name: str, adapter_dir: str | None = None, lora_cfg=None):
+    """Base as a 1-output sequence classifier, with a new (lora_cfg) or saved adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from .assets import resolve_model
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(base_name)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(base_name), num_labels=1,
+                                                               dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    if adapter_dir:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    elif lora_cfg is not None:
+        model = get_peft_model(model, LoraConfig(
+            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+            target_modules=lora_cfg.target_modules, task_type="SEQ_CLS"))
+    return model, tok
+
+
+@torch.no_grad()
+def score_texts(model, tok, texts: list[str], batch_size: int = 8, max_length: int = 256) -> torch.Tensor:
+    """Scalar reward per text (right-padded batches; the model reads the last real token)."""
+    model.eval()
+    tok.padding_side = "right"
+    out = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                  max_length=max_length, add_special_tokens=False)
+        out.append(model(**enc).logits[:, 0].float())
+    scores = torch.cat(out)
+    result = torch.empty_like(scores)
+    result[torch.tensor(order)] = scores
+    return result
+
+
+def render_pair(tok, row) -> tuple[str, str]:
+    if isinstance(row["prompt"], str):
+        return row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]
+    return (tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False),
+            tok.apply_chat_template(row["prompt"] + row["rejected"], tokenize=False))
+
+
+def pairwise_accuracy(model, tok, rows, max_length: int) -> dict:
+    pairs = [render_pair(tok, r) for r in rows]
+    c = score_texts(model, tok, [p[0] for p in pairs], max_length=max_length)
+    r = score_texts(model, tok, [p[1] for p in pairs], max_length=max_length)
+    d = c - r
+    return {"pairs": len(rows), "pairwise_accuracy": float(((d > 0).float() + 0.5 * (d == 0).float()).mean()),
+            "mean_margin": float(d.mean())}
+
+
+def run_rm(cfg) -> dict:
+    import datasets
+    from transformers import TrainerCallback, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from .data import load_preference_splits
+    from .runs import RunDir, atomic_dir, plot_metrics
+
+    t0 = time.time()
+    set_seed(cfg.run.seed)
+    run = RunDir(cfg.run, cfg, "rm")
+    print(f"run folder: {run.path}")
+    train_rows, eval_rows, reports = load_preference_splits(cfg.data)
+    for split, rep in reports.items():
+        print(f"data[{split}]: {rep.summary()}")
+    model, tok = load_reward_model(cfg.model.name, lora_cfg=cfg.lora)
+    t = cfg.train
+    args = RewardConfig(
+        output_dir=str(run.path / "trainer"), per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1, warmup_steps=t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm, max_length=t.max_length, logging_steps=cfg.run.log_every,
+        save_strategy="no", report_to="none", use_cpu=True, seed=cfg.run.seed,
+        dataloader_num_workers=0)
+
+    class ToRun(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                run.log({"step": state.global_step, **logs})
+
+    ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[ToRun()])
+    trainer.train()
+    with atomic_dir(run.path / "adapter") as tmp:
+        trainer.model.peft_config["default"].base_model_name_or_path = cfg.model.name
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    summary = {"train_pairs": len(train_rows), "steps": trainer.state.global_step,
+               "train_seconds": round(time.time() - t0, 1), "adapter": str(run.path / "adapter")}
+    if cfg.evaluate and eval_rows:
+        ev = pairwise_accuracy(trainer.model, tok, eval_rows, t.max_length)
+        ev["eval_subsets"] = cfg.data.eval_subsets
+        run.write_json("eval.json", ev)
+        summary["eval"] = ev
+        print(f"held-out pairwise accuracy ({', '.join(cfg.data.eval_subsets)}, {ev['pairs']} pairs): "
+              f"{ev['pairwise_accuracy']:.3f}")
+    run.write_json("summary.json", summary)
+    if cfg.run.plot:
+        plot_metrics(run.read_metrics(), ["loss", "accuracy", "margin"], run.path / "plots.png", "reward model")
+    return summary
