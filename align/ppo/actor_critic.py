@@ -68,16 +68,20 @@ class ActorCritic(nn.Module):
         return lora + list(self.value_head.parameters())
 
     # -- forward passes ----------------------------------------------------------------
+    def lm(self):
+        """The causal LM that runs for the active role (here: PEFT's wrapped base)."""
+        return self.model.get_base_model()
+
     def hidden_at(self, input_ids, attention_mask, pred_pos) -> torch.Tensor:
         """Hidden states (B, T, H) at the positions that predict each completion token."""
-        backbone = self.model.get_base_model().model
+        backbone = self.lm().model
         h = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.size(-1)))
 
     def token_logprobs(self, input_ids, attention_mask, pred_pos, targets, with_entropy=False):
         """log p(target) per completion token under the active role (policy or reference)."""
         h = self.hidden_at(input_ids, attention_mask, pred_pos)
-        logits = self.model.get_base_model().get_output_embeddings()(h).float()
+        logits = self.lm().get_output_embeddings()(h).float()
         logp_all = logits.log_softmax(-1)
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None

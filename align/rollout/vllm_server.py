@@ -1,0 +1,148 @@
+"""vLLM in server mode: a separate ``vllm serve`` process (OpenAI-compatible API) with runtime
+LoRA loading, for trainers and generators on different devices or nodes.
+
+align starts and stops the server, binds it to 127.0.0.1 by default, waits for ``/health``,
+and turns a dead server or a timeout into a clear error. After each policy update the adapter is
+saved to a folder the server can read and loaded under a new name via
+``/v1/load_lora_adapter``; the previous version is unloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class VLLMServerEngine(RolloutEngine):
+    name = "vllm-server"
+
+    def __init__(self, base_path: str, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
+                 max_lora_rank: int = 8, startup_timeout: float = 300, request_timeout: float = 300,
+                 base_name: str | None = None, log_path: str | Path | None = None):
+        self.tok, self.host = tokenizer, host
+        self.port = port or _free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.base_name = base_name or base_path
+        self.request_timeout = request_timeout
+        self.stats = EngineStats()
+        self.version, self._lora_name = -1, None
+        self._dir = Path(tempfile.mkdtemp(prefix="align-server-adapters-"))
+        self.log_path = Path(log_path) if log_path else self._dir / "server.log"
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path,
+               "--host", host, "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
+               "--enable-lora", "--max-lora-rank", str(max(8, max_lora_rank)), "--max-loras", "2",
+               "--max-model-len", "1024", "--served-model-name", "base"]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self._wait_healthy(startup_timeout)
+
+    def _tail(self) -> str:
+        try:
+            return self.log_path.read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"vLLM server exited with code {self.proc.returncode} during start-up; "
+                                  f"log {self.log_path}:\n{self._tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1)
+        self.close()
+        raise ServerError(f"vLLM server not healthy after {timeout:.0f}s; log {self.log_path}:\n{self._tail()}")
+
+    def _post(self, path: str, payload: dict) -> dict | str:
+        if self.proc.poll() is not None:
+            raise ServerError(f"vLLM server died (exit {self.proc.returncode}); log {self.log_path}:\n{self._tail()}")
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.request_timeout) as r:
+                body = r.read().decode()
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"vLLM server {path} -> HTTP {e.code}: {e.read().decode()[:500]}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise ServerError(f"vLLM server {path} failed: {e}; log {self.log_path}:\n{self._tail()}") from e
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return body
+
+    def sync(self, peft_model, version: int) -> None:
+        from ..dpo import save_adapter
+
+        t0 = time.perf_counter()
+        path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name)
+        name, old = f"policy-v{version}", self._lora_name
+        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        self._lora_name, self.version = name, version
+        if old is not None:
+            self._post("/v1/unload_lora_adapter", {"lora_name": old})
+            shutil.rmtree(self._dir / f"v{old.rsplit('-v', 1)[1]}", ignore_errors=True)
+        self.stats.syncs += 1
+        self.stats.sync_seconds.append(time.perf_counter() - t0)
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[Completion]:
+        t0 = time.perf_counter()
+        payload = {"model": self._lora_name or "base", "prompt": prompt_ids, "max_tokens": params.max_new_tokens,
+                   "temperature": 0.0 if params.greedy else params.temperature,
+                   "top_p": 1.0 if params.greedy else params.top_p, "logprobs": 0,
+                   "stop_token_ids": [self.tok.eos_token_id], "skip_special_tokens": False,
+                   "return_tokens_as_token_ids": True}
+        if params.seed is not None:
+            payload["seed"] = params.seed
+        res = self._post("/v1/completions", payload)
+        out = []
+        for p, choice in zip(prompt_ids, sorted(res["choices"], key=lambda c: c["index"])):
+            toks = choice["logprobs"]["tokens"]
+            ids = [int(t.split(":", 1)[1]) for t in toks]
+            lps = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+            finished = choice["finish_reason"] == "stop"
+            out.append(Completion(p, ids, finished, lps, text=self.tok.decode(ids, skip_special_tokens=True)))
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
+        self.stats.seconds += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self._dir, ignore_errors=True)

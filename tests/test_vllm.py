@@ -1,0 +1,86 @@
+"""vLLM hosting the LoRA policy: engine and trainer decode alike across successive adapter
+versions, a stale adapter is caught, and server mode serves an adapter on loopback.
+One engine per test session (start-up costs ~30 s on this CPU)."""
+import copy
+
+import pytest
+import torch
+
+from align.config import LoraConfig
+from align.ppo.actor_critic import ActorCritic
+from align.rollout.base import SamplingConfig
+
+pytestmark = pytest.mark.vllm
+PROMPTS = ["Tell me about bread.", "What is the capital of France?", "Say something kind."]
+
+
+@pytest.fixture(scope="module")
+def tiny_ac(tiny_model):
+    base, tok = tiny_model
+    return ActorCritic(copy.deepcopy(base), LoraConfig(r=8), with_critic=False), tok
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ac, tiny_model_path):
+    from align.rollout.vllm_engine import VLLMEngine
+
+    ac, tok = tiny_ac
+    eng = VLLMEngine(tiny_model_path, tok, max_lora_rank=8, sync="lora", base_name=tiny_model_path)
+    yield eng
+    eng.close()
+
+
+def _update(ac, seed):
+    """Stand-in for an optimizer step: new adapter weights."""
+    g = torch.Generator().manual_seed(seed)
+    for n, w in ac.model.named_parameters():
+        if "lora_" in n:
+            w.data.normal_(0, 0.3, generator=g)
+
+
+def test_parity_across_successive_adapter_versions(engine, tiny_ac):
+    from align.rollout.vllm_engine import check_parity
+
+    ac, tok = tiny_ac
+    outputs = []
+    for version in (1, 2, 3):
+        _update(ac, version)
+        engine.sync(ac.model, version)
+        res = check_parity(engine, ac.model, tok, PROMPTS)
+        assert res["mismatches"] == [], res
+        ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for p in PROMPTS]
+        outputs.append([c.token_ids for c in engine.generate(ids, SamplingConfig(16, greedy=True))])
+    assert outputs[0] != outputs[2]  # the versions really differ, so parity is not trivial
+    assert engine.llm.llm_engine.list_loras() == {4}  # only the current version is resident
+    assert max(engine.stats.sync_seconds) < 5.0
+
+
+def test_stale_adapter_is_caught(engine, tiny_ac):
+    from align.rollout.vllm_engine import check_parity
+
+    ac, tok = tiny_ac
+    _update(ac, 10)
+    engine.sync(ac.model, 10)
+    _update(ac, 11)  # the trainer moved on, the engine was not synced
+    assert check_parity(engine, ac.model, tok, PROMPTS)["mismatches"]
+
+
+def test_sampled_logprobs_match_trainer(engine, tiny_ac):
+    from align.ppo.experience import collate
+
+    ac, tok = tiny_ac
+    _update(ac, 20)
+    engine.sync(ac.model, 20)
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for p in PROMPTS]
+    comps = engine.generate(ids, SamplingConfig(12, temperature=1.0, seed=0))
+    x, attn, pos, tgt, mask = collate(comps, tok.pad_token_id)
+    with torch.no_grad(), ac.role("policy"):
+        logp, _ = ac.token_logprobs(x, attn, pos, tgt)
+    eng = torch.zeros_like(logp)
+    for i, c in enumerate(comps):
+        eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    assert float(((eng - logp).abs() * mask).max()) < 1e-3
