@@ -69,7 +69,7 @@ def pairwise_accuracy(model, tok, rows, max_length: int) -> dict:
 
 def run_rm(cfg) -> dict:
     import datasets
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     from .data import load_preference_splits
@@ -92,13 +92,8 @@ def run_rm(cfg) -> dict:
         save_strategy="no", report_to="none", use_cpu=True, seed=cfg.run.seed,
         dataloader_num_workers=0)
 
-    class ToRun(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs:
-                run.log({"step": state.global_step, **logs})
-
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[ToRun()])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[run.trainer_callback()])
     trainer.train()
     with atomic_dir(run.path / "adapter") as tmp:
         trainer.model.peft_config["default"].base_model_name_or_path = cfg.model.name

@@ -43,6 +43,19 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
+    def trainer_callback(self):
+        """A transformers TrainerCallback that appends every log (TRL's metrics) to metrics.jsonl."""
+        from transformers import TrainerCallback
+
+        run = self
+
+        class MetricsToRun(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    run.log({"step": state.global_step, **logs})
+
+        return MetricsToRun()
+
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
             return []

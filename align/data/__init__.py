@@ -5,7 +5,8 @@ import random
 from pathlib import Path
 
 from ..assets import AssetError, offline_hint, resolve_dataset
-from .hh_rlhf import DataError, LoadReport, find_subset_file, read_hh_file
+from .hh_rlhf import find_subset_file, read_hh_file
+from .rows import DataError, LoadReport
 from .preference import read_preference_file, read_preference_records
 
 __all__ = ["DataError", "LoadReport", "load_preference_split", "load_preference_splits"]

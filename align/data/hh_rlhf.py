@@ -8,49 +8,13 @@ skipped -- or raise :class:`DataError` under ``strict``.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .rows import DataError, LoadReport, collect_pairs, iter_jsonl
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
-
-
-class DataError(ValueError):
-    """A bad row or file; the message names the file and line."""
-
-
-@dataclass
-class LoadReport:
-    """What a loader kept and skipped, and where; printed in the run summary."""
-
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
-
-    def skip(self, where: str, reason: str, strict: bool) -> None:
-        if strict:
-            raise DataError(f"{where}: {reason}")
-        self.skipped[reason.split(":")[0]] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {reason}")
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def merge(self, other: "LoadReport") -> None:
-        self.kept += other.kept
-        self.skipped.update(other.skipped)
-        self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
-
-    def summary(self) -> str:
-        parts = [f"kept {self.kept}"]
-        parts += [f"skipped {n} ({reason})" for reason, n in sorted(self.skipped.items())]
-        return ", ".join(parts)
 
 
 def parse_transcript(text: str) -> list[dict]:
@@ -92,41 +56,13 @@ def split_pair(chosen: str, rejected: str) -> dict:
     return {"prompt": c[:-1], "chosen": [c[-1]], "rejected": [r[-1]]}
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(
-        path, encoding="utf-8"
-    )
-
-
 def read_hh_file(path: str | Path, strict: bool = False, limit: int = 0):
-    """Yield parsed pairs from one HH-RLHF ``.jsonl[.gz]`` file; returns its LoadReport."""
+    """Parsed pairs from one HH-RLHF ``.jsonl[.gz]`` file, and its LoadReport."""
+    from .preference import normalize_pair  # HH rows are implicit-prompt transcripts
+
     path = Path(path)
     report = LoadReport()
-    rows = []
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if limit and report.kept >= limit:
-                break
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
-                continue
-            if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
-                report.skip(where, "missing field: row needs 'chosen' and 'rejected'", strict)
-                continue
-            try:
-                pair = split_pair(row["chosen"], row["rejected"])
-            except ValueError as e:
-                report.skip(where, str(e), strict)
-                continue
-            pair["source"] = where
-            rows.append(pair)
-            report.kept += 1
-    return rows, report
+    return collect_pairs(iter_jsonl(path, report, strict), normalize_pair, report, strict, limit), report
 
 
 def find_subset_file(root: Path, subset: str, split: str = "test") -> Path:

@@ -8,10 +8,10 @@ message each; plain-text rows stay plain strings (no chat template is applied to
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .hh_rlhf import DataError, LoadReport, _open, split_pair
+from .hh_rlhf import split_pair
+from .rows import DataError, LoadReport, collect_pairs, iter_jsonl
 
 
 def _is_messages(x) -> bool:
@@ -60,46 +60,15 @@ def normalize_pair(row: dict) -> dict:
 
 
 def read_preference_jsonl(path: Path, strict: bool = False, limit: int = 0):
-    rows, report = [], LoadReport()
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if limit and report.kept >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
-                continue
-            try:
-                pair = normalize_pair(row)
-            except ValueError as e:
-                report.skip(where, str(e), strict)
-                continue
-            pair["source"] = where
-            rows.append(pair)
-            report.kept += 1
-    return rows, report
+    report = LoadReport()
+    return collect_pairs(iter_jsonl(path, report, strict), normalize_pair, report, strict, limit), report
 
 
 def read_preference_records(records, origin: str, strict: bool = False, limit: int = 0):
     """Rows from Parquet or a Hub dataset (no line numbers there: row index instead)."""
-    rows, report = [], LoadReport()
-    for i, row in enumerate(records):
-        if limit and report.kept >= limit:
-            break
-        where = f"{origin}[row {i}]"
-        try:
-            pair = normalize_pair(dict(row))
-        except ValueError as e:
-            report.skip(where, str(e), strict)
-            continue
-        pair["source"] = where
-        rows.append(pair)
-        report.kept += 1
-    return rows, report
+    report = LoadReport()
+    items = ((f"{origin}[row {i}]", dict(row)) for i, row in enumerate(records))
+    return collect_pairs(items, normalize_pair, report, strict, limit), report
 
 
 def read_preference_file(path: Path, strict: bool = False, limit: int = 0):

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from ..assets import resolve_dataset
-from .hh_rlhf import DataError, _open, find_subset_file, read_hh_file
+from .hh_rlhf import find_subset_file, read_hh_file
+from .rows import DataError, open_text
 
 
 def _text(value, where: str, field: str) -> str | list:
@@ -30,7 +31,7 @@ def _read_rows(path: Path, field: str):
         for i, row in enumerate(ds):
             yield f"{path}[row {i}]", row
         return
-    with _open(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

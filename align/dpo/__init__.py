@@ -8,17 +8,6 @@ from .evaluate import evaluate, score_reference
 __all__ = ["run_dpo"]
 
 
-def _metrics_callback(run):
-    from transformers import TrainerCallback
-
-    class MetricsToRun(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                run.log({"step": state.global_step, **logs})
-
-    return MetricsToRun()
-
-
 def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "default"):
     """Write the adapter as a standard PEFT folder (safetensors), atomically."""
     from ..runs import atomic_dir
@@ -69,7 +58,7 @@ def run_dpo(cfg) -> dict:
     trainer = PackedDPOTrainer(
         model=model, args=args, train_dataset=to_ds(train_rows), processing_class=tok,
         max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
-        callbacks=[_metrics_callback(run)],
+        callbacks=[run.trainer_callback()],
     )
     collator = trainer.data_collator
     t_ref = time.time()
