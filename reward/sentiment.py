@@ -1,7 +1,8 @@
 """A learned positive-sentiment reward: frozen all-MiniLM-L6-v2 embeddings + a logistic head
 trained on labelled IMDB reviews (../shared). Used by the PPO demo as a custom reward.
 
-``positive_sentiment(prompts, completions)`` returns P(positive) in [0, 1] for each completion.
+``positive_sentiment(prompts, completions)`` returns the classifier's log-odds of "positive"
+(unbounded, like a reward model's score); ``positive_probability`` returns P(positive) in [0, 1].
 The head is trained once (seconds) and cached beside the mirror.
 """
 from __future__ import annotations
@@ -98,8 +99,8 @@ class SentimentScorer:
         return head, acc
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> list[float]:
-        return torch.sigmoid(self.head(self.embed(texts)).squeeze(-1)).tolist()
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        return self.head(self.embed(texts)).squeeze(-1)
 
 
 @lru_cache(maxsize=1)
@@ -108,5 +109,10 @@ def _scorer() -> SentimentScorer:
 
 
 def positive_sentiment(prompts, completions, **info) -> list[float]:
-    """Reward = P(positive) of the completion text (the prompt's opening is not scored)."""
-    return _scorer()([c if c.strip() else "." for c in completions])
+    """Reward = log-odds that the completion text is positive (the prompt is not scored)."""
+    return _scorer().logits([c if c.strip() else "." for c in completions]).tolist()
+
+
+def positive_probability(prompts, completions, **info) -> list[float]:
+    """Reward = P(positive) of the completion text, in [0, 1]."""
+    return torch.sigmoid(_scorer().logits([c if c.strip() else "." for c in completions])).tolist()

@@ -61,3 +61,18 @@ def tiny_model(tiny_model_path):
     from align.models import load_base
 
     return load_base(ModelConfig(name=tiny_model_path))
+
+
+@pytest.fixture(scope="session")
+def real_dpo_run(real_model_path, shared, tmp_path_factory) -> Path:
+    """A short real `align dpo` run (8 real HH pairs, 3 passes), shared by DPO and export tests."""
+    from align.config import load_config
+    from align.dpo import run_dpo
+
+    out = tmp_path_factory.mktemp("real-runs")
+    cfg = load_config("dpo", "configs/dpo_hh_rlhf.yaml", [
+        "data.max_train_pairs=8", "data.max_eval_pairs=8", "train.batch_size=8", "train.epochs=3",
+        "train.warmup_ratio=0", "train.max_length=128", "train.max_prompt_length=64",
+        f"run.output_dir={out}", "run.name=real-dpo", "run.plot=false"])
+    run_dpo(cfg)
+    return out / "real-dpo"

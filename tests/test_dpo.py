@@ -106,21 +106,14 @@ def test_tiny_dpo_job_end_to_end(tmp_path, tiny_model_path, shared):
 
 
 @pytest.mark.real
-def test_real_dpo_lowers_loss_and_writes_adapter(tmp_path, real_model_path, shared):
+def test_real_dpo_lowers_loss_and_writes_adapter(real_dpo_run):
     """Real SmolLM2-135M on 8 real HH-RLHF pairs, 3 passes: the DPO loss must fall."""
-    from align.dpo import run_dpo
-
-    cfg = load_config("dpo", "configs/dpo_hh_rlhf.yaml", [
-        "data.max_train_pairs=8", "evaluate=false", "train.batch_size=8", "train.epochs=3",
-        "train.warmup_ratio=0", "train.max_length=128", "train.max_prompt_length=64",
-        f"run.output_dir={tmp_path}", "run.name=real", "run.plot=false"])
-    run_dpo(cfg)
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "real" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(l)["loss"] for l in (real_dpo_run / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(l)]
     assert len(losses) == 3
     assert losses[0] == pytest.approx(0.6931, abs=2e-3)  # policy == reference at the start
     assert losses[-1] < losses[0] - 0.02, losses
-    assert (tmp_path / "real" / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
+    assert (real_dpo_run / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
 
 
 def test_score_pairs_in_dataset_order(policy):

@@ -127,3 +127,18 @@ def test_checkpoint_choice_errors(tiny_run, tmp_path):
         export(tiny_run, tmp_path / "o", checkpoint="7", vllm_check=False)
     with pytest.raises(ExportError, match="'final', 'best' or a step"):
         export(tiny_run, tmp_path / "o", checkpoint="latest", vllm_check=False)
+
+
+@pytest.mark.real
+@pytest.mark.vllm
+def test_real_dpo_export_loads_in_peft_transformers_and_vllm(real_dpo_run, tmp_path):
+    """End to end with the real model: adapter and merged exports, each verified in vLLM too."""
+    rep = export(real_dpo_run, tmp_path / "adapter")
+    assert rep["vllm"]["match"] and rep["adapter_max_logprob_diff"] <= 1e-5
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "implicit_accuracy" in (tmp_path / "adapter" / "README.md").read_text()
+    rep = export(real_dpo_run, tmp_path / "merged", merge=True)
+    assert rep["vllm"]["match"] and rep["merged_top1_agreement"] == 1.0
+    for name in ("model.safetensors", "tokenizer.json", "chat_template.jinja", "config.json", "generation_config.json"):
+        assert (tmp_path / "merged" / name).is_file(), name
