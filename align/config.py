@@ -180,6 +180,8 @@ class PPOTrainConfig:
     # Stop this batch's epochs once approx-KL(old||new) exceeds this (0 = never).
     target_approx_kl: float = 0.1
     eval_every: int = 5
+    # Stop after the iteration that crosses this many minutes (0 = no budget), then evaluate.
+    time_budget_minutes: float = 0.0
 
 
 @dataclass

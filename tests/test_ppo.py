@@ -47,6 +47,22 @@ def test_roles_are_adapters_on_one_base(ac):
     assert not any(p.requires_grad for n, p in ac.model.named_parameters() if "lora_" not in n)
 
 
+def test_policy_is_active_after_any_role(ac):
+    """Regression: the HF engine generates from ac.model, so the critic's adapter must never
+    stay active after a value pass (samples would come from the wrong model)."""
+    ac, _ = ac
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    policy = _logits(ac, ids, "policy")
+    ac.values(ids, torch.ones_like(ids), torch.tensor([[2, 3]]))
+    assert ac.model.active_adapter == "default"
+    with torch.no_grad():
+        assert torch.equal(ac.model(input_ids=ids).logits, policy)
+    with ac.role("reference"):
+        pass
+    with torch.no_grad():
+        assert torch.equal(ac.model(input_ids=ids).logits, policy)
+
+
 def test_gradients_reach_only_their_adapter(ac):
     ac, _ = ac
     ids = torch.tensor([[5, 6, 7, 8, 9]])

@@ -47,16 +47,21 @@ class ActorCritic(nn.Module):
 
     @contextlib.contextmanager
     def role(self, role: str):
-        """``policy`` | ``value`` | ``reference`` (adapters off)."""
-        if role == "reference":
-            self.use_role("policy")
-            with self.model.disable_adapter():
-                yield self
-            return
+        """``policy`` | ``value`` | ``reference`` (adapters off). On exit the policy is active
+        again: anything that generates from ``self.model`` (the HF engine) must sample from the
+        policy, never from the critic's adapter."""
         if role == "value" and not self.with_critic:
             raise ValueError("this run has no critic (critic-free advantage)")
-        self.use_role(role)
-        yield self
+        try:
+            if role == "reference":
+                self.use_role("policy")
+                with self.model.disable_adapter():
+                    yield self
+            else:
+                self.use_role(role)
+                yield self
+        finally:
+            self.use_role("policy")
 
     def policy_parameters(self):
         return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]

@@ -152,11 +152,15 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
                                     "completion": exp.completions[i], "reward": float(exp.scores[i])}) + "\n")
         log(f"[it {it}/{p.iterations}] reward {rec['reward_mean']:.3f} KL/answer {kl_answer:.2f} "
             f"clip {upd['clipfrac']:.2f} approx-KL {upd['approx_kl']:.3f} {dt:.0f}s")
-        if p.eval_every and (it % p.eval_every == 0 or it == p.iterations):
+        out_of_time = p.time_budget_minutes and time.time() - t_start > 60 * p.time_budget_minutes
+        if p.eval_every and (it % p.eval_every == 0 or it == p.iterations or out_of_time):
             history.append(run_eval(it))
         if cfg.run.save_every and it % cfg.run.save_every == 0:
             save_checkpoint(ac, run, it, cfg)
-    out = {"iterations": p.iterations, "train_seconds": round(time.time() - t_start, 1)}
+        if out_of_time:
+            log(f"time budget of {p.time_budget_minutes} min reached after iteration {it}")
+            break
+    out = {"iterations": it, "train_seconds": round(time.time() - t_start, 1)}
     if history and history[0] and history[-1]:
         init, last = history[0], history[-1]
         out.update(eval_initial=init, eval_final=last,
