@@ -242,7 +242,8 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
         try:
             return _check_type(value.parsed, tp, key, where)
         except ConfigError:
-            if tp is str or str in typing.get_args(tp):
+            is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            if tp is str or (is_union and str in typing.get_args(tp)):
                 return value.raw
             raise
     origin = typing.get_origin(tp)

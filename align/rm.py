@@ -93,13 +93,19 @@ def run_rm(cfg) -> dict:
         dataloader_num_workers=0)
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[run.trainer_callback()])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                            callbacks=[run.trainer_callback()])
+    dropped = len(ds) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
+    print(f"training on {len(trainer.train_dataset)} pairs ({dropped} longer than "
+          f"train.max_length={t.max_length} tokens were dropped by TRL)")
+    if len(trainer.train_dataset) == 0:
+        raise ValueError(f"train.max_length={t.max_length}: every training pair is longer; raise it")
     trainer.train()
     with atomic_dir(run.path / "adapter") as tmp:
         trainer.model.peft_config["default"].base_model_name_or_path = cfg.model.name
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    summary = {"train_pairs": len(train_rows), "steps": trainer.state.global_step,
+    summary = {"train_pairs": len(trainer.train_dataset), "dropped_too_long": dropped, "steps": trainer.state.global_step,
                "train_seconds": round(time.time() - t0, 1), "adapter": str(run.path / "adapter")}
     if cfg.evaluate and eval_rows:
         ev = pairwise_accuracy(trainer.model, tok, eval_rows, t.max_length)
