@@ -61,9 +61,12 @@ def find_source(path: str | Path, checkpoint: str = "final") -> Source:
     base = (run_cfg or {}).get("model", {}).get("name") or cfg.get("base_model_name_or_path")
     if not base:
         raise ExportError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; pass --base")
-    ev = None
+    ev = None  # DPO: eval.json; PPO: the held-out before/after in summary.json
     if run_dir is not None and (run_dir / "eval.json").is_file():
         ev = json.loads((run_dir / "eval.json").read_text())
+    elif run_dir is not None and (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        ev = summary if "eval_final" in summary else None
     return Source(adapter, run_dir, base, run_cfg, ev)
 
 
@@ -161,34 +164,44 @@ def _top1_agreement(a, b) -> float:
 
 def model_card(src: Source, merged: bool, dtype: str) -> str:
     rc = src.run_config or {}
-    method = "PPO" if "ppo" in rc else "DPO" if "train" in rc and "beta" in rc.get("train", {}) else "unknown"
-    lora = rc.get("lora", {})
-    train = rc.get("train", {})
-    data = rc.get("data", {})
+    method = "PPO" if "ppo" in rc else "DPO" if "beta" in rc.get("train", {}) else "unknown"
+    lora, data = rc.get("lora", {}), rc.get("data", {})
     lines = [
-        "---", f"base_model: {src.base_name}", "library_name: peft", "tags: [align, lora, "
-        f"{method.lower()}]", "---", "",
+        "---", f"base_model: {src.base_name}", "library_name: peft",
+        f"tags: [align, lora, {method.lower()}]", "---", "",
         f"# LoRA adapter for {src.base_name} ({method}, trained with align)", "",
         f"- **Base model:** `{src.base_name}`",
-        f"- **Method:** {method}" + (f", beta {train.get('beta')}" if "beta" in train else ""),
         f"- **LoRA:** r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"targets={lora.get('target_modules')}",
-        f"- **Data:** {data.get('dataset')} train subsets {data.get('train_subsets')}, "
-        f"{data.get('max_train_pairs')} pairs max",
-        f"- **Optimisation:** lr {train.get('learning_rate')}, batch {train.get('batch_size')}, "
-        f"epochs {train.get('epochs')}, max length {train.get('max_length')}",
     ]
+    if method == "DPO":
+        t = rc.get("train", {})
+        lines += [f"- **Method:** DPO, beta {t.get('beta')}, loss {t.get('loss_type')}",
+                  f"- **Data:** {data.get('dataset')}, train subsets {data.get('train_subsets')}, "
+                  f"up to {data.get('max_train_pairs')} pairs",
+                  f"- **Optimisation:** lr {t.get('learning_rate')}, batch {t.get('batch_size')}, "
+                  f"epochs {t.get('epochs')}, max length {t.get('max_length')}"]
+    elif method == "PPO":
+        p, r = rc.get("ppo", {}), rc.get("reward", {})
+        lines += [f"- **Method:** PPO ({p.get('advantage')} advantages), KL coef {p.get('kl_coef')}",
+                  f"- **Reward:** `{r.get('function')}`",
+                  f"- **Prompts:** {data.get('dataset')} (field `{data.get('text_field')}`)",
+                  f"- **Optimisation:** lr {p.get('learning_rate')}, {p.get('prompts_per_iteration')} prompts x "
+                  f"{p.get('samples_per_prompt')} samples per iteration, {p.get('ppo_epochs')} PPO epochs"]
     if merged:
         lines.append(f"- **This folder:** the adapter merged into the base (merged in float32, saved as {dtype})")
-    if src.eval:
-        e = src.eval
-        lines += ["", "## Held-out evaluation", "",
-                  f"On {e.get('pairs')} pairs of {e.get('eval_subsets')} (never trained on):", "",
-                  "| metric | value |", "|---|---|"]
-        for k in ("implicit_accuracy", "mean_margin", "reference_free_accuracy_base",
-                  "reference_free_accuracy_policy"):
-            if k in e:
-                lines.append(f"| {k} | {e[k]:.4f} |")
+    ev = src.eval
+    if ev and "implicit_accuracy" in ev:
+        lines += ["", "## Held-out evaluation", "", f"On {ev.get('pairs')} pairs of {ev.get('eval_subsets')} "
+                  "(never trained on):", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {ev[k]:.4f} |" for k in ("implicit_accuracy", "mean_margin",
+                  "reference_free_accuracy_base", "reference_free_accuracy_policy") if k in ev]
+    elif ev and "eval_final" in ev:
+        i, f = ev["eval_initial"], ev["eval_final"]
+        lines += ["", "## Held-out evaluation", "", "| | reward mean | reward std | KL per answer |",
+                  "|---|---|---|---|",
+                  f"| before | {i['reward_mean']:.4f} | {i['reward_std']:.4f} | {i['kl_per_answer']:.2f} |",
+                  f"| after | {f['reward_mean']:.4f} | {f['reward_std']:.4f} | {f['kl_per_answer']:.2f} |"]
     lines += ["", "## Load", "", "```python",
               "from transformers import AutoModelForCausalLM", "from peft import PeftModel",
               f"base = AutoModelForCausalLM.from_pretrained('{src.base_name}')",

@@ -104,3 +104,8 @@ def test_tiny_ppo_job_end_to_end(tmp_path, tiny_model_path):
         assert [d.name for d in (run / "checkpoints").iterdir()] == ["step-2", "step-1"] or \
             sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
         assert "reward_gain_in_initial_std" in summary
+    # the PPO run exports like a DPO run, with its held-out before/after in the model card
+    from align.export import export
+    rep = export(tmp_path / "gae", tmp_path / "export", vllm_check=False)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "PPO (gae advantages)" in card and "| after |" in card and rep["adapter_max_logprob_diff"] <= 1e-5
