@@ -83,8 +83,9 @@ def _pick_checkpoint(run_dir: Path, checkpoint: str) -> Path:
         scored = {}
         for step, d in steps.items():
             ev = d.parent / "eval.json" if d.name == "adapter" else d / "eval.json"
-            if ev.is_file():
-                scored[step] = json.loads(ev.read_text()).get("implicit_accuracy")
+            if ev.is_file():  # DPO: implicit accuracy; PPO: held-out reward
+                data = json.loads(ev.read_text())
+                scored[step] = data.get("implicit_accuracy", data.get("reward_mean"))
         scored = {s: v for s, v in scored.items() if v is not None}
         if not scored:
             raise ExportError(f"--checkpoint best: no evaluated checkpoints under '{ckpt_root}'")

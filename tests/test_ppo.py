@@ -109,3 +109,11 @@ def test_tiny_ppo_job_end_to_end(tmp_path, tiny_model_path):
     rep = export(tmp_path / "gae", tmp_path / "export", vllm_check=False)
     card = (tmp_path / "export" / "README.md").read_text()
     assert "PPO (gae advantages)" in card and "| after |" in card and rep["adapter_max_logprob_diff"] <= 1e-5
+    # checkpoint choice: a step number, and the best held-out reward among evaluated checkpoints
+    rewards = {int(d.name.split("-")[1]): json.loads((d / "eval.json").read_text())["reward_mean"]
+               for d in (tmp_path / "gae" / "checkpoints").iterdir()}
+    best = max(rewards, key=rewards.get)
+    rep = export(tmp_path / "gae", tmp_path / "best", checkpoint="best", vllm_check=False)
+    assert rep["source"].endswith(f"step-{best}/adapter")
+    rep = export(tmp_path / "gae", tmp_path / "step1", checkpoint="1", vllm_check=False)
+    assert rep["source"].endswith("step-1/adapter")

@@ -153,10 +153,12 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
         log(f"[it {it}/{p.iterations}] reward {rec['reward_mean']:.3f} KL/answer {kl_answer:.2f} "
             f"clip {upd['clipfrac']:.2f} approx-KL {upd['approx_kl']:.3f} {dt:.0f}s")
         out_of_time = p.time_budget_minutes and time.time() - t_start > 60 * p.time_budget_minutes
+        ev = None
         if p.eval_every and (it % p.eval_every == 0 or it == p.iterations or out_of_time):
-            history.append(run_eval(it))
+            ev = run_eval(it)
+            history.append(ev)
         if cfg.run.save_every and it % cfg.run.save_every == 0:
-            save_checkpoint(ac, run, it, cfg)
+            save_checkpoint(ac, run, it, cfg, ev)
         if out_of_time:
             log(f"time budget of {p.time_budget_minutes} min reached after iteration {it}")
             break
@@ -186,12 +188,16 @@ def guard_parity(engine, ac, tok, prompts, cfg, it: int) -> dict:
     return {"parity_checked": res["prompts"]}
 
 
-def save_checkpoint(ac, run, it: int, cfg) -> None:
+def save_checkpoint(ac, run, it: int, cfg, ev: dict | None = None) -> None:
+    """Adapters (+ value head) of iteration ``it``, atomically; with the held-out eval when one
+    ran at this iteration (``align export --checkpoint best`` ranks by it)."""
     from ..dpo import save_adapter
     from ..runs import atomic_dir
 
     with atomic_dir(run.path / "checkpoints" / f"step-{it}") as tmp:
         save_adapter(ac.model, tmp / "adapter", cfg.model.name)
+        if ev is not None:
+            (tmp / "eval.json").write_text(json.dumps(ev, indent=2))
         if ac.with_critic:
             ac.model.save_pretrained(tmp / "critic", selected_adapters=["value"])
             torch.save(ac.critic_state(), tmp / "value_head.pt")

