@@ -84,3 +84,24 @@ def test_sampled_logprobs_match_trainer(engine, tiny_ac):
     for i, c in enumerate(comps):
         eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
     assert float(((eng - logp).abs() * mask).max()) < 1e-3
+
+
+def test_server_mode_serves_adapter_on_loopback(tiny_ac, tiny_model_path):
+    """`vllm serve` in its own process: starts, loads the adapter at runtime, decodes like the
+    trainer, and is gone after close()."""
+    from align.rollout.vllm_engine import check_parity
+    from align.rollout.vllm_server import VLLMServerEngine
+
+    ac, tok = tiny_ac
+    _update(ac, 30)
+    server = VLLMServerEngine(tiny_model_path, tok, base_name=tiny_model_path)
+    try:
+        assert server.url.startswith("http://127.0.0.1:")
+        server.sync(ac.model, 1)
+        assert check_parity(server, ac.model, tok, PROMPTS)["mismatches"] == []
+        _update(ac, 31)
+        server.sync(ac.model, 2)  # a second version replaces the first
+        assert check_parity(server, ac.model, tok, PROMPTS)["mismatches"] == []
+    finally:
+        server.close()
+    assert server.proc.poll() is not None
