@@ -9,17 +9,19 @@ __all__ = ["run_dpo"]
 
 
 def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "default"):
-    """Write the adapter as a standard PEFT folder (safetensors), atomically."""
-    from ..runs import atomic_dir
+    """Write the adapter as a standard PEFT folder (safetensors), atomically, naming the base
+    as users know it. The config is patched after saving: handing PEFT a Hub id makes it look the
+    base up on the Hub at every save (every PPO sync)."""
+    import json
 
-    cfg = peft_model.peft_config[adapter_name]
-    resolved = cfg.base_model_name_or_path
-    cfg.base_model_name_or_path = base_name  # the name users know, not our mirror path
-    try:
-        with atomic_dir(out_dir) as tmp:
-            peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
-    finally:
-        cfg.base_model_name_or_path = resolved
+    from ..runs import atomic_dir, atomic_write_text
+
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_name
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=2))
     return out_dir
 
 
