@@ -2,14 +2,13 @@
 chat messages), HH-RLHF's dialogues (their prompts), or IMDB review openings."""
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from ..assets import resolve_dataset
 from .hh_rlhf import find_subset_file, read_hh_file
-from .rows import DataError, open_text
+from .rows import DataError, LoadReport, iter_jsonl
 
 
 def _text(value, where: str, field: str) -> str | list:
@@ -31,15 +30,7 @@ def _read_rows(path: Path, field: str):
         for i, row in enumerate(ds):
             yield f"{path}[row {i}]", row
         return
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+    yield from iter_jsonl(path, LoadReport(), strict=True)  # a malformed line is an error here
 
 
 def load_prompts(cfg) -> tuple[list[dict], list[dict]]:

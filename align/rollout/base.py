@@ -1,6 +1,7 @@
 """The one interface PPO (and sampling/evaluation) uses to get completions."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 
@@ -30,17 +31,18 @@ class EngineStats:
     sync_seconds: list[float] = field(default_factory=list)
 
 
-class RolloutEngine:
+class RolloutEngine(ABC):
     """``generate`` completions from the *current* policy; ``sync`` after each update."""
 
     name = "base"
 
+    @abstractmethod
     def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[Completion]:
-        raise NotImplementedError
+        """Sample (or greedy-decode) one completion per prompt."""
 
+    @abstractmethod
     def sync(self, peft_model, version: int) -> None:
         """Make policy ``version`` the one ``generate`` samples from."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass
