@@ -69,19 +69,14 @@ def pairwise_accuracy(model, tok, rows, max_length: int) -> dict:
 
 def run_rm(cfg) -> dict:
     import datasets
-    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     from .data import load_preference_splits
-    from .runs import RunDir, atomic_dir, plot_metrics
+    from .runs import atomic_dir, plot_metrics, start_run
 
     t0 = time.time()
-    set_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg, "rm")
-    print(f"run folder: {run.path}")
-    train_rows, eval_rows, reports = load_preference_splits(cfg.data)
-    for split, rep in reports.items():
-        print(f"data[{split}]: {rep.summary()}")
+    run = start_run(cfg, "rm")
+    train_rows, eval_rows, _ = load_preference_splits(cfg.data)
     model, tok = load_reward_model(cfg.model.name, lora_cfg=cfg.lora)
     t = cfg.train
     args = RewardConfig(

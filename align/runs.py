@@ -67,6 +67,16 @@ class RunDir:
         return path
 
 
+def start_run(cfg, job: str) -> RunDir:
+    """Seed everything from ``run.seed``, create the run folder, say where it is."""
+    from transformers import set_seed
+
+    set_seed(cfg.run.seed)
+    run = RunDir(cfg.run, cfg, job)
+    print(f"run folder: {run.path}")
+    return run
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file + rename, so a crash never leaves a half-written file."""
     path = Path(path)

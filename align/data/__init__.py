@@ -67,7 +67,8 @@ def _load_from_hub(dataset: str, subsets: list[str], split: str, strict: bool):
 
 
 def load_preference_splits(data_cfg):
-    """(train_rows, eval_rows, {"train": report, "eval": report}) from a DataConfig.
+    """(train_rows, eval_rows, {"train": report, "eval": report}) from a DataConfig; the reports
+    are printed, and no usable training pair is an error.
 
     Evaluation is held out by *subset* for HH-RLHF (never the same dialogues as training);
     a subset named in both lists is an error.
@@ -84,4 +85,11 @@ def load_preference_splits(data_cfg):
         eval_rows, eval_rep = load_preference_split(
             data_cfg.dataset, data_cfg.eval_subsets, data_cfg.eval_split or data_cfg.train_split,
             data_cfg.max_eval_pairs, data_cfg.strict, data_cfg.seed + 1)
-    return train, eval_rows, {"train": train_rep, "eval": eval_rep}
+    reports = {"train": train_rep, "eval": eval_rep}
+    for split, rep in reports.items():
+        print(f"data[{split}]: {rep.summary()}")
+        for ex in rep.examples[:3]:
+            print(f"  e.g. {ex}")
+    if not train:
+        raise DataError(f"data.dataset '{data_cfg.dataset}': no usable training pairs")
+    return train, eval_rows, reports

@@ -27,26 +27,15 @@ def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "defau
 
 def run_dpo(cfg) -> dict:
     import datasets
-    import torch
-    from transformers import set_seed
 
     from ..data import load_preference_splits
     from ..models import add_policy_adapter, load_base
-    from ..runs import RunDir, plot_metrics
+    from ..runs import plot_metrics, start_run
     from .trainer import PackedDPOTrainer, dpo_args
 
     t0 = time.time()
-    set_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg, "dpo")
-    print(f"run folder: {run.path}")
-
-    train_rows, eval_rows, reports = load_preference_splits(cfg.data)
-    for split, rep in reports.items():
-        print(f"data[{split}]: {rep.summary()}")
-        for ex in rep.examples[:3]:
-            print(f"  e.g. {ex}")
-    if not train_rows:
-        raise ValueError(f"data.dataset '{cfg.data.dataset}': no usable training pairs")
+    run = start_run(cfg, "dpo")
+    train_rows, eval_rows, _ = load_preference_splits(cfg.data)
 
     base, tok = load_base(cfg.model)
     model = add_policy_adapter(base, cfg.lora)

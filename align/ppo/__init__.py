@@ -17,19 +17,15 @@ def build_engine(cfg, ac, tok):
 
 
 def run_ppo(cfg) -> dict:
-    from transformers import set_seed
-
     from ..data.prompts import load_prompts
     from ..dpo import save_adapter
     from ..models import load_base
-    from ..runs import RunDir, plot_metrics
+    from ..runs import plot_metrics, start_run
     from .actor_critic import ActorCritic
     from .trainer import train_ppo
 
     t0 = time.time()
-    set_seed(cfg.run.seed)
-    run = RunDir(cfg.run, cfg, "ppo")
-    print(f"run folder: {run.path}")
+    run = start_run(cfg, "ppo")
     train_prompts, eval_prompts = load_prompts(cfg.data)
     print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
     base, tok = load_base(cfg.model)
