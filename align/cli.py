@@ -16,6 +16,10 @@ def _add_config_args(p: argparse.ArgumentParser, default_config: str) -> None:
                    help=f"YAML config (default: {default_config})")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override config keys, e.g. train.learning_rate=1e-4 lora.r=4")
+    if default_config:
+        p.add_argument("--resume", action="store_true",
+                       help="continue run.name's (or the newest) run from its latest complete "
+                            "checkpoint; same as run.resume=must")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.job, args.config or None, args.overrides)
             print(dump_yaml(cfg), end="")
             return 0
-        cfg = load_config(args.command, args.config, args.overrides)
+        overrides = list(args.overrides) + (["run.resume=must"] if args.resume else [])
+        cfg = load_config(args.command, args.config, overrides)
         if args.command == "dpo":
             from .dpo import run_dpo
 
@@ -98,9 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"align: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, FloatingPointError) as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        from .guards import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"align: {e}", file=sys.stderr)
+            return 128 + e.signum
+        raise
     return 0
 
 

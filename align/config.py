@@ -71,9 +71,18 @@ class RunConfig:
     output_dir: str = "runs"
     name: str = ""
     seed: int = 0
-    # Write a checkpoint every N optimizer steps (0 = only at the end); keep the last K.
+    # Write a checkpoint every N optimizer steps / PPO iterations (0 = none); keep the last K.
+    # A checkpoint holds everything to continue exactly: adapters, optimizer, scheduler, RNG
+    # states, data position, PPO's KL controller.
     save_every: int = 0
     keep_last: int = 2
+    # off | auto (continue the latest complete checkpoint if there is one) | must (the same,
+    # but fail if there is none; `--resume` on the command line). The run folder is run.name's,
+    # or the newest <job>-* folder in output_dir.
+    resume: str = "off"
+    # Steps whose loss or gradients are NaN/inf are skipped (no update) and counted; after this
+    # many the run stops with an error, its last checkpoint intact.
+    max_nonfinite_steps: int = 10
     log_every: int = 1
     plot: bool = True
 
@@ -365,6 +374,11 @@ def validate(cfg, where: str = "config") -> None:
     def bad(key: str, why: str):
         raise ConfigError(f"{where}: key '{key}' {why}")
 
+    if cfg.run.resume not in ("off", "auto", "must"):
+        bad("run.resume", f"must be off, auto or must, got {cfg.run.resume!r}")
+    for key in ("save_every", "keep_last", "max_nonfinite_steps"):
+        if getattr(cfg.run, key) < 0:
+            bad(f"run.{key}", f"must be >= 0, got {getattr(cfg.run, key)}")
     lora = getattr(cfg, "lora", None)
     if lora is not None:
         if lora.r <= 0:

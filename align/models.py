@@ -42,8 +42,6 @@ def load_base(model_cfg, *, with_tokenizer: bool = True):
     """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    if getattr(model_cfg, "threads", 0):
-        torch.set_num_threads(model_cfg.threads)
     resolved = resolve_model(model_cfg.name)
     where, extra = _split_gguf(resolved)
     if where == model_cfg.name and not Path(where).exists() and hub_offline():

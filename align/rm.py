@@ -71,8 +71,13 @@ def run_rm(cfg) -> dict:
     import datasets
     from trl import RewardConfig, RewardTrainer
 
+    from . import guards
+    from .checkpoints import AtomicCheckpoints, latest_checkpoint
     from .data import load_preference_splits
-    from .runs import atomic_dir, plot_metrics, start_run
+    from .runs import atomic_dir, is_main_process, plot_metrics, start_run
+
+    class AlignRewardTrainer(AtomicCheckpoints, RewardTrainer):
+        pass
 
     t0 = time.time()
     run = start_run(cfg, "rm")
@@ -84,24 +89,35 @@ def run_rm(cfg) -> dict:
         learning_rate=t.learning_rate, num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps > 0 else -1, warmup_steps=t.warmup_ratio,
         max_grad_norm=t.max_grad_norm, max_length=t.max_length, logging_steps=cfg.run.log_every,
-        save_strategy="no", report_to="none", use_cpu=True, seed=cfg.run.seed,
+        save_strategy="steps" if cfg.run.save_every else "no", save_steps=cfg.run.save_every or 500,
+        report_to="none", use_cpu=True, seed=cfg.run.seed, data_seed=cfg.data.seed,
         dataloader_num_workers=0)
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                            callbacks=[run.trainer_callback()])
+    stop, guard = guards.GracefulStop(), guards.NonFiniteGuard(cfg.run.max_nonfinite_steps)
+    trainer = AlignRewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                 callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)])
+    trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
     dropped = len(ds) - len(trainer.train_dataset)  # TRL drops pairs longer than max_length
     print(f"training on {len(trainer.train_dataset)} pairs ({dropped} longer than "
           f"train.max_length={t.max_length} tokens were dropped by TRL)")
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"train.max_length={t.max_length}: every training pair is longer; raise it")
-    trainer.train()
+    if run.resume_from is not None:
+        trainer.restore_align_state(run.resume_from)
+    with stop:
+        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    if stop.requested:
+        raise guards.Interrupted(stop.signum, latest_checkpoint(run.path))
+    if not is_main_process():
+        return {}
     with atomic_dir(run.path / "adapter") as tmp:
         trainer.model.peft_config["default"].base_model_name_or_path = cfg.model.name
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     summary = {"train_pairs": len(trainer.train_dataset), "dropped_too_long": dropped, "steps": trainer.state.global_step,
-               "train_seconds": round(time.time() - t0, 1), "adapter": str(run.path / "adapter")}
+               "train_seconds": round(time.time() - t0, 1), "adapter": str(run.path / "adapter"),
+               "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or "")}
     if cfg.evaluate and eval_rows:
         ev = pairwise_accuracy(trainer.model, tok, eval_rows, t.max_length)
         ev["eval_subsets"] = cfg.data.eval_subsets

@@ -25,12 +25,39 @@ def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "defau
     return out_dir
 
 
+def cached_reference(run, split: str, compute):
+    """Reference log-probs of a split, computed once per run and kept in the run folder, so a
+    resumed run does not pay for them again (they depend only on the base and the data)."""
+    import dataclasses
+
+    import torch
+
+    from ..runs import is_main_process
+    from .evaluate import PairScores
+
+    path = run.path / f"reference_logps_{split}.pt"
+    if run.resume_from is not None and path.exists():
+        print(f"reference scores for {split}: reusing {path}")
+        return PairScores(**torch.load(path))
+    t = time.time()
+    scores = compute()
+    print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {time.time() - t:.0f}s")
+    if is_main_process():
+        tmp = path.with_suffix(".tmp")
+        torch.save(dataclasses.asdict(scores), tmp)
+        tmp.replace(path)
+    return scores
+
+
 def run_dpo(cfg) -> dict:
     import datasets
 
+    from .. import guards
+    from ..checkpoints import latest_checkpoint
     from ..data import load_preference_splits
+    from ..guards import GracefulStop, NonFiniteGuard
     from ..models import add_policy_adapter, load_base
-    from ..runs import plot_metrics, start_run
+    from ..runs import is_main_process, plot_metrics, start_run
     from .trainer import PackedDPOTrainer, dpo_args
 
     t0 = time.time()
@@ -46,31 +73,39 @@ def run_dpo(cfg) -> dict:
                                            for r in rows])
 
     args = dpo_args(cfg, str(run.path / "trainer"))
+    stop, guard = GracefulStop(), NonFiniteGuard(cfg.run.max_nonfinite_steps)
     trainer = PackedDPOTrainer(
         model=model, args=args, train_dataset=to_ds(train_rows), processing_class=tok,
         max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
-        callbacks=[run.trainer_callback()],
+        callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)],
     )
+    trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
     collator = trainer.data_collator
-    t_ref = time.time()
-    train_ref = score_reference(model, trainer.train_dataset, collator, cfg.train.batch_size)
+    train_ref = cached_reference(run, "train", lambda: score_reference(
+        model, trainer.train_dataset, collator, cfg.train.batch_size))
     trainer.attach_reference_logps(train_ref)
-    print(f"reference scores for {len(train_rows)} training pairs in {time.time() - t_ref:.0f}s")
     eval_ds = ref_scores = None
     if cfg.evaluate and eval_rows:
         eval_ds = trainer._prepare_dataset(to_ds(eval_rows), tok, args, "eval")
-        t_ref = time.time()
-        ref_scores = score_reference(model, eval_ds, collator, cfg.train.batch_size)
-        print(f"reference scores for {len(eval_ds)} held-out pairs in {time.time() - t_ref:.0f}s")
+        ref_scores = cached_reference(run, "eval", lambda: score_reference(
+            model, eval_ds, collator, cfg.train.batch_size))
 
     t_train = time.time()
-    trainer.train()
+    if run.resume_from is not None:
+        trainer.restore_align_state(run.resume_from)
+    with stop:
+        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    if stop.requested:
+        raise guards.Interrupted(stop.signum, latest_checkpoint(run.path))
     train_seconds = time.time() - t_train
-    adapter_dir = save_adapter(model, run.path / "adapter", cfg.model.name)
+    adapter_dir = run.path / "adapter"
+    if is_main_process():
+        save_adapter(model, adapter_dir, cfg.model.name)
 
     summary = {"train_pairs": len(train_rows), "train_seconds": round(train_seconds, 1),
-               "steps": trainer.state.global_step, "adapter": str(adapter_dir)}
-    if eval_ds is not None:
+               "steps": trainer.state.global_step, "adapter": str(adapter_dir),
+               "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or "")}
+    if eval_ds is not None and is_main_process():
         t_eval = time.time()
         result = evaluate(model, eval_ds, collator, cfg.train.beta, ref_scores, cfg.train.batch_size)
         result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
@@ -80,6 +115,8 @@ def run_dpo(cfg) -> dict:
                                                         if isinstance(v, (int, float))}})
         summary["eval"] = result
     summary["wall_seconds"] = round(time.time() - t0, 1)
+    if not is_main_process():
+        return summary
     run.write_json("summary.json", summary)
     if cfg.run.plot:
         plot_metrics(run.read_metrics(), ["loss", "rewards/accuracies", "rewards/margins"],

@@ -13,16 +13,41 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer
 
+from ..checkpoints import AtomicCheckpoints
 from .packing import PackedPairCollator, install_packed_forward, packed_length
 
 
-class PackedDPOTrainer(DPOTrainer):
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch): a run resumed in epoch 2 sees
+    exactly the order an uninterrupted one would (a shared generator would not)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return super().__iter__()
+
+
+class PackedDPOTrainer(AtomicCheckpoints, DPOTrainer):
     def __init__(self, *args, max_length: int, max_prompt_length: int, **kwargs):
         tok = kwargs["processing_class"]
         kwargs.setdefault("data_collator", PackedPairCollator(
             pad_token_id=tok.pad_token_id, max_length=max_length,
             max_prompt_length=max_prompt_length))
         super().__init__(*args, **kwargs)
+        # Handed a PeftModel, TRL adds a "ref" adapter (a copy of "default") as the reference.
+        # align's reference is the base with adapters disabled -- which TRL falls back to without
+        # "ref" -- so drop it: no extra weights, and checkpoints hold one adapter (with "ref" in
+        # a sub-folder, transformers' resume loads only "ref" and skips the trained adapter).
+        peft_model = self.model
+        if "ref" in getattr(peft_model, "peft_config", {}):
+            peft_model.delete_adapter("ref")
+            peft_model.set_adapter("default")
         # TRL patched the forwards with its fused head; put ours in their place.
         install_packed_forward(self.model.get_base_model())
         if self.ref_model is not None:  # only when a user passes a separate reference model
@@ -43,16 +68,16 @@ class PackedDPOTrainer(DPOTrainer):
     def _get_train_sampler(self, train_dataset=None):
         """Batches of similar packed length: HH lengths vary a lot, and padding is pure waste
         (random batches of 8 real pairs were ~45% padding). Megabatches of 50 batches are sorted
-        by length, so the order stays random at the scale of an epoch."""
+        by length, so the order stays random at the scale of an epoch. Grouping is by the
+        *global* batch, so N processes see the same batches as one (each takes its slice)."""
         ds = train_dataset if train_dataset is not None else self.train_dataset
         col = self.data_collator
         lengths = [packed_length(len(p), len(c), len(r), col.max_length, col.max_prompt_length)
                    for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-        gen = torch.Generator().manual_seed(self.args.data_seed if self.args.data_seed is not None
-                                            else self.args.seed)
-        return LengthGroupedSampler(
-            self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            lengths=lengths, generator=gen)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededLengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
+            lengths=lengths, seed=seed)
 
 
 def dpo_args(cfg, output_dir: str) -> DPOConfig:
@@ -78,7 +103,9 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         # whose precompute pass batches in dataset order (long, padded batches).
         precompute_ref_log_probs=False,
         logging_steps=cfg.run.log_every,
-        save_strategy="no",
+        # Checkpoints go to <run>/checkpoints/step-N (AtomicCheckpoints), rotated by align.
+        save_strategy="steps" if cfg.run.save_every else "no",
+        save_steps=cfg.run.save_every or 500,
         report_to="none",
         use_cpu=True,
         bf16=False,

@@ -97,5 +97,21 @@ class ActorCritic(nn.Module):
             h = self.hidden_at(input_ids, attention_mask, pred_pos)
         return self.value_head(h.float()).squeeze(-1)
 
+    def trained_state(self) -> dict:
+        """Every weight training changes (both adapters, the value head), by name: what a
+        checkpoint must hold to continue exactly."""
+        return {n: p.detach().clone() for n, p in self.named_parameters()
+                if "lora_" in n or n.startswith("value_head.")}
+
+    def load_trained_state(self, state: dict, where: str = "checkpoint") -> None:
+        params = dict(self.named_parameters())
+        expected = set(self.trained_state())
+        if set(state) != expected:
+            odd = sorted(expected ^ set(state))[0]
+            raise ValueError(f"{where} does not match this model/LoRA config (e.g. '{odd}')")
+        with torch.no_grad():
+            for n, w in state.items():
+                params[n].copy_(w)
+
     def critic_state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.value_head.state_dict().items()} if self.with_critic else {}

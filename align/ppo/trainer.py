@@ -8,13 +8,16 @@ import torch
 
 from reward.api import load_reward_fn
 
+from ..checkpoints import publish, stage_dir
+from ..guards import GracefulStop, Interrupted, NonFiniteGuard, grads_finite
 from ..rollout.base import SamplingConfig
 from . import losses
 from .experience import Experience, make_experience
 
 
-def ppo_update(ac, exp: Experience, optimizer, cfg) -> dict:
-    """Several epochs of minibatch updates on one batch; stops early on approx-KL."""
+def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> dict:
+    """Several epochs of minibatch updates on one batch; stops early on approx-KL. A minibatch
+    with a NaN/inf loss or gradient makes no update (``guard`` counts it)."""
     p = cfg.ppo
     stats: dict[str, list[float]] = {k: [] for k in
                                      ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
@@ -37,11 +40,16 @@ def ppo_update(ac, exp: Experience, optimizer, cfg) -> dict:
                 vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
                 loss = loss + p.vf_coef * vl
                 stats["value_loss"].append(float(vl.detach()))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite PPO loss ({float(loss)}) at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
+            where = f"iteration {it}, epoch {epoch}, minibatch {start // p.minibatch_size}"
+            if not torch.isfinite(loss):
+                (guard or NonFiniteGuard(0)).skip(params, where)
+                continue
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
+            if not grads_finite(params):
+                (guard or NonFiniteGuard(0)).skip(params, where)
+                continue
             optimizer.step()
             stats["policy_loss"].append(float(pl.detach()))
             stats["entropy"].append(float(ent.detach()))
@@ -49,7 +57,7 @@ def ppo_update(ac, exp: Experience, optimizer, cfg) -> dict:
             stats["approx_kl"].append(float(info["approx_kl"]))
             epoch_kl.append(float(info["approx_kl"]))
         epochs_done += 1
-        if p.target_approx_kl and sum(epoch_kl) / len(epoch_kl) > p.target_approx_kl:
+        if p.target_approx_kl and epoch_kl and sum(epoch_kl) / len(epoch_kl) > p.target_approx_kl:
             break
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out["ppo_epochs_done"] = epochs_done
@@ -91,14 +99,15 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int) -> dic
 
 
 def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print) -> dict:
+    """The loop. Everything it needs to continue exactly after a crash goes into each
+    checkpoint (:func:`save_checkpoint`); ``run.resume_from`` brings it back."""
     reward_fn = load_reward_fn(cfg.reward.function)
     p = cfg.ppo
     optimizer = make_optimizer(ac, cfg)
     kl_ctl = losses.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target > 0 else None
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    order = torch.randperm(len(train_prompts), generator=gen).tolist()
-    cursor = 0
+    data = PromptOrder(len(train_prompts), cfg.run.seed)
+    guard, stop = NonFiniteGuard(cfg.run.max_nonfinite_steps), GracefulStop()
     eval_seed = cfg.run.seed + 12345
     samples_path = run.path / "samples.jsonl"
 
@@ -115,60 +124,105 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
             f"KL/answer {ev['kl_per_answer']:.2f}")
         return ev
 
-    initial = run_eval(0)
-    history = [initial] if initial else []
-    t_start = time.time()
-    for it in range(1, p.iterations + 1):
-        t0 = time.time()
-        batch = []
-        for _ in range(p.prompts_per_iteration):
-            if cursor == len(order):
-                order, cursor = torch.randperm(len(train_prompts), generator=gen).tolist(), 0
-            batch.append(train_prompts[order[cursor]]["messages"])
-            cursor += 1
-        beta = kl_ctl.beta if kl_ctl else p.kl_coef
-        gen_before = engine.stats.seconds
-        exp = make_experience(ac, engine, tok, batch, reward_fn, cfg, beta, sampling)
-        t_gen = engine.stats.seconds - gen_before
-        upd = ppo_update(ac, exp, optimizer, cfg)
-        t_sync = time.time()
-        engine.sync(ac.model, it)
-        t_sync = time.time() - t_sync
-        parity = guard_parity(engine, ac, tok, eval_prompts or train_prompts, cfg, it)
-        kl_answer = float(exp.kl.sum(1).mean())
-        if kl_ctl:
-            kl_ctl.update(kl_answer, len(exp))
-        n_tok = int(exp.mask.sum())
-        dt = time.time() - t0
-        rec = {"step": it, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
-               "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
-               "truncated_frac": 1 - sum(exp.finished) / len(exp), "gen_tokens": n_tok,
-               "gen_tokens_per_s": n_tok / max(t_gen, 1e-9), "iteration_seconds": dt,
-               "sync_seconds": t_sync, "engine_logprob_gap": exp.engine_logprob_gap, **parity}
-        run.log(rec)
-        with open(samples_path, "a") as f:
-            for i in range(min(2, len(exp))):
-                f.write(json.dumps({"iteration": it, "split": "train", "prompt": exp.prompts[i],
-                                    "completion": exp.completions[i], "reward": float(exp.scores[i])}) + "\n")
-        log(f"[it {it}/{p.iterations}] reward {rec['reward_mean']:.3f} KL/answer {kl_answer:.2f} "
-            f"clip {upd['clipfrac']:.2f} approx-KL {upd['approx_kl']:.3f} {dt:.0f}s")
-        out_of_time = p.time_budget_minutes and time.time() - t_start > 60 * p.time_budget_minutes
-        ev = None
-        if p.eval_every and (it % p.eval_every == 0 or it == p.iterations or out_of_time):
-            ev = run_eval(it)
-            history.append(ev)
-        if cfg.run.save_every and it % cfg.run.save_every == 0:
-            save_checkpoint(ac, run, it, cfg, ev)
-        if out_of_time:
-            log(f"time budget of {p.time_budget_minutes} min reached after iteration {it}")
-            break
-    out = {"iterations": it, "train_seconds": round(time.time() - t_start, 1)}
+    if run.resume_from is not None:
+        state = load_checkpoint(ac, optimizer, kl_ctl, data, run.resume_from)
+        first, history, elapsed = state["iteration"] + 1, state["history"], state["elapsed"]
+        guard.skipped = state["nonfinite_skipped"]
+        engine.sync(ac.model, state["iteration"])  # the engine must serve the resumed policy
+        log(f"resumed at iteration {first} from {run.resume_from}")
+    else:
+        initial = run_eval(0)
+        first, history, elapsed = 1, [initial] if initial else [], 0.0
+    t_start = time.time() - elapsed
+    it, last_saved = first - 1, None
+
+    def checkpoint(it, ev):
+        state = {"iteration": it, "history": history, "elapsed": time.time() - t_start,
+                 "nonfinite_skipped": guard.skipped}
+        return save_checkpoint(ac, run, it, cfg, ev, optimizer, kl_ctl, data, state)
+
+    with stop:
+        for it in range(first, p.iterations + 1):
+            t0 = time.time()
+            batch = [train_prompts[i]["messages"] for i in data.take(p.prompts_per_iteration)]
+            beta = kl_ctl.beta if kl_ctl else p.kl_coef
+            gen_before = engine.stats.seconds
+            exp = make_experience(ac, engine, tok, batch, reward_fn, cfg, beta, sampling)
+            t_gen = engine.stats.seconds - gen_before
+            if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
+                upd = ppo_update(ac, exp, optimizer, cfg, guard, it)
+            else:  # e.g. a critic that diverged: no update from this batch
+                guard.skip(ac.policy_parameters() + ac.value_parameters(), f"iteration {it} (advantages)")
+                upd = {}
+            t_sync = time.time()
+            engine.sync(ac.model, it)
+            t_sync = time.time() - t_sync
+            parity = guard_parity(engine, ac, tok, eval_prompts or train_prompts, cfg, it)
+            kl_answer = float(exp.kl.sum(1).mean())
+            if kl_ctl:
+                kl_ctl.update(kl_answer, len(exp))
+            n_tok = int(exp.mask.sum())
+            dt = time.time() - t0
+            rec = {"step": it, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
+                   "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
+                   "truncated_frac": 1 - sum(exp.finished) / len(exp), "gen_tokens": n_tok,
+                   "gen_tokens_per_s": n_tok / max(t_gen, 1e-9), "iteration_seconds": dt,
+                   "sync_seconds": t_sync, "engine_logprob_gap": exp.engine_logprob_gap,
+                   "nonfinite_skipped": guard.skipped, **parity}
+            run.log(rec)
+            with open(samples_path, "a") as f:
+                for i in range(min(2, len(exp))):
+                    f.write(json.dumps({"iteration": it, "split": "train", "prompt": exp.prompts[i],
+                                        "completion": exp.completions[i], "reward": float(exp.scores[i])}) + "\n")
+            log(f"[it {it}/{p.iterations}] reward {rec['reward_mean']:.3f} KL/answer {kl_answer:.2f} "
+                f"clip {upd.get('clipfrac', float('nan')):.2f} approx-KL {upd.get('approx_kl', float('nan')):.3f} "
+                f"{dt:.0f}s")
+            out_of_time = p.time_budget_minutes and time.time() - t_start > 60 * p.time_budget_minutes
+            ev = None
+            if p.eval_every and (it % p.eval_every == 0 or it == p.iterations or out_of_time):
+                ev = run_eval(it)
+                history.append(ev)
+            if cfg.run.save_every and it % cfg.run.save_every == 0:
+                last_saved = checkpoint(it, ev)
+            if stop.requested_anywhere():
+                if last_saved is None or last_saved.name != f"step-{it}":
+                    last_saved = checkpoint(it, ev)
+                raise Interrupted(stop.signum, last_saved)
+            if out_of_time:
+                log(f"time budget of {p.time_budget_minutes} min reached after iteration {it}")
+                break
+    out = {"iterations": it, "train_seconds": round(time.time() - t_start, 1),
+           "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or "")}
     if history and history[0] and history[-1]:
         init, last = history[0], history[-1]
         out.update(eval_initial=init, eval_final=last,
                    reward_gain_in_initial_std=(last["reward_mean"] - init["reward_mean"])
                    / max(init["reward_std"], 1e-9))
     return out
+
+
+class PromptOrder:
+    """Seeded shuffled passes over the training prompts; its position is part of a checkpoint."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.gen = n, torch.Generator().manual_seed(seed)
+        self.order, self.cursor = torch.randperm(n, generator=self.gen).tolist(), 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            if self.cursor == self.n:
+                self.order, self.cursor = torch.randperm(self.n, generator=self.gen).tolist(), 0
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"order": self.order, "cursor": self.cursor, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.order, self.cursor = d["order"], d["cursor"]
+        self.gen.set_state(d["gen"])
 
 
 def guard_parity(engine, ac, tok, prompts, cfg, it: int) -> dict:
@@ -188,21 +242,61 @@ def guard_parity(engine, ac, tok, prompts, cfg, it: int) -> dict:
     return {"parity_checked": res["prompts"]}
 
 
-def save_checkpoint(ac, run, it: int, cfg, ev: dict | None = None) -> None:
-    """Adapters (+ value head) of iteration ``it``, atomically; with the held-out eval when one
-    ran at this iteration (``align export --checkpoint best`` ranks by it)."""
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(d: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(d["torch"])
+    random.setstate(d["python"])
+    np.random.set_state(d["numpy"])
+
+
+def save_checkpoint(ac, run, it: int, cfg, ev: dict | None = None, optimizer=None, kl_ctl=None,
+                    data: PromptOrder | None = None, state: dict | None = None):
+    """Iteration ``it``, atomically (temp folder + rename): ``adapter/`` (PEFT, exportable),
+    ``critic/`` + ``value_head.pt``, ``eval.json`` when the held-out eval ran at this iteration
+    (``align export --checkpoint best`` ranks by it), and ``trainer_state.pt`` -- trainable
+    weights, optimizer, KL controller, prompt order, RNG states, counters -- to resume exactly."""
     from ..dpo import save_adapter
-    from ..runs import atomic_dir
+    from ..runs import is_main_process
 
-    with atomic_dir(run.path / "checkpoints" / f"step-{it}") as tmp:
-        save_adapter(ac.model, tmp / "adapter", cfg.model.name)
-        if ev is not None:
-            (tmp / "eval.json").write_text(json.dumps(ev, indent=2))
-        if ac.with_critic:
-            ac.model.save_pretrained(tmp / "critic", selected_adapters=["value"])
-            torch.save(ac.critic_state(), tmp / "value_head.pt")
-    ckpts = sorted((run.path / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
-    import shutil
+    if not is_main_process():
+        return None
+    tmp = stage_dir(run.path, it)
+    save_adapter(ac.model, tmp / "adapter", cfg.model.name)
+    if ev is not None:
+        (tmp / "eval.json").write_text(json.dumps(ev, indent=2))
+    if ac.with_critic:
+        ac.model.save_pretrained(tmp / "critic", selected_adapters=["value"])
+        torch.save(ac.critic_state(), tmp / "value_head.pt")
+    if optimizer is not None:
+        torch.save({"trainable": ac.trained_state(), "optimizer": optimizer.state_dict(),
+                    "kl_ctl": kl_ctl.state_dict() if kl_ctl else None,
+                    "data": data.state_dict() if data else None, "rng": _rng_state(), **(state or {})},
+                   tmp / "trainer_state.pt")
+    return publish(tmp, run.path, it, cfg.run.keep_last)
 
-    for old in ckpts[: max(0, len(ckpts) - cfg.run.keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+
+def load_checkpoint(ac, optimizer, kl_ctl, data: PromptOrder, path) -> dict:
+    """Put a :func:`save_checkpoint` state back; returns its counters and history."""
+    f = path / "trainer_state.pt"
+    if not f.is_file():
+        raise ValueError(f"checkpoint '{path}' has no trainer_state.pt (written by an older align?); "
+                         "it cannot be resumed")
+    state = torch.load(f, weights_only=False)
+    ac.load_trained_state(state["trainable"], f"checkpoint '{path}'")
+    optimizer.load_state_dict(state["optimizer"])
+    if kl_ctl is not None and state["kl_ctl"]:
+        kl_ctl.beta = state["kl_ctl"]["beta"]
+    data.load_state_dict(state["data"])
+    _set_rng_state(state["rng"])
+    return state

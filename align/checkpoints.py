@@ -1,0 +1,216 @@
+"""Checkpoints and resume, one layout for every job (DPO, RM, PPO).
+
+    <run>/checkpoints/step-N/      complete checkpoints only: each is written in a temp folder
+                                   beside it and renamed into place in one step
+    <run>/checkpoints/.tmp-*       a save in progress, or a crash's leftover: never picked,
+                                   removed when the run resumes
+
+Resuming (``run.resume``: ``off`` | ``auto`` | ``must``; ``--resume`` on the command line is
+``must``) reuses the run folder, refuses a config that changed in a way that changes results,
+drops the log lines written after the checkpoint (they will be written again), and hands the
+job the checkpoint to load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, to_dict
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+# Keys that may differ between the interrupted run and its resumption: they do not change
+# what the steps compute (or only how long the run goes on).
+RESUME_MAY_CHANGE = {"run.resume", "run.save_every", "run.keep_last", "run.plot", "run.log_every",
+                     "model.threads", "ppo.iterations", "ppo.time_budget_minutes",
+                     "run.max_nonfinite_steps"}
+
+
+def checkpoint_root(run_path: Path) -> Path:
+    return Path(run_path) / "checkpoints"
+
+
+def list_checkpoints(run_path: Path) -> dict[int, Path]:
+    """Complete checkpoints by step (temp folders never match ``step-N``)."""
+    root = checkpoint_root(run_path)
+    if not root.is_dir():
+        return {}
+    found = {}
+    for d in root.iterdir():
+        m = STEP_RE.match(d.name)
+        if m and d.is_dir():
+            found[int(m.group(1))] = d
+    return dict(sorted(found.items()))
+
+
+def latest_checkpoint(run_path: Path) -> Path | None:
+    ckpts = list_checkpoints(run_path)
+    return ckpts[max(ckpts)] if ckpts else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_RE.match(Path(path).name).group(1))
+
+
+def stage_dir(run_path: Path, step: int) -> Path:
+    """A fresh temp folder to write checkpoint ``step`` into (see :func:`publish`)."""
+    root = checkpoint_root(run_path)
+    root.mkdir(parents=True, exist_ok=True)
+    stage = root / f".tmp-step-{step}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, run_path: Path, step: int, keep_last: int) -> Path:
+    """Rename a fully written ``stage`` to ``step-N`` (one atomic rename), then keep the last K."""
+    final = checkpoint_root(run_path) / f"step-{step}"
+    if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+        old = final.with_name(f".old-step-{step}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_tree(stage)
+    stage.rename(final)
+    rotate(run_path, keep_last)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def rotate(run_path: Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(run_path)
+    steps = sorted(ckpts)
+    for s in steps[: max(0, len(steps) - max(keep_last, 1))]:
+        shutil.rmtree(ckpts[s], ignore_errors=True)
+
+
+def remove_partial(run_path: Path) -> list[str]:
+    """Delete temp folders a killed save left behind; returns their names."""
+    root = checkpoint_root(run_path)
+    gone = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d.name)
+    return gone
+
+
+# --------------------------------------------------------------------------------------
+# Choosing the run folder and checkpoint to resume
+# --------------------------------------------------------------------------------------
+
+
+def find_resume_folder(run_cfg, job: str) -> Path | None:
+    """The folder a resumed run continues: ``run.name``'s, or the newest ``<job>-*`` run in
+    ``run.output_dir`` that holds a checkpoint."""
+    out = Path(run_cfg.output_dir)
+    if run_cfg.name:
+        return out / run_cfg.name
+    candidates = [d for d in out.glob(f"{job}-*") if d.is_dir() and list_checkpoints(d)]
+    return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
+
+
+def check_same_config(saved_yaml: Path, cfg) -> None:
+    """A resumed run must compute what the interrupted one would have: refuse changed keys."""
+    try:
+        saved = yaml.safe_load(saved_yaml.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{saved_yaml}: cannot read the interrupted run's config: {e}") from e
+    now = to_dict(cfg)
+    diffs = [k for k in sorted(set(_flatten(saved)) | set(_flatten(now)))
+             if _flatten(saved).get(k) != _flatten(now).get(k) and k not in RESUME_MAY_CHANGE]
+    if diffs:
+        shown = ", ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(now).get(k)!r}" for k in diffs[:5])
+        raise ConfigError(f"--resume: the config differs from the interrupted run's ({saved_yaml}) in "
+                          f"{shown}; resume with the same config or start a new run.name")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def truncate_jsonl(path: Path, max_step: int, key: str = "step") -> int:
+    """Keep the records with ``key <= max_step`` (and drop a half-written last line); returns
+    how many were dropped. Used on resume: steps after the checkpoint will be logged again."""
+    from .runs import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec.get(key), int) and rec[key] > max_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+# --------------------------------------------------------------------------------------
+# HF Trainer (DPO, RM): its checkpoints in this layout
+# --------------------------------------------------------------------------------------
+
+
+class AtomicCheckpoints:
+    """Mixin for transformers Trainers (put it first). Their own ``checkpoint-N`` folder --
+    adapter, optimizer, scheduler, RNG states of every rank, trainer state with the data
+    position -- is written into a temp folder and renamed to ``<run>/checkpoints/step-N``.
+    Resume with ``trainer.train(resume_from_checkpoint=<step-N>)``."""
+
+    align_run_path: Path | None = None
+    align_keep_last: int = 2
+    # Trainer counters that transformers' checkpoint does not hold (TRL's running token count).
+    align_state_attrs = ("_total_train_tokens",)
+
+    def restore_align_state(self, checkpoint: Path) -> None:
+        f = Path(checkpoint) / "align_state.json"
+        if f.is_file():
+            for k, v in json.loads(f.read_text()).items():
+                setattr(self, k, v)
+
+    def _save_checkpoint(self, model, trial):
+        step = self.state.global_step
+        root = checkpoint_root(self.align_run_path)
+        staging = root / f".tmp-step-{step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        output_dir = self.args.output_dir
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-<step>
+        finally:
+            self.args.output_dir = output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            extra = {k: getattr(self, k) for k in self.align_state_attrs if hasattr(self, k)}
+            (staging / f"checkpoint-{step}" / "align_state.json").write_text(json.dumps(extra))
+            publish(staging / f"checkpoint-{step}", self.align_run_path, step, self.align_keep_last)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
