@@ -52,6 +52,11 @@ def load_base(model_cfg, *, with_tokenizer: bool = True):
         )
     except OSError as e:
         raise AssetError(f"{offline_hint(model_cfg.name, 'model')} ({e})") from e
+    except Exception as e:
+        if extra.get("gguf_file"):  # the GGUF reader fails deep inside on a cut-off file
+            raise AssetError(f"model.name '{resolved}': the GGUF file is truncated or corrupt "
+                             f"({type(e).__name__}: {e})") from e
+        raise
     if extra.get("gguf_file"):
         # A GGUF dequantizes to a normal model; drop the markers so PEFT/saving treat it as one.
         if hasattr(model.config, "quantization_config"):

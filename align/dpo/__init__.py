@@ -58,6 +58,7 @@ def run_dpo(cfg) -> dict:
     from ..guards import GracefulStop, NonFiniteGuard
     from ..models import add_policy_adapter, load_base
     from ..runs import is_main_process, plot_metrics, start_run
+    from .packing import truncation_report
     from .trainer import PackedDPOTrainer, dpo_args
 
     t0 = time.time()
@@ -80,6 +81,8 @@ def run_dpo(cfg) -> dict:
         callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)],
     )
     trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
+    cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
+    print(f"training pairs: {cut['message']}")
     collator = trainer.data_collator
     train_ref = cached_reference(run, "train", lambda: score_reference(
         model, trainer.train_dataset, collator, cfg.train.batch_size))
@@ -104,7 +107,8 @@ def run_dpo(cfg) -> dict:
 
     summary = {"train_pairs": len(train_rows), "train_seconds": round(train_seconds, 1),
                "steps": trainer.state.global_step, "adapter": str(adapter_dir),
-               "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or "")}
+               "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
+               "truncation": {k: v for k, v in cut.items() if k != "message"}}
     if eval_ds is not None and is_main_process():
         t_eval = time.time()
         result = evaluate(model, eval_ds, collator, cfg.train.beta, ref_scores, cfg.train.batch_size)

@@ -37,6 +37,22 @@ def packed_length(P: int, C: int, R: int, max_length: int, max_prompt_length: in
     return P + min(C, budget) + min(R, budget)
 
 
+def truncation_report(dataset, max_length: int, max_prompt_length: int) -> dict:
+    """How many tokenized pairs :func:`truncate_pair` will cut: the prompt (its oldest turns go)
+    or an answer (its end goes). Printed and kept in the summary so a max_length that throws
+    most of the data away is visible, not silent."""
+    prompt_cut = answer_cut = 0
+    for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
+        P = min(len(p), max_prompt_length)
+        prompt_cut += len(p) > max_prompt_length
+        answer_cut += max(len(c), len(r)) > max(1, max_length - P)
+    n = len(dataset)
+    return {"pairs": n, "prompt_truncated": prompt_cut, "answer_truncated": answer_cut,
+            "message": f"{prompt_cut} of {n} pairs have prompts longer than train.max_prompt_length="
+                       f"{max_prompt_length} (oldest turns dropped); {answer_cut} have an answer cut to fit "
+                       f"train.max_length={max_length}"}
+
+
 @dataclass
 class PackedPairCollator:
     """Batches TRL-tokenized pairs in both the virtual layout and the packed one."""
