@@ -90,7 +90,7 @@ def run_rm(cfg) -> dict:
         max_steps=t.max_steps if t.max_steps > 0 else -1, warmup_steps=t.warmup_ratio,
         max_grad_norm=t.max_grad_norm, max_length=t.max_length, logging_steps=cfg.run.log_every,
         save_strategy="steps" if cfg.run.save_every else "no", save_steps=cfg.run.save_every or 500,
-        report_to="none", use_cpu=True, seed=cfg.run.seed, data_seed=cfg.data.seed,
+        report_to="none", use_cpu=not torch.cuda.is_available(), seed=cfg.run.seed, data_seed=cfg.data.seed,
         dataloader_num_workers=0)
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])

@@ -84,24 +84,17 @@ class RunDir:
 def is_main_process() -> bool:
     """Rank 0 under ``accelerate launch``/torchrun (or a plain single process): the one that
     writes the run folder, checkpoints' shared files and exports."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from .distributed import rank
 
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return rank() == 0
 
 
 def _shared_name(name: str) -> str:
     """Rank 0's choice of a default run name, so that every rank writes to one folder."""
-    if world_size() == 1:
-        return name
-    import torch.distributed as dist
-    from accelerate import PartialState
+    from .distributed import gather_objects, init
 
-    PartialState()  # joins the process group (gloo on CPU) that the trainers use too
-    box = [name]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    init()
+    return gather_objects(name)[0]
 
 
 def start_run(cfg, job: str) -> RunDir:

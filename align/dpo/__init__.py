@@ -35,6 +35,8 @@ def cached_reference(run, split: str, compute):
     from ..runs import is_main_process
     from .evaluate import PairScores
 
+    from .. import distributed
+
     path = run.path / f"reference_logps_{split}.pt"
     if run.resume_from is not None and path.exists():
         print(f"reference scores for {split}: reusing {path}")
@@ -42,11 +44,34 @@ def cached_reference(run, split: str, compute):
     t = time.time()
     scores = compute()
     print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {time.time() - t:.0f}s")
+    distributed.barrier()  # rank 0 may be about to write the file the others would read
     if is_main_process():
         tmp = path.with_suffix(".tmp")
         torch.save(dataclasses.asdict(scores), tmp)
         tmp.replace(path)
     return scores
+
+
+def score_sharded(model, dataset, collator, batch_size: int):
+    """Reference scores of every pair; with N processes each scores every N-th pair and the
+    shares are gathered, so the one-off reference pass is N times shorter, not repeated N times."""
+    import torch
+
+    from .. import distributed
+    from .evaluate import PairScores
+
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1:
+        return score_reference(model, dataset, collator, batch_size)
+    mine = score_reference(model, dataset.select(range(rank, len(dataset), world)), collator, batch_size)
+    shares = distributed.gather_objects({k: v.tolist() for k, v in vars(mine).items()})
+    out = {}
+    for k in vars(mine):
+        full = torch.empty(len(dataset), dtype=getattr(mine, k).dtype)
+        for r, share in enumerate(shares):
+            full[r::world] = torch.tensor(share[k], dtype=full.dtype)
+        out[k] = full
+    return PairScores(**out)
 
 
 def run_dpo(cfg) -> dict:
@@ -84,13 +109,13 @@ def run_dpo(cfg) -> dict:
     cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
     print(f"training pairs: {cut['message']}")
     collator = trainer.data_collator
-    train_ref = cached_reference(run, "train", lambda: score_reference(
+    train_ref = cached_reference(run, "train", lambda: score_sharded(
         model, trainer.train_dataset, collator, cfg.train.batch_size))
     trainer.attach_reference_logps(train_ref)
     eval_ds = ref_scores = None
     if cfg.evaluate and eval_rows:
         eval_ds = trainer._prepare_dataset(to_ds(eval_rows), tok, args, "eval")
-        ref_scores = cached_reference(run, "eval", lambda: score_reference(
+        ref_scores = cached_reference(run, "eval", lambda: score_sharded(
             model, eval_ds, collator, cfg.train.batch_size))
 
     t_train = time.time()

@@ -107,7 +107,8 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         save_strategy="steps" if cfg.run.save_every else "no",
         save_steps=cfg.run.save_every or 500,
         report_to="none",
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # LoRA: every trainable weight is used at every step
         bf16=False,
         seed=cfg.run.seed,
         data_seed=cfg.data.seed,

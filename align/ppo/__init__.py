@@ -24,6 +24,15 @@ def run_ppo(cfg) -> dict:
     from .actor_critic import ActorCritic
     from .trainer import train_ppo
 
+    from .. import distributed
+    from ..config import ConfigError
+
+    distributed.init()
+    world = distributed.world_size()
+    for key in ("prompts_per_iteration", "minibatch_size"):
+        if getattr(cfg.ppo, key) % world:
+            raise ConfigError(f"key 'ppo.{key}' ({getattr(cfg.ppo, key)}) must be divisible by the "
+                              f"number of processes ({world}): each takes an equal share")
     t0 = time.time()
     run = start_run(cfg, "ppo")
     train_prompts, eval_prompts = load_prompts(cfg.data)
@@ -35,9 +44,12 @@ def run_ppo(cfg) -> dict:
         summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
     finally:
         engine.close()
+    if distributed.rank() != 0:
+        return summary
     summary["adapter"] = str(save_adapter(ac.model, run.path / "adapter", cfg.model.name))
     summary["wall_seconds"] = round(time.time() - t0, 1)
     summary["engine"] = cfg.rollout.engine
+    summary["processes"] = world
     run.write_json("summary.json", summary)
     if cfg.run.plot:
         plot_metrics(run.read_metrics(), ["reward_mean", "eval/reward_mean", "kl_per_answer",

@@ -8,6 +8,7 @@ import torch
 
 from reward.api import call_reward
 
+from .. import distributed
 from ..rollout.base import Completion, SamplingConfig
 from . import losses
 
@@ -110,6 +111,6 @@ def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, 
         advantages = losses.group_advantages(seq, k, cfg.ppo.advantage)[:, None] * mask
         returns = None
     if cfg.ppo.whiten_advantages:
-        advantages = losses.masked_whiten(advantages, mask)
+        advantages = losses.masked_whiten(advantages, mask, all_sum=distributed.all_sum)
     return Experience(ids, attn, pred_pos, targets, mask, old_logp, ref_logp, values, scores, kl,
                       advantages, returns, prompt_text, comp_text, finished, gap)

@@ -17,10 +17,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """Normalise to unit variance over masked tokens (and zero mean unless ``shift_mean``)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+                  eps: float = 1e-8, all_sum=None) -> torch.Tensor:
+    """Normalise to unit variance over masked tokens (and zero mean unless ``shift_mean``).
+    ``all_sum`` sums a tensor over data-parallel ranks, so the statistics are the global batch's."""
+    m = mask.to(x.dtype)
+    total = torch.stack([(x * m).sum(), m.sum()])
+    total = all_sum(total) if all_sum else total
+    mean = total[0] / total[1].clamp(min=1)
+    sq = ((x - mean) ** 2 * m).sum()
+    sq = all_sum(sq) if all_sum else sq
+    var = sq / total[1].clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -1,13 +1,16 @@
 """The PPO update and the loop, top to bottom: make experience, update, sync the engine, log."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 
 import torch
 
 from reward.api import load_reward_fn
 
+from .. import distributed
 from ..checkpoints import publish, stage_dir
 from ..guards import GracefulStop, Interrupted, NonFiniteGuard, grads_finite
 from ..rollout.base import SamplingConfig
@@ -17,8 +20,14 @@ from .experience import Experience, make_experience
 
 def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> dict:
     """Several epochs of minibatch updates on one batch; stops early on approx-KL. A minibatch
-    with a NaN/inf loss or gradient makes no update (``guard`` counts it)."""
+    with a NaN/inf loss or gradient makes no update (``guard`` counts it).
+
+    With N data-parallel ranks each holds 1/N of the batch and of every minibatch; each local
+    token-mean loss is scaled by (local tokens / global tokens) x N, so the averaged gradient
+    is that of the global minibatch's token mean -- what one process would compute."""
     p = cfg.ppo
+    world = distributed.world_size()
+    mb_size = p.minibatch_size // world
     stats: dict[str, list[float]] = {k: [] for k in
                                      ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
     params = ac.policy_parameters() + ac.value_parameters()
@@ -27,8 +36,10 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> 
     for epoch in range(p.ppo_epochs):
         perm = torch.randperm(len(exp))
         epoch_kl = []
-        for start in range(0, len(exp), p.minibatch_size):
-            mb = exp.select(perm[start:start + p.minibatch_size])
+        for start in range(0, len(exp), mb_size):
+            mb = exp.select(perm[start:start + mb_size])
+            tokens = mb.mask.sum()
+            scale = float(tokens * world / distributed.all_sum(tokens).clamp(min=1))
             with ac.role("policy"):
                 logp, entropy = ac.token_logprobs(mb.input_ids, mb.attention_mask, mb.pred_pos,
                                                   mb.targets, with_entropy=True)
@@ -39,27 +50,26 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> 
                 v = ac.values(mb.input_ids, mb.attention_mask, mb.pred_pos)
                 vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
                 loss = loss + p.vf_coef * vl
-                stats["value_loss"].append(float(vl.detach()))
+                stats["value_loss"].append(float(vl.detach()) * scale)
             optimizer.zero_grad(set_to_none=True)
-            where = f"iteration {it}, epoch {epoch}, minibatch {start // p.minibatch_size}"
-            if not torch.isfinite(loss):
-                (guard or NonFiniteGuard(0)).skip(params, where)
-                continue
-            loss.backward()
+            (loss * scale).backward()  # a NaN loss gives NaN gradients: caught below, on every rank
+            distributed.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             if not grads_finite(params):
-                (guard or NonFiniteGuard(0)).skip(params, where)
+                (guard or NonFiniteGuard(0)).skip(
+                    params, f"iteration {it}, epoch {epoch}, minibatch {start // mb_size}")
                 continue
             optimizer.step()
-            stats["policy_loss"].append(float(pl.detach()))
-            stats["entropy"].append(float(ent.detach()))
-            stats["clipfrac"].append(float(info["clipfrac"]))
-            stats["approx_kl"].append(float(info["approx_kl"]))
-            epoch_kl.append(float(info["approx_kl"]))
+            stats["policy_loss"].append(float(pl.detach()) * scale)
+            stats["entropy"].append(float(ent.detach()) * scale)
+            stats["clipfrac"].append(float(info["clipfrac"]) * scale)
+            stats["approx_kl"].append(float(info["approx_kl"]) * scale)
+            epoch_kl.append(float(info["approx_kl"]) * scale)
         epochs_done += 1
-        if p.target_approx_kl and epoch_kl and sum(epoch_kl) / len(epoch_kl) > p.target_approx_kl:
+        mean_kl = distributed.all_mean(sum(epoch_kl) / len(epoch_kl)) if epoch_kl else 0.0
+        if p.target_approx_kl and mean_kl > p.target_approx_kl:  # the same decision on every rank
             break
-    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out = {k: distributed.all_mean(sum(v) / len(v)) for k, v in stats.items() if v}
     out["ppo_epochs_done"] = epochs_done
     return out
 
@@ -106,6 +116,7 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
     optimizer = make_optimizer(ac, cfg)
     kl_ctl = losses.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target > 0 else None
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    world, rank = distributed.world_size(), distributed.rank()
     data = PromptOrder(len(train_prompts), cfg.run.seed)
     guard, stop = NonFiniteGuard(cfg.run.max_nonfinite_steps), GracefulStop()
     eval_seed = cfg.run.seed + 12345
@@ -116,7 +127,7 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
             return None
         ev = evaluate_prompts(ac, engine, tok, [p["messages"] for p in eval_prompts], reward_fn, cfg,
                               eval_seed)
-        with open(samples_path, "a") as f:
+        with open(samples_path if rank == 0 else os.devnull, "a") as f:
             for s in ev.pop("samples"):
                 f.write(json.dumps({"iteration": it, "split": "eval", **s}) + "\n")
         run.log({"step": it, **{f"eval/{k}": v for k, v in ev.items()}})
@@ -144,10 +155,16 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
     with stop:
         for it in range(first, p.iterations + 1):
             t0 = time.time()
-            batch = [train_prompts[i]["messages"] for i in data.take(p.prompts_per_iteration)]
+            share = p.prompts_per_iteration // world  # every rank draws the global batch, keeps its part
+            picked = data.take(p.prompts_per_iteration)[rank * share:(rank + 1) * share]
+            batch = [train_prompts[i]["messages"] for i in picked]
             beta = kl_ctl.beta if kl_ctl else p.kl_coef
             gen_before = engine.stats.seconds
-            exp = make_experience(ac, engine, tok, batch, reward_fn, cfg, beta, sampling)
+            k = p.samples_per_prompt  # one seed per sample, from its place in the *global* batch
+            seeds = [((cfg.run.seed * 1_000_003 + it) * 100_003 + (rank * share + j)) * 101 + s
+                     for j in range(len(batch)) for s in range(k)]
+            exp = make_experience(ac, engine, tok, batch, reward_fn, cfg, beta,
+                                  dataclasses.replace(sampling, row_seeds=seeds))
             t_gen = engine.stats.seconds - gen_before
             if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
                 upd = ppo_update(ac, exp, optimizer, cfg, guard, it)
@@ -158,26 +175,31 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
             engine.sync(ac.model, it)
             t_sync = time.time() - t_sync
             parity = guard_parity(engine, ac, tok, eval_prompts or train_prompts, cfg, it)
-            kl_answer = float(exp.kl.sum(1).mean())
+            # statistics of the global batch (every rank's samples)
+            scores = torch.tensor(sum(distributed.gather_objects(exp.scores.tolist()), []))
+            kls = sum(distributed.gather_objects(exp.kl.sum(1).tolist()), [])
+            finished = sum(distributed.gather_objects(list(exp.finished)), [])
+            kl_answer = sum(kls) / len(kls)
             if kl_ctl:
-                kl_ctl.update(kl_answer, len(exp))
-            n_tok = int(exp.mask.sum())
+                kl_ctl.update(kl_answer, len(kls))
+            n_tok = int(distributed.all_sum(exp.mask.sum()))
             dt = time.time() - t0
-            rec = {"step": it, "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
+            rec = {"step": it, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
                    "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
-                   "truncated_frac": 1 - sum(exp.finished) / len(exp), "gen_tokens": n_tok,
+                   "truncated_frac": 1 - sum(finished) / len(finished), "gen_tokens": n_tok,
                    "gen_tokens_per_s": n_tok / max(t_gen, 1e-9), "iteration_seconds": dt,
                    "sync_seconds": t_sync, "engine_logprob_gap": exp.engine_logprob_gap,
                    "nonfinite_skipped": guard.skipped, **parity}
             run.log(rec)
-            with open(samples_path, "a") as f:
+            with open(samples_path if rank == 0 else os.devnull, "a") as f:
                 for i in range(min(2, len(exp))):
                     f.write(json.dumps({"iteration": it, "split": "train", "prompt": exp.prompts[i],
                                         "completion": exp.completions[i], "reward": float(exp.scores[i])}) + "\n")
             log(f"[it {it}/{p.iterations}] reward {rec['reward_mean']:.3f} KL/answer {kl_answer:.2f} "
                 f"clip {upd.get('clipfrac', float('nan')):.2f} approx-KL {upd.get('approx_kl', float('nan')):.3f} "
                 f"{dt:.0f}s")
-            out_of_time = p.time_budget_minutes and time.time() - t_start > 60 * p.time_budget_minutes
+            out_of_time = distributed.any_rank(  # rank 0's clock decides for all
+                rank == 0 and p.time_budget_minutes and time.time() - t_start > 60 * p.time_budget_minutes)
             ev = None
             if p.eval_every and (it % p.eval_every == 0 or it == p.iterations or out_of_time):
                 ev = run_eval(it)
@@ -267,11 +289,15 @@ def save_checkpoint(ac, run, it: int, cfg, ev: dict | None = None, optimizer=Non
     (``align export --checkpoint best`` ranks by it), and ``trainer_state.pt`` -- trainable
     weights, optimizer, KL controller, prompt order, RNG states, counters -- to resume exactly."""
     from ..dpo import save_adapter
-    from ..runs import is_main_process
 
-    if not is_main_process():
-        return None
-    tmp = stage_dir(run.path, it)
+    rank = distributed.rank()
+    tmp = stage_dir(run.path, it) if rank == 0 else run.path / "checkpoints" / f".tmp-step-{it}"
+    distributed.barrier()
+    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")  # each rank's own stream
+    if rank != 0:
+        distributed.barrier()
+        distributed.barrier()
+        return run.path / "checkpoints" / f"step-{it}"
     save_adapter(ac.model, tmp / "adapter", cfg.model.name)
     if ev is not None:
         (tmp / "eval.json").write_text(json.dumps(ev, indent=2))
@@ -281,9 +307,12 @@ def save_checkpoint(ac, run, it: int, cfg, ev: dict | None = None, optimizer=Non
     if optimizer is not None:
         torch.save({"trainable": ac.trained_state(), "optimizer": optimizer.state_dict(),
                     "kl_ctl": kl_ctl.state_dict() if kl_ctl else None,
-                    "data": data.state_dict() if data else None, "rng": _rng_state(), **(state or {})},
+                    "data": data.state_dict() if data else None, **(state or {})},
                    tmp / "trainer_state.pt")
-    return publish(tmp, run.path, it, cfg.run.keep_last)
+    distributed.barrier()  # every rank's RNG file is written
+    final = publish(tmp, run.path, it, cfg.run.keep_last)
+    distributed.barrier()
+    return final
 
 
 def load_checkpoint(ac, optimizer, kl_ctl, data: PromptOrder, path) -> dict:
@@ -298,5 +327,9 @@ def load_checkpoint(ac, optimizer, kl_ctl, data: PromptOrder, path) -> dict:
     if kl_ctl is not None and state["kl_ctl"]:
         kl_ctl.beta = state["kl_ctl"]["beta"]
     data.load_state_dict(state["data"])
-    _set_rng_state(state["rng"])
+    rng = path / f"rng_state_{distributed.rank()}.pt"
+    if not rng.is_file():
+        raise ValueError(f"checkpoint '{path}' has no {rng.name}: it was written by a run with fewer "
+                         "processes; resume with the same number of processes")
+    _set_rng_state(torch.load(rng, weights_only=False))
     return state

@@ -12,6 +12,13 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     greedy: bool = False
+    # One seed per prompt: each row's sample then depends only on its seed, not on the batch it
+    # shares or the process it runs in (PPO: N data-parallel ranks sample what one would).
+    row_seeds: list[int] | None = None
+
+    def __post_init__(self):
+        if self.temperature == 0:  # rollout.temperature=0 means greedy decoding
+            self.greedy = True
 
 
 @dataclass

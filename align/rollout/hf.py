@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
 
@@ -43,6 +44,10 @@ class HFEngine(RolloutEngine):
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             if params.greedy:
                 kwargs.update(do_sample=False)
+            elif params.row_seeds is not None:  # sampling as argmax(scores + per-row Gumbel noise)
+                seeds = params.row_seeds[start:start + self.batch_size]
+                kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
+                    [RowSeededSampler(seeds, params.temperature, params.top_p)]))
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             if gen is not None:
@@ -59,3 +64,23 @@ class HFEngine(RolloutEngine):
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
         self.stats.seconds += time.perf_counter() - t0
         return out
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Temperature + top-p sampling where row i draws from its own generator (Gumbel-max: the
+    argmax of scores + Gumbel noise is a sample of softmax(scores)). transformers' sampler uses
+    one stream for the whole batch, so a row's tokens would depend on its batch-mates."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            srt, idx = scores.sort(-1, descending=True)
+            probs = srt.softmax(-1)
+            drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest set reaching top_p
+            scores = scores.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens])
+        return scores - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-10)))

@@ -174,6 +174,10 @@ class VLLMEngine(RolloutEngine):
             top_p=1.0 if params.greedy else params.top_p, top_k=-1 if not params.greedy else -1,
             stop_token_ids=[self.tok.eos_token_id], skip_special_tokens=True,
         )
+        if params.row_seeds is not None and not params.greedy:
+            sp = [sp.clone() for _ in prompt_ids]
+            for one, seed in zip(sp, params.row_seeds):
+                one.seed = int(seed)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp,
                                  lora_request=self._lora if self.sync_mode != "merged" else None,
                                  use_tqdm=False)

@@ -121,6 +121,8 @@ class VLLMServerEngine(RolloutEngine):
                    "return_tokens_as_token_ids": True}
         if params.seed is not None:
             payload["seed"] = params.seed
+        elif params.row_seeds:  # one request, one seed: reproducible per batch, not per row
+            payload["seed"] = int(params.row_seeds[0])
         res = self._post("/v1/completions", payload)
         out = []
         for p, choice in zip(prompt_ids, sorted(res["choices"], key=lambda c: c["index"])):

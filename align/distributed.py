@@ -1,0 +1,87 @@
+"""Data parallelism for align's own loop (PPO): the few collectives it needs, and nothing when
+there is one process. DPO and RM get theirs from transformers' Trainer (accelerate, DDP).
+
+Run with ``accelerate launch --multi_gpu --num_processes N -m align.cli ppo ...`` (on a CPU-only
+machine the same command starts N CPU processes on gloo; accelerate's ``--cpu`` launcher wants
+MPI). Every rank holds the same weights: it samples its share of the prompts, gradients are
+averaged (a sum over the *global* batch's tokens, as one process would compute), and every
+decision that ends a loop -- approx-KL early stop, time budget, a signal, a NaN -- is agreed on
+by all ranks, or they would wait on each other forever.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init() -> None:
+    """Join the process group (gloo on CPU, nccl on GPUs) when launched with several processes."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if world_size() > 1 and dist.is_available() and dist.is_initialized() else None
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; the identity with one process)."""
+    dist = _dist()
+    t = t.detach().clone()
+    if dist:
+        dist.all_reduce(t)
+    return t
+
+
+def all_mean(x: float) -> float:
+    return float(all_sum(torch.tensor([float(x)], dtype=torch.float64))[0]) / world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    return bool(all_sum(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
+
+
+def average_gradients(params) -> None:
+    """All-reduce the gradients of ``params`` (one flat buffer) and divide by the world size.
+    A NaN on any rank reaches every rank, so the non-finite check after it agrees everywhere."""
+    dist = _dist()
+    if not dist:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist:
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order."""
+    dist = _dist()
+    if not dist:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
