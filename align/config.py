@@ -143,7 +143,10 @@ class PromptDataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm
+    # hf | vllm (in-process, one engine per trainer process) | vllm-server (a `vllm serve`
+    # process that align starts, on rollout.server_devices: trainer and generator apart)
+    engine: str = "hf"
+    server_devices: str = ""  # CUDA_VISIBLE_DEVICES of the vllm-server process ("" = inherit)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
@@ -425,8 +428,8 @@ def validate(cfg, where: str = "config") -> None:
             bad("ppo.learning_rate", f"must be > 0, got {ppo.learning_rate}")
     rollout = getattr(cfg, "rollout", None)
     if rollout is not None:
-        if rollout.engine not in ("hf", "vllm"):
-            bad("rollout.engine", f"must be hf or vllm, got {rollout.engine!r}")
+        if rollout.engine not in ("hf", "vllm", "vllm-server"):
+            bad("rollout.engine", f"must be hf, vllm or vllm-server, got {rollout.engine!r}")
         if rollout.sync not in ("lora", "merged", "auto"):
             bad("rollout.sync", f"must be lora, merged or auto, got {rollout.sync!r}")
         if rollout.max_new_tokens <= 0:

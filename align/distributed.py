@@ -46,12 +46,20 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def device() -> torch.device:
+    """Where this rank computes: its GPU (``LOCAL_RANK``) when there are GPUs, else the CPU.
+    nccl reduces only GPU tensors, so the scalar collectives below are made here too."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def all_mean(x: float) -> float:
-    return float(all_sum(torch.tensor([float(x)], dtype=torch.float64))[0]) / world_size()
+    return float(all_sum(torch.tensor([float(x)], dtype=torch.float64, device=device()))[0]) / world_size()
 
 
 def any_rank(flag: bool) -> bool:
-    return bool(all_sum(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
+    return bool(all_sum(torch.tensor([1.0 if flag else 0.0], device=device()))[0] > 0)
 
 
 def average_gradients(params) -> None:

@@ -48,7 +48,9 @@ class GracefulStop:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.requested
-        flag = torch.tensor([self.signum or 0])
+        from .distributed import device
+
+        flag = torch.tensor([self.signum or 0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.signum is None:
             self.signum = int(flag.item())

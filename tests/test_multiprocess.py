@@ -14,9 +14,9 @@ def _launch(args: list[str], processes: int, log: Path) -> None:
     if processes == 1:
         cmd = [sys.executable, "-m", "align.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "align.cli", *args]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch",  # the shipped config, as documented
+               "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+               "--num_processes", str(processes), "-m", "align.cli", *args]
     rc = subprocess.call(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, timeout=600)
     assert rc == 0, log.read_text()[-4000:]
 

@@ -6,11 +6,22 @@ import time
 __all__ = ["run_ppo", "build_engine"]
 
 
-def build_engine(cfg, ac, tok):
+def build_engine(cfg, ac, tok, run=None):
     if cfg.rollout.engine == "hf":
         from ..rollout.hf import HFEngine
 
         return HFEngine(ac.model, tok)
+    if cfg.rollout.engine == "vllm-server":
+        from .. import distributed
+        from ..assets import resolve_model
+        from ..rollout.vllm_server import VLLMServerEngine
+
+        log = run.path / f"vllm-server-rank{distributed.rank()}.log" if run is not None else None
+        engine = VLLMServerEngine(resolve_model(cfg.model.name), tok, max_lora_rank=cfg.lora.r,
+                                  base_name=cfg.model.name, log_path=log,
+                                  devices=cfg.rollout.server_devices or None)
+        engine.sync(ac.model, 0)
+        return engine
     from ..rollout.vllm_engine import VLLMEngine  # imports vLLM only here
 
     return VLLMEngine.from_config(cfg, ac.model, tok)
@@ -38,8 +49,8 @@ def run_ppo(cfg) -> dict:
     train_prompts, eval_prompts = load_prompts(cfg.data)
     print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
     base, tok = load_base(cfg.model)
-    ac = ActorCritic(base, cfg.lora, with_critic=cfg.ppo.advantage == "gae")
-    engine = build_engine(cfg, ac, tok)
+    ac = ActorCritic(base, cfg.lora, with_critic=cfg.ppo.advantage == "gae").to(distributed.device())
+    engine = build_engine(cfg, ac, tok, run)
     try:
         summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
     finally:

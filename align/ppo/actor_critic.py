@@ -63,6 +63,10 @@ class ActorCritic(nn.Module):
         finally:
             self.use_role("policy")
 
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device if self.with_critic else next(self.model.parameters()).device
+
     def policy_parameters(self):
         return [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
 

@@ -48,7 +48,7 @@ class Experience:
         return Experience(**out)
 
 
-def collate(completions: list[Completion], pad_id: int):
+def collate(completions: list[Completion], pad_id: int, device=None):
     """Right-padded prompt+completion rows and the gather indices for completion tokens."""
     B = len(completions)
     L = max(len(c.prompt_ids) + len(c.token_ids) for c in completions)
@@ -66,7 +66,8 @@ def collate(completions: list[Completion], pad_id: int):
         if C:
             targets[i, :C] = torch.tensor(c.token_ids)
             mask[i, :C] = 1
-    return ids, attn, pred_pos, targets, mask
+    return tuple(t.to(device) for t in (ids, attn, pred_pos, targets, mask)) if device else \
+        (ids, attn, pred_pos, targets, mask)
 
 
 @torch.no_grad()
@@ -81,11 +82,14 @@ def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, 
     comp_text = [c.text for c in completions]
     finished = [c.finished for c in completions]
 
-    scores = torch.tensor(call_reward(reward_fn, prompt_text, comp_text, truncated=[not f for f in finished]))
+    dev = ac.device
+    scores = torch.tensor(call_reward(reward_fn, prompt_text, comp_text, truncated=[not f for f in finished]),
+                          device=dev)
     if cfg.reward.truncation_penalty:
-        scores = scores + cfg.reward.truncation_penalty * torch.tensor([0.0 if f else 1.0 for f in finished])
+        scores = scores + cfg.reward.truncation_penalty * torch.tensor([0.0 if f else 1.0 for f in finished],
+                                                                       device=dev)
 
-    ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id)
+    ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id, dev)
     was_training = ac.training
     ac.eval()
     with ac.role("policy"):
@@ -99,7 +103,7 @@ def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, 
     if completions and completions[0].logprobs is not None:
         eng = torch.zeros_like(old_logp)
         for i, c in enumerate(completions):
-            eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+            eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs, device=dev)
         gap = float(((eng - old_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
     kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
 

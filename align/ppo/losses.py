@@ -53,7 +53,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     """Per-token reward: -beta * KL on every token, plus the sequence score on the last token."""
     rewards = -beta * kl * mask
     last = mask.sum(1).long().clamp(min=1) - 1
-    rewards[torch.arange(len(score)), last] += score
+    rewards[torch.arange(len(score), device=score.device), last] += score
     return rewards
 
 

@@ -94,7 +94,7 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int) -> dic
     comps = engine.generate(ids, sampling)
     scores = torch.tensor(call_reward(reward_fn, [m[-1]["content"] for m in prompts],
                                       [c.text for c in comps], truncated=[not c.finished for c in comps]))
-    x, attn, pred_pos, targets, mask = collate(comps, tok.pad_token_id)
+    x, attn, pred_pos, targets, mask = collate(comps, tok.pad_token_id, ac.device)
     ac.eval()
     with ac.role("policy"):
         logp, _ = ac.token_logprobs(x, attn, pred_pos, targets)
@@ -269,7 +269,8 @@ def _rng_state() -> dict:
 
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(d: dict) -> None:
@@ -280,6 +281,8 @@ def _set_rng_state(d: dict) -> None:
     torch.set_rng_state(d["torch"])
     random.setstate(d["python"])
     np.random.set_state(d["numpy"])
+    if d.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(d["cuda"])
 
 
 def save_checkpoint(ac, run, it: int, cfg, ev: dict | None = None, optimizer=None, kl_ctl=None,

@@ -52,7 +52,8 @@ class HFEngine(RolloutEngine):
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             if gen is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            seqs = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)[:, L:]
+            dev = self.model.device
+            seqs = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kwargs)[:, L:]
             for p, row in zip(chunk, seqs.tolist()):
                 if eos in row:
                     row, finished = row[: row.index(eos) + 1], True
@@ -82,5 +83,5 @@ class RowSeededSampler(LogitsProcessor):
             probs = srt.softmax(-1)
             drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest set reaching top_p
             scores = scores.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens])
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens]).to(scores.device)
         return scores - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-10)))

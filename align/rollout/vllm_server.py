@@ -38,7 +38,8 @@ class VLLMServerEngine(RolloutEngine):
 
     def __init__(self, base_path: str, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
                  max_lora_rank: int = 8, startup_timeout: float = 300, request_timeout: float = 300,
-                 base_name: str | None = None, log_path: str | Path | None = None):
+                 base_name: str | None = None, log_path: str | Path | None = None,
+                 devices: str | None = None):
         self.tok, self.host = tokenizer, host
         self.port = port or _free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -50,6 +51,8 @@ class VLLMServerEngine(RolloutEngine):
         self.log_path = Path(log_path) if log_path else self._dir / "server.log"
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        if devices:  # e.g. "1": the server on GPU 1, the trainer on GPU 0
+            env["CUDA_VISIBLE_DEVICES"] = devices
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path,
                "--host", host, "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
                "--enable-lora", "--max-lora-rank", str(max(8, max_lora_rank)), "--max-loras", "2",
