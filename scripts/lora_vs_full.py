@@ -45,6 +45,10 @@ class FullFineTune(torch.nn.Module):
     def lm(self):
         return self.reference if self._ref_active else self.model
 
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
     @contextlib.contextmanager
     def role(self, role):
         self._ref_active = role == "reference"
@@ -74,7 +78,7 @@ def child(variant: str, iterations: int, lr_full: float, out_dir: str) -> dict:
     cfg = load_config("ppo", "configs/ppo_imdb_sentiment.yaml", [
         "ppo.advantage=rloo", f"ppo.iterations={iterations}", f"ppo.learning_rate={lr}",
         "ppo.eval_every=3", f"lora.r={rank}", f"lora.alpha={2 * rank}",
-        f"run.output_dir={out_dir}", f"run.name={variant}", "run.plot=false"])
+        f"run.output_dir={out_dir}", f"run.name={variant}", "run.plot=false", "run.save_every=0"])
     torch.manual_seed(cfg.run.seed)
     train, held = load_prompts(cfg.data)
     base, tok = load_base(cfg.model)
