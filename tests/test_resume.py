@@ -94,6 +94,15 @@ def test_dpo_interrupted_then_resumed_matches_uninterrupted(tmp_path, tiny_model
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-10", "step-12"]  # keep_last 2
 
 
+def test_rm_killed_then_resumed_matches_uninterrupted(tmp_path, tiny_model_path, shared):
+    args = ["rm", f"model.name={tiny_model_path}", "data.max_train_pairs=24", "data.max_eval_pairs=4",
+            "train.batch_size=4", "train.epochs=2", "train.max_length=2048"]
+    full, part, rc, logged = _interrupt_and_resume(args, tmp_path, signal.SIGKILL, 4, 2)
+    assert rc == -signal.SIGKILL
+    _assert_continues(full, part, 2, logged)
+    assert [r["step"] for r in _records(part) if "loss" in r] == list(range(1, 13))
+
+
 def _ppo_args(model, prompts):
     return ["ppo", f"model.name={model}", f"data.dataset={prompts}", "data.text_field=prompt",
             "data.first_words=0", "data.template={text}", "data.rows_start=0", "data.rows_stop=0",
