@@ -187,6 +187,18 @@ class AtomicCheckpoints:
     # Trainer counters that transformers' checkpoint does not hold (TRL's running token count).
     align_state_attrs = ("_total_train_tokens",)
 
+    def train_resumable(self, run, stop) -> None:
+        """``train()`` from ``run.resume_from`` (when set) under the signal handler ``stop``; a
+        signal ends in :class:`align.guards.Interrupted` once the checkpoint is written."""
+        from .guards import Interrupted
+
+        if run.resume_from is not None:
+            self.restore_align_state(run.resume_from)
+        with stop:
+            self.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        if stop.requested:
+            raise Interrupted(stop.signum, latest_checkpoint(run.path))
+
     def restore_align_state(self, checkpoint: Path) -> None:
         f = Path(checkpoint) / "align_state.json"
         if f.is_file():

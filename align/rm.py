@@ -72,7 +72,7 @@ def run_rm(cfg) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from . import guards
-    from .checkpoints import AtomicCheckpoints, latest_checkpoint
+    from .checkpoints import AtomicCheckpoints
     from .data import load_preference_splits
     from .runs import atomic_dir, is_main_process, plot_metrics, start_run
 
@@ -103,12 +103,7 @@ def run_rm(cfg) -> dict:
           f"train.max_length={t.max_length} tokens were dropped by TRL)")
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"train.max_length={t.max_length}: every training pair is longer; raise it")
-    if run.resume_from is not None:
-        trainer.restore_align_state(run.resume_from)
-    with stop:
-        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    if stop.requested:
-        raise guards.Interrupted(stop.signum, latest_checkpoint(run.path))
+    trainer.train_resumable(run, stop)
     if not is_main_process():
         return {}
     with atomic_dir(run.path / "adapter") as tmp:

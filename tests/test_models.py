@@ -17,7 +17,6 @@ def test_real_model_greedy_answer(real_model):
 
 def test_tiny_model_roles_share_one_base(tiny_model):
     import copy
-    import torch
     base, tok = tiny_model
     base = copy.deepcopy(base)
     model = add_policy_adapter(base, LoraConfig(r=4))

@@ -218,3 +218,22 @@ def test_dpo_nonfinite_gradients_skip_the_update(tmp_path, tiny_model_path, shar
     weights = load_file(tmp_path / "nan" / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # the other steps trained
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """The first SIGTERM only asks the loop to stop after its step; a second one exits now."""
+    script = ("import time\nfrom align.guards import GracefulStop\n"
+              "with GracefulStop() as stop:\n"
+              "    print('ready', flush=True)\n"
+              "    while True:\n"
+              "        time.sleep(0.01)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).parents[1])
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still running: the loop decides when to stop
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    err = proc.stderr.read()
+    assert "SIGTERM received" in err and "second SIGTERM: exiting now" in err

@@ -78,7 +78,6 @@ def run_dpo(cfg) -> dict:
     import datasets
 
     from .. import guards
-    from ..checkpoints import latest_checkpoint
     from ..data import load_preference_splits
     from ..guards import GracefulStop, NonFiniteGuard
     from ..models import add_policy_adapter, load_base
@@ -119,12 +118,7 @@ def run_dpo(cfg) -> dict:
             model, eval_ds, collator, cfg.train.batch_size))
 
     t_train = time.time()
-    if run.resume_from is not None:
-        trainer.restore_align_state(run.resume_from)
-    with stop:
-        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    if stop.requested:
-        raise guards.Interrupted(stop.signum, latest_checkpoint(run.path))
+    trainer.train_resumable(run, stop)
     train_seconds = time.time() - t_train
     adapter_dir = run.path / "adapter"
     if is_main_process():
