@@ -93,6 +93,34 @@ def child(variant: str, iterations: int, lr_full: float, out_dir: str) -> dict:
             "gain_in_initial_std": summary.get("reward_gain_in_initial_std")}
 
 
+def plot(results: dict, png: Path) -> None:
+    """Reward and KL against iterations, and reward against KL: at equal steps a larger update
+    wins reward, so the fair comparison is reward at matched KL (the third panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    for v, r in results.items():
+        steps, rew, kl = zip(*r["curve"])
+        ax[0].plot(steps, rew, marker="o", label=f"{v} (lr {r['learning_rate']:.0e})")
+        ax[1].plot(steps, kl, marker="o", label=v)
+        ax[2].plot(kl, rew, marker="o", label=v)
+    ax[0].set_title("held-out reward")
+    ax[1].set_title("KL per answer (nats)")
+    ax[2].set_title("held-out reward vs KL")
+    for x in ax[:2]:
+        x.set_xlabel("iteration")
+    ax[2].set_xlabel("KL per answer (nats)")
+    for x in ax:
+        x.grid(alpha=0.3)
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=12)
@@ -100,8 +128,12 @@ def main():
     ap.add_argument("--variants", default="lora_r1,lora_r8,full")
     ap.add_argument("--out", default="runs/lora_vs_full.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.plot_only:
+        plot(json.loads(out.read_text())["results"], out.with_suffix(".png"))
+        return
     if a.child:
         print("RESULT " + json.dumps(child(a.child, a.iterations, a.lr_full, str(out.parent / "lora_vs_full_runs"))),
               flush=True)
@@ -119,24 +151,7 @@ def main():
         print(f"   final held-out reward {results[v]['final_reward']:.3f}, KL {results[v]['final_kl']:.2f}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"iterations": a.iterations, "lr_full": a.lr_full, "results": results}, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    for v, r in results.items():
-        steps, rew, kl = zip(*r["curve"])
-        ax[0].plot(steps, rew, marker="o", label=f"{v} (lr {r['learning_rate']:.0e})")
-        ax[1].plot(steps, kl, marker="o", label=v)
-    ax[0].set_title("held-out reward")
-    ax[1].set_title("KL per answer")
-    for x in ax:
-        x.set_xlabel("iteration")
-        x.grid(alpha=0.3)
-    ax[0].legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
