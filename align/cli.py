@@ -85,21 +85,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         overrides = list(args.overrides) + (["run.resume=must"] if args.resume else [])
         cfg = load_config(args.command, args.config, overrides)
+        from .distributed import finish
+
         if args.command == "dpo":
             from .dpo import run_dpo
 
             run_dpo(cfg)
-            return 0
-        if args.command == "rm":
+        elif args.command == "rm":
             from .rm import run_rm
 
             run_rm(cfg)
-            return 0
-        if args.command == "ppo":
+        elif args.command == "ppo":
             from .ppo import run_ppo
 
             run_ppo(cfg)
-            return 0
+        finish()
+        return 0
     except ConfigError as e:
         print(f"align: config error: {e}", file=sys.stderr)
         return 2

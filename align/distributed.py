@@ -79,6 +79,15 @@ def average_gradients(params) -> None:
         offset += n
 
 
+def finish() -> None:
+    """End of a job: wait until rank 0 has written everything, then leave the process group on
+    every rank together (a rank exiting while gloo still serves the others aborts the run)."""
+    dist = _dist()
+    if dist:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     dist = _dist()
     if dist:
