@@ -117,6 +117,9 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
     kl_ctl = losses.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target > 0 else None
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
     world, rank = distributed.world_size(), distributed.rank()
+    if rank != 0:  # the ranks agree on every number; one of them reports
+        def log(*args, **kwargs):
+            return None
     data = PromptOrder(len(train_prompts), cfg.run.seed)
     guard, stop = NonFiniteGuard(cfg.run.max_nonfinite_steps), GracefulStop()
     eval_seed = cfg.run.seed + 12345
