@@ -69,14 +69,12 @@ def stage_dir(run_path: Path, step: int) -> Path:
 
 def publish(stage: Path, run_path: Path, step: int, keep_last: int) -> Path:
     """Rename a fully written ``stage`` to ``step-N`` (one atomic rename), then keep the last K."""
+    from .runs import replace_dir
+
     final = checkpoint_root(run_path) / f"step-{step}"
-    if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-        old = final.with_name(f".old-step-{step}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
     _fsync_tree(stage)
-    stage.rename(final)
+    # the same step may be saved again (e.g. a signal right after a periodic save)
+    replace_dir(stage, final, final.with_name(f".old-step-{step}"))
     rotate(run_path, keep_last)
     return final
 

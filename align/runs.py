@@ -166,17 +166,22 @@ def atomic_dir(final: Path):
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        replace_dir(tmp, final, final.with_name(final.name + ".old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: Path, final: Path, old: Path) -> None:
+    """Put the fully written folder ``src`` at ``final``: an existing ``final`` is moved aside to
+    ``old`` first and deleted after, so at every moment one complete version is on disk."""
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        src.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(final)
 
 
 def plot_metrics(records: list[dict], keys: list[str], out: Path, title: str = "") -> Path | None:
