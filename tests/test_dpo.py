@@ -103,6 +103,12 @@ def test_tiny_dpo_job_end_to_end(tmp_path, tiny_model_path, shared):
     assert sum("loss" in s for s in steps) == 4
     ev = summary["eval"]
     assert ev["pairs"] == 8 and 0.0 <= ev["implicit_accuracy"] <= 1.0
+    # the compute report counts what the packed rows really hold
+    cut, c = summary["truncation"], summary["compute"]
+    assert 0 < cut["answer_tokens"] < cut["packed_tokens"] <= 16 * 2 * 96
+    fwd = 2 * c["backbone_params"] * cut["packed_tokens"] + 2 * c["lm_head_params"] * cut["answer_tokens"]
+    assert fwd > 0 and c["phases"]["train"]["gflop"] == pytest.approx(2 * fwd / 1e9, abs=1e-3)
+    assert set(c["phases"]) == {"reference_train", "train", "reference_eval", "policy_eval"}
 
 
 @pytest.mark.real

@@ -74,6 +74,35 @@ def score_sharded(model, dataset, collator, batch_size: int):
     return PairScores(**out)
 
 
+def compute_report(model, tokens: dict, seconds: dict) -> dict:
+    """Model FLOPs of each phase and the rate reached, to compare with the machine's peak.
+
+    Forward FLOPs per token: 2 x the backbone's weights (all tokens of a packed row) plus 2 x the
+    LM head's (answer tokens only); attention scores are left out (a few % at these lengths).
+    Training costs 2 forwards: the backward computes activation gradients only, the base being
+    frozen (the LoRA weight gradients are ~4% of that). ``tokens[phase]`` = (packed, answers)."""
+    base = model.get_base_model()
+    head = base.get_output_embeddings().weight.numel()
+    backbone = sum(p.numel() for n, p in base.named_parameters()
+                   if "lora_" not in n and "embed_tokens" not in n and "lm_head" not in n)
+    # phase: (the data it covers, forward-equivalents per token)
+    phases = {"reference_train": ("train", 1), "train": ("train", 2),
+              "reference_eval": ("eval", 1), "policy_eval": ("eval", 1)}
+    out = {"backbone_params": backbone, "lm_head_params": head, "phases": {}}
+    for phase, (split, n_pass) in phases.items():
+        if phase not in seconds or split not in tokens:
+            continue
+        packed, answers = tokens[split]
+        gflop = n_pass * (2 * backbone * packed + 2 * head * answers) / 1e9
+        sec = seconds[phase]
+        out["phases"][phase] = {"seconds": round(sec, 1), "gflop": round(gflop, 3),
+                                "gflop_per_s": round(gflop / sec, 1) if sec >= 1 else None}
+    total_s = sum(p["seconds"] for p in out["phases"].values())
+    total = sum(p["gflop"] for p in out["phases"].values())
+    out["total_gflop"], out["gflop_per_s"] = round(total, 3), round(total / total_s, 1) if total_s >= 1 else None
+    return out
+
+
 def run_dpo(cfg) -> dict:
     import datasets
 
@@ -108,18 +137,26 @@ def run_dpo(cfg) -> dict:
     cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
     print(f"training pairs: {cut['message']}")
     collator = trainer.data_collator
+    seconds = {}
+    tokens = {"train": (cut["packed_tokens"], cut["answer_tokens"])}
+    t = time.time()
     train_ref = cached_reference(run, "train", lambda: score_sharded(
         model, trainer.train_dataset, collator, cfg.train.batch_size))
+    seconds["reference_train"] = time.time() - t
     trainer.attach_reference_logps(train_ref)
     eval_ds = ref_scores = None
     if cfg.evaluate and eval_rows:
         eval_ds = trainer._prepare_dataset(to_ds(eval_rows), tok, args, "eval")
+        eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
+        tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
+        t = time.time()
         ref_scores = cached_reference(run, "eval", lambda: score_sharded(
             model, eval_ds, collator, cfg.train.batch_size))
+        seconds["reference_eval"] = time.time() - t
 
     t_train = time.time()
     trainer.train_resumable(run, stop)
-    train_seconds = time.time() - t_train
+    train_seconds = seconds["train"] = time.time() - t_train
     adapter_dir = run.path / "adapter"
     if is_main_process():
         save_adapter(model, adapter_dir, cfg.model.name)
@@ -133,10 +170,12 @@ def run_dpo(cfg) -> dict:
         result = evaluate(model, eval_ds, collator, cfg.train.beta, ref_scores, cfg.train.batch_size)
         result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
         result["eval_seconds"] = round(time.time() - t_eval, 1)
+        seconds["policy_eval"] = time.time() - t_eval
         run.write_json("eval.json", result)
         run.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in result.items()
                                                         if isinstance(v, (int, float))}})
         summary["eval"] = result
+    summary["compute"] = compute_report(model, tokens, seconds)
     summary["wall_seconds"] = round(time.time() - t0, 1)
     if not is_main_process():
         return summary
@@ -158,4 +197,7 @@ def _print_summary(s: dict) -> None:
               f"{e['implicit_accuracy']:.3f}, mean margin {e['mean_margin']:.3f}")
         print(f"reference-free accuracy: base {e['reference_free_accuracy_base']:.3f} -> "
               f"policy {e['reference_free_accuracy_policy']:.3f}")
+    c = s["compute"]
+    print(f"compute: {c['total_gflop']:,.0f} GFLOP (model FLOPs, attention left out) at "
+          f"{c['gflop_per_s']} GFLOP/s over the timed phases")
     print(f"adapter: {s['adapter']}")
