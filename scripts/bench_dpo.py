@@ -41,7 +41,8 @@ def child(variant: str, steps: int, batch: int, max_length: int, max_prompt_leng
     cfg = load_config("dpo", "configs/dpo_hh_rlhf.yaml", [
         f"data.max_train_pairs={batch * (steps + 1)}", "data.max_eval_pairs=0",
         f"train.batch_size={batch}", f"train.max_steps={steps + 1}", "train.warmup_ratio=0",
-        f"train.max_length={max_length}", f"train.max_prompt_length={max_prompt_length}"])
+        f"train.max_length={max_length}", f"train.max_prompt_length={max_prompt_length}",
+        "run.save_every=0"])  # a benchmark writes no checkpoints (the trainer would need a run folder)
     rows, _, _ = load_preference_splits(cfg.data)
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     base, tok = load_base(cfg.model)
