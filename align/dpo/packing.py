@@ -42,14 +42,14 @@ def truncation_report(dataset, max_length: int, max_prompt_length: int) -> dict:
     or an answer (its end goes). Printed and kept in the summary so a max_length that throws
     most of the data away is visible, not silent. Also the tokens the packed rows hold (the
     compute is ~linear in them) and the answer tokens the LM head scores."""
-    prompt_cut = answer_cut = packed = 0
+    prompt_cut = answer_cut = packed = answers = 0
     for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
         P = min(len(p), max_prompt_length)
         prompt_cut += len(p) > max_prompt_length
         answer_cut += max(len(c), len(r)) > max(1, max_length - P)
-        packed += packed_length(len(p), len(c), len(r), max_length, max_prompt_length)
+        row = packed_length(len(p), len(c), len(r), max_length, max_prompt_length)
+        packed, answers = packed + row, answers + row - P
     n = len(dataset)
-    answers = packed - sum(min(len(p), max_prompt_length) for p in dataset["prompt_ids"])
     return {"pairs": n, "prompt_truncated": prompt_cut, "answer_truncated": answer_cut,
             "packed_tokens": packed, "answer_tokens": answers,
             "message": f"{prompt_cut} of {n} pairs have prompts longer than train.max_prompt_length="
