@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import atomic_write_text, replace_dir
 from .config import ConfigError, to_dict
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -69,8 +70,6 @@ def stage_dir(run_path: Path, step: int) -> Path:
 
 def publish(stage: Path, run_path: Path, step: int, keep_last: int) -> Path:
     """Rename a fully written ``stage`` to ``step-N`` (one atomic rename), then keep the last K."""
-    from .runs import replace_dir
-
     final = checkpoint_root(run_path) / f"step-{step}"
     _fsync_tree(stage)
     # the same step may be saved again (e.g. a signal right after a periodic save)
@@ -103,6 +102,71 @@ def remove_partial(run_path: Path) -> list[str]:
                 shutil.rmtree(d, ignore_errors=True)
                 gone.append(d.name)
     return gone
+
+
+# --------------------------------------------------------------------------------------
+# align's own loops (PPO): the same layout, written by the job's ``write(folder)``
+# --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(d: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(d["torch"])
+    random.setstate(d["python"])
+    np.random.set_state(d["numpy"])
+    if d.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(d["cuda"])
+
+
+def save_checkpoint(run_path: Path, step: int, keep_last: int, write) -> Path:
+    """Checkpoint ``step`` of a loop align runs itself: rank 0 writes the job's files with
+    ``write(folder)``, every rank its own RNG streams (``rng_state_<rank>.pt``), then the folder
+    is published atomically and old ones rotated -- the layout the HF trainers' checkpoints
+    (:class:`AtomicCheckpoints`) have too. Every rank must call it."""
+    import torch
+
+    from . import distributed
+
+    rank = distributed.rank()
+    tmp = stage_dir(run_path, step) if rank == 0 else checkpoint_root(run_path) / f".tmp-step-{step}"
+    distributed.barrier()
+    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+    if rank != 0:
+        distributed.barrier()
+        distributed.barrier()
+        return checkpoint_root(run_path) / f"step-{step}"
+    write(tmp)
+    distributed.barrier()  # every rank's RNG file is written
+    final = publish(tmp, run_path, step, keep_last)
+    distributed.barrier()
+    return final
+
+
+def restore_rng(checkpoint: Path) -> None:
+    """This rank's RNG streams as they were when ``checkpoint`` was written."""
+    import torch
+
+    from . import distributed
+
+    rng = Path(checkpoint) / f"rng_state_{distributed.rank()}.pt"
+    if not rng.is_file():
+        raise ValueError(f"checkpoint '{checkpoint}' has no {rng.name}: it was written by a run with fewer "
+                         "processes; resume with the same number of processes")
+    set_rng_state(torch.load(rng, weights_only=False))
 
 
 # --------------------------------------------------------------------------------------
@@ -148,8 +212,6 @@ def _flatten(d, prefix=""):
 def truncate_jsonl(path: Path, max_step: int, key: str = "step") -> int:
     """Keep the records with ``key <= max_step`` (and drop a half-written last line); returns
     how many were dropped. Used on resume: steps after the checkpoint will be logged again."""
-    from .runs import atomic_write_text
-
     path = Path(path)
     if not path.exists():
         return 0

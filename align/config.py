@@ -170,7 +170,8 @@ class PPOTrainConfig:
     iterations: int = 40
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 2
-    # gae: actor-critic PPO with a LoRA critic + value head; grpo / rloo: group baselines.
+    # An estimator of align/ppo/advantages.py: gae (actor-critic, a LoRA critic + value head),
+    # grpo / rloo (critic-free group baselines, samples_per_prompt >= 2).
     advantage: str = "gae"
     learning_rate: float = 5e-4
     value_learning_rate: float = 5e-4
@@ -414,10 +415,6 @@ def validate(cfg, where: str = "config") -> None:
                     "minibatch_size"):
             if getattr(ppo, key) <= 0:
                 bad(f"ppo.{key}", f"must be > 0, got {getattr(ppo, key)}")
-        if ppo.advantage not in ("gae", "grpo", "rloo"):
-            bad("ppo.advantage", f"must be gae, grpo or rloo, got {ppo.advantage!r}")
-        if ppo.advantage in ("grpo", "rloo") and ppo.samples_per_prompt < 2:
-            bad("ppo.samples_per_prompt", f"must be >= 2 for {ppo.advantage} group baselines")
         batch = ppo.prompts_per_iteration * ppo.samples_per_prompt
         if batch % ppo.minibatch_size:
             bad("ppo.minibatch_size", f"must divide the batch of prompts_per_iteration x "
@@ -428,8 +425,10 @@ def validate(cfg, where: str = "config") -> None:
             bad("ppo.learning_rate", f"must be > 0, got {ppo.learning_rate}")
     rollout = getattr(cfg, "rollout", None)
     if rollout is not None:
-        if rollout.engine not in ("hf", "vllm", "vllm-server"):
-            bad("rollout.engine", f"must be hf, vllm or vllm-server, got {rollout.engine!r}")
+        from .rollout import ENGINES  # names only: no engine is imported
+
+        if rollout.engine not in ENGINES:
+            bad("rollout.engine", f"must be one of {', '.join(ENGINES)}, got {rollout.engine!r}")
         if rollout.sync not in ("lora", "merged", "auto"):
             bad("rollout.sync", f"must be lora, merged or auto, got {rollout.sync!r}")
         if rollout.max_new_tokens <= 0:

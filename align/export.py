@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .runs import atomic_dir, atomic_write_text
+from .adapters import AdapterError, check_weights, load_with_adapter, read_adapter_config, set_base_name
+from .atomic import atomic_dir, atomic_write_text
+from .chat import prompt_ids
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 VERIFY_PROMPTS = [
@@ -56,7 +58,7 @@ def find_source(path: str | Path, checkpoint: str = "final") -> Source:
         f = adapter / name
         if not f.is_file():
             raise ExportError(f"adapter file '{f}' is missing")
-    cfg = _read_adapter_config(adapter)
+    cfg = read_adapter_config(adapter)
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else None
     base = (run_cfg or {}).get("model", {}).get("name") or cfg.get("base_model_name_or_path")
     if not base:
@@ -98,60 +100,11 @@ def _pick_checkpoint(run_dir: Path, checkpoint: str) -> Path:
     raise ExportError(f"--checkpoint must be 'final', 'best' or a step number, got '{checkpoint}'")
 
 
-def _read_adapter_config(adapter: Path) -> dict:
-    f = adapter / "adapter_config.json"
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"'{f}' is not valid JSON: {e}") from e
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise ExportError(f"'{f}': '{key}' must be > 0, got {cfg.get(key)!r}")
-    return cfg
-
-
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            for k in f.keys():
-                f.get_tensor(k)
-    except Exception as e:  # truncated or corrupt file
-        raise ExportError(f"'{path}' is truncated or corrupt: {e}") from e
-
-
-def load_adapter_model(base_name: str, adapter_dir: Path, dtype=torch.float32):
-    """Base + adapter with plain transformers/PEFT (what a user would do), with clear errors."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .assets import resolve_model
-
-    where = resolve_model(base_name)
-    base = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(where)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
-    except RuntimeError as e:
-        if "size mismatch" in str(e):
-            raise ExportError(f"adapter '{adapter_dir}' does not fit base '{base_name}' "
-                              f"(trained on another base?): {str(e).splitlines()[0]}") from e
-        raise
-    model.eval()
-    return model, tok
-
-
 @torch.no_grad()
 def prompt_logprobs(model, tok, prompts=VERIFY_PROMPTS) -> list[torch.Tensor]:
     """Next-token log-probs over each chat-formatted prompt (fp32), for parity checks."""
-    out = []
-    for p in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out.append(model(input_ids=ids).logits[0].float().log_softmax(-1))
-    return out
+    return [model(input_ids=torch.tensor([prompt_ids(tok, p)])).logits[0].float().log_softmax(-1)
+            for p in prompts]
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -215,6 +168,15 @@ def model_card(src: Source, merged: bool, dtype: str) -> str:
 def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "float32",
            checkpoint: str = "final", verify: bool = True, force: bool = False,
            base: str | None = None, vllm_check: bool = True, log=print) -> dict:
+    """Write ``source``'s adapter (a run folder or an adapter folder) to ``out``, verified."""
+    try:
+        return _export(source, out, merge=merge, dtype=dtype, checkpoint=checkpoint, verify=verify,
+                       force=force, base=base, vllm_check=vllm_check, log=log)
+    except AdapterError as e:
+        raise ExportError(str(e)) from e
+
+
+def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_check, log) -> dict:
     out = Path(out)
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
@@ -223,11 +185,11 @@ def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: s
     src = find_source(source, checkpoint)
     if base:
         src.base_name = base
-    _check_safetensors(src.adapter_dir / "adapter_model.safetensors")
+    check_weights(src.adapter_dir)
     report: dict = {"source": str(src.adapter_dir), "base": src.base_name, "out": str(out)}
 
     # Load once: this fails early, before anything is written, on a mismatched base.
-    model, tok = load_adapter_model(src.base_name, src.adapter_dir)
+    model, tok = load_with_adapter(src.base_name, src.adapter_dir)
     ref_logps = prompt_logprobs(model, tok) if verify else None
 
     with atomic_dir(out) as tmp:
@@ -235,16 +197,13 @@ def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: s
         adapter_out.mkdir(exist_ok=True)
         for name in ADAPTER_FILES:
             shutil.copy2(src.adapter_dir / name, adapter_out / name)
-        cfg = json.loads((adapter_out / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = src.base_name  # the id users know, not a local path
-        cfg["inference_mode"] = True
-        atomic_write_text(adapter_out / "adapter_config.json", json.dumps(cfg, indent=2))
+        set_base_name(adapter_out, src.base_name, inference_mode=True)  # the id users know
         card = model_card(src, merged=merge, dtype=dtype)
         atomic_write_text(tmp / "README.md", card)
         if src.run_dir is not None:
             shutil.copy2(src.run_dir / "config.yaml", tmp / "training_config.yaml")
         if verify:
-            exported, _ = load_adapter_model(src.base_name, adapter_out)
+            exported, _ = load_with_adapter(src.base_name, adapter_out)
             diff = _max_diff(ref_logps, prompt_logprobs(exported, tok))
             report["adapter_max_logprob_diff"] = diff
             if diff > 1e-5:
@@ -257,9 +216,7 @@ def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: s
             merged.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             if verify:
-                from transformers import AutoModelForCausalLM
-
-                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=_DTYPES[dtype]).eval()
+                reloaded, _ = load_with_adapter(str(tmp), dtype=dtype)
                 got = prompt_logprobs(reloaded, tok)
                 diff, agree = _max_diff(ref_logps, got), _top1_agreement(ref_logps, got)
                 report.update(merged_max_logprob_diff=diff, merged_top1_agreement=agree)

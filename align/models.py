@@ -37,18 +37,22 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_base(model_cfg, *, with_tokenizer: bool = True):
-    """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer."""
-    from transformers import AutoModelForCausalLM
+def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
+    """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer.
+    ``kind``: ``causal`` (a causal LM) or ``classifier`` (the same backbone with a 1-output
+    score head, for reward models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if kind not in ("causal", "classifier"):
+        raise ValueError(f"load_base: kind must be causal or classifier, got {kind!r}")
+    auto, extra_kw = ((AutoModelForCausalLM, {}) if kind == "causal"
+                      else (AutoModelForSequenceClassification, {"num_labels": 1}))
     resolved = resolve_model(model_cfg.name)
     where, extra = _split_gguf(resolved)
     if where == model_cfg.name and not Path(where).exists() and hub_offline():
         raise AssetError(offline_hint(model_cfg.name, "model"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=_DTYPES[model_cfg.dtype], **extra
-        )
+        model = auto.from_pretrained(where, dtype=_DTYPES[model_cfg.dtype], **extra, **extra_kw)
     except OSError as e:
         raise AssetError(f"{offline_hint(model_cfg.name, 'model')} ({e})") from e
     except Exception as e:
@@ -63,14 +67,15 @@ def load_base(model_cfg, *, with_tokenizer: bool = True):
         model.hf_quantizer = None
         model.is_quantized = False
     model.config.use_cache = True
-    # Remember what the user called the base, for adapter configs and model cards.
-    model.config._align_base_name = model_cfg.name
     for p in model.parameters():
         p.requires_grad_(False)
     tok = load_tokenizer(model_cfg.name) if with_tokenizer else None
-    if tok is not None and model.generation_config is not None:
-        if model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tok.pad_token_id
+    if tok is not None:
+        if kind == "classifier" and model.config.pad_token_id is None:  # it scores the last non-pad token
+            model.config.pad_token_id = tok.pad_token_id
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and gen.pad_token_id is None:
+            gen.pad_token_id = tok.pad_token_id
     return model, tok
 
 
@@ -114,18 +119,3 @@ def count_base_copies(model) -> int:
         if n.endswith("embed_tokens.weight")
     }
     return len(storages)
-
-
-def chat_prompt(tok, messages, add_generation_prompt: bool = True) -> str:
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-@torch.no_grad()
-def greedy_generate(model, tok, messages, max_new_tokens: int = 32) -> str:
-    text = chat_prompt(tok, messages)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -11,51 +11,27 @@ import time
 
 import torch
 
+from reward.model import score_texts
 
-def load_reward_model(base_name: str, adapter_dir: str | None = None, lora_cfg=None):
-    """Base as a 1-output sequence classifier, with a new (lora_cfg) or saved adapter."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from .assets import resolve_model
-    from .models import load_tokenizer
-
-    tok = load_tokenizer(base_name)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(base_name), num_labels=1,
-                                                               dtype=torch.float32)
-    model.config.pad_token_id = tok.pad_token_id
-    if adapter_dir:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    elif lora_cfg is not None:
-        model = get_peft_model(model, LoraConfig(
-            r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-            target_modules=lora_cfg.target_modules, task_type="SEQ_CLS"))
-    return model, tok
+from .adapters import save_adapter
+from .chat import chat_text
 
 
-@torch.no_grad()
-def score_texts(model, tok, texts: list[str], batch_size: int = 8, max_length: int = 256) -> torch.Tensor:
-    """Scalar reward per text (right-padded batches; the model reads the last real token)."""
-    model.eval()
-    tok.padding_side = "right"
-    out = []
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_length, add_special_tokens=False)
-        out.append(model(**enc).logits[:, 0].float())
-    scores = torch.cat(out)
-    result = torch.empty_like(scores)
-    result[torch.tensor(order)] = scores
-    return result
+def new_reward_model(model_cfg, lora_cfg):
+    """The base as a 1-output sequence classifier with a fresh LoRA adapter (score head trained
+    in full through PEFT's ``modules_to_save``)."""
+    from peft import get_peft_model
+
+    from .models import load_base, lora_peft_config
+
+    base, tok = load_base(model_cfg, kind="classifier")
+    return get_peft_model(base, lora_peft_config(lora_cfg, task_type="SEQ_CLS")), tok
 
 
 def render_pair(tok, row) -> tuple[str, str]:
     if isinstance(row["prompt"], str):
         return row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]
-    return (tok.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False),
-            tok.apply_chat_template(row["prompt"] + row["rejected"], tokenize=False))
+    return chat_text(tok, row["prompt"] + row["chosen"]), chat_text(tok, row["prompt"] + row["rejected"])
 
 
 def pairwise_accuracy(model, tok, rows, max_length: int) -> dict:
@@ -74,7 +50,7 @@ def run_rm(cfg) -> dict:
     from . import guards
     from .checkpoints import AtomicCheckpoints
     from .data import load_preference_splits
-    from .runs import atomic_dir, is_main_process, plot_metrics, start_run
+    from .runs import is_main_process, plot_metrics, start_run
 
     class AlignRewardTrainer(AtomicCheckpoints, RewardTrainer):
         pass
@@ -82,7 +58,7 @@ def run_rm(cfg) -> dict:
     t0 = time.time()
     run = start_run(cfg, "rm")
     train_rows, eval_rows, _ = load_preference_splits(cfg.data)
-    model, tok = load_reward_model(cfg.model.name, lora_cfg=cfg.lora)
+    model, tok = new_reward_model(cfg.model, cfg.lora)
     t = cfg.train
     args = RewardConfig(
         output_dir=str(run.path / "trainer"), per_device_train_batch_size=t.batch_size,
@@ -106,10 +82,7 @@ def run_rm(cfg) -> dict:
     trainer.train_resumable(run, stop)
     if not is_main_process():
         return {}
-    with atomic_dir(run.path / "adapter") as tmp:
-        trainer.model.peft_config["default"].base_model_name_or_path = cfg.model.name
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    save_adapter(trainer.model, run.path / "adapter", cfg.model.name, tokenizer=tok)
     summary = {"train_pairs": len(trainer.train_dataset), "dropped_too_long": dropped, "steps": trainer.state.global_step,
                "train_seconds": round(time.time() - t0, 1), "adapter": str(run.path / "adapter"),
                "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or "")}

@@ -7,30 +7,53 @@ the policy's base is not shared across the reward API boundary.
 """
 from __future__ import annotations
 
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
+
+def load_reward_model(path: str):
+    """(model, tokenizer) from a classifier folder, or an adapter folder on the base it names."""
+    from align.adapters import CONFIG, load_with_adapter, read_base_name
+
+    p = Path(path)
+    if (p / CONFIG).is_file():
+        return load_with_adapter(read_base_name(p), p, kind="classifier")
+    return load_with_adapter(str(p), kind="classifier")
+
+
+@torch.no_grad()
+def score_texts(model, tok, texts: list[str], batch_size: int = 8, max_length: int = 256) -> torch.Tensor:
+    """Scalar reward per text (right-padded batches; the model reads the last real token)."""
+    model.eval()
+    tok.padding_side = "right"
+    out = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                  max_length=max_length, add_special_tokens=False)
+        out.append(model(**enc).logits[:, 0].float())
+    scores = torch.cat(out)
+    result = torch.empty_like(scores)
+    result[torch.tensor(order)] = scores
+    return result
+
 
 @lru_cache(maxsize=2)
 def _load(path: str):
-    from align.rm import load_reward_model
-
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return load_reward_model(base, adapter_dir=str(p))
-    return load_reward_model(str(p))
+    return load_reward_model(path)
 
 
 def score(prompts, completions, **info) -> list[float]:
-    from align.rm import score_texts
+    from align.chat import chat_text
 
     path = os.environ.get("ALIGN_REWARD_MODEL")
     if not path:
         raise ValueError("set ALIGN_REWARD_MODEL to a reward model folder or an `align rm` adapter")
     model, tok = _load(path)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                     tokenize=False) for p, c in zip(prompts, completions)]
+    texts = [chat_text(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])
+             for p, c in zip(prompts, completions)]
     return score_texts(model, tok, texts).tolist()

@@ -23,10 +23,13 @@ VARIANTS = ["hf", "vllm_lora", "vllm_merged"]
 def child(variant: str, batch: int, tokens: int, rounds: int) -> dict:
     import torch
 
+    from align.chat import prompt_ids
     from align.config import load_config
     from align.data.prompts import load_prompts
     from align.models import load_base
+    from align.ppo import engine_options
     from align.ppo.actor_critic import ActorCritic
+    from align.rollout import make_engine
     from align.rollout.base import SamplingConfig
 
     cfg = load_config("ppo", "configs/ppo_imdb_sentiment.yaml", [])
@@ -37,19 +40,15 @@ def child(variant: str, batch: int, tokens: int, rounds: int) -> dict:
     for n, w in ac.model.named_parameters():
         if "lora_B" in n:
             w.data.normal_(0, 0.01)  # a trained-looking adapter: sync moves real numbers
-    texts = [tok.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
-             for p in train[:batch]]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [prompt_ids(tok, p["messages"]) for p in train[:batch]]
     t0 = time.perf_counter()
     if variant == "hf":
         from align.rollout.hf import HFEngine
 
         engine = HFEngine(ac.model, tok, batch_size=batch)
     else:
-        from align.rollout.vllm_engine import VLLMEngine
-
         cfg.rollout.sync = "lora" if variant == "vllm_lora" else "merged"
-        engine = VLLMEngine.from_config(cfg, ac.model, tok)
+        engine = make_engine("vllm", engine_options(cfg, None), ac.model, tok)
     startup = time.perf_counter() - t0
     params = SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=0)
     engine.generate(ids[:4], params)  # warm-up

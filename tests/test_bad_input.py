@@ -220,7 +220,7 @@ def tiny_adapter(tiny_model, tmp_path_factory):
     import copy
 
     from align.config import LoraConfig
-    from align.dpo import save_adapter
+    from align.adapters import save_adapter
     from align.models import add_policy_adapter
 
     base, _ = tiny_model

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from align.data import DataError, load_preference_split, load_preference_splits
-from align.data.hh_rlhf import parse_transcript, read_hh_file, split_pair
-from align.data.preference import normalize_pair
+from align.data.hh_rlhf import parse_transcript, split_pair
+from align.data.preference import normalize_pair, read_preference_jsonl
 from align.config import DataConfig
 
 SUBSETS = ["harmless-base", "helpful-base", "helpful-rejection-sampled"]
@@ -14,7 +14,7 @@ SUBSETS = ["harmless-base", "helpful-base", "helpful-rejection-sampled"]
 @pytest.mark.parametrize("subset", SUBSETS)
 def test_every_real_subset_parses(hh_root, subset):
     path = hh_root / subset / "test.jsonl.gz"
-    rows, report = read_hh_file(path)
+    rows, report = read_preference_jsonl(path)
     total = report.kept + report.total_skipped
     assert total > 2000
     # Skipped rows are reported and rare (<2%: ~1.2% of rejection-sampled rows have identical answers).
@@ -28,7 +28,7 @@ def test_every_real_subset_parses(hh_root, subset):
 
 
 def test_first_real_row_exact(hh_root):
-    rows, _ = read_hh_file(hh_root / "helpful-base" / "test.jsonl.gz", limit=1)
+    rows, _ = read_preference_jsonl(hh_root / "helpful-base" / "test.jsonl.gz", limit=1)
     assert rows[0]["prompt"] == [{"role": "user", "content":
         "Do you know why turkeys became the official food of thanksgiving?"}]
     assert rows[0]["chosen"][0]["content"].startswith("To be honest, I don’t know")
@@ -62,7 +62,7 @@ def test_crafted_edge_cases_counted_with_lines(tmp_path):
         GOOD,
     ]
     path = _write(tmp_path, lines)
-    rows, report = read_hh_file(path)
+    rows, report = read_preference_jsonl(path)
     assert report.kept == 2 and report.total_skipped == 5
     text = "\n".join(report.examples)
     for lineno, reason in [(2, "malformed JSON"), (3, "empty turn"), (4, "prompt mismatch"),
@@ -73,7 +73,7 @@ def test_crafted_edge_cases_counted_with_lines(tmp_path):
 def test_strict_raises_with_line(tmp_path):
     path = _write(tmp_path, [GOOD, '{"chosen": '])
     with pytest.raises(DataError, match=r"rows\.jsonl\.gz:2: malformed JSON"):
-        read_hh_file(path, strict=True)
+        read_preference_jsonl(path, strict=True)
 
 
 def test_parse_transcript_rejects_non_hh():

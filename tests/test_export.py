@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from align.config import LoraConfig, load_config
-from align.dpo import save_adapter
+from align.adapters import save_adapter
 from align.export import ExportError, export
 from align.models import add_policy_adapter
 from align.runs import RunDir

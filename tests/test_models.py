@@ -2,7 +2,8 @@ import pytest
 
 from align.assets import DEFAULT_MODEL_ID, resolve_model
 from align.config import LoraConfig, ModelConfig
-from align.models import add_policy_adapter, count_base_copies, greedy_generate, load_base
+from align.chat import greedy_generate
+from align.models import add_policy_adapter, count_base_copies, load_base
 
 
 def test_default_model_resolves_offline(real_model_path):

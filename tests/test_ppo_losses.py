@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from align.ppo import losses
+from align.ppo.kl import AdaptiveKL
 
 
 def test_gae_hand_computed():
@@ -84,7 +85,7 @@ def test_whiten_and_group_advantages():
 
 
 def test_adaptive_kl_controller_moves_toward_target():
-    ctl = losses.AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl = AdaptiveKL(0.1, target=1.0, horizon=100)
     assert ctl.update(current_kl=2.0, n_steps=10) > 0.1
-    ctl = losses.AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl = AdaptiveKL(0.1, target=1.0, horizon=100)
     assert ctl.update(current_kl=0.5, n_steps=10) < 0.1

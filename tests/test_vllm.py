@@ -41,7 +41,7 @@ def _update(ac, seed):
 
 
 def test_parity_across_successive_adapter_versions(engine, tiny_ac):
-    from align.rollout.vllm_engine import check_parity
+    from align.rollout.parity import check_parity
 
     ac, tok = tiny_ac
     outputs = []
@@ -61,7 +61,7 @@ def test_parity_across_successive_adapter_versions(engine, tiny_ac):
 
 
 def test_stale_adapter_is_caught(engine, tiny_ac):
-    from align.rollout.vllm_engine import check_parity
+    from align.rollout.parity import check_parity
 
     ac, tok = tiny_ac
     _update(ac, 10)
@@ -92,7 +92,7 @@ def test_sampled_logprobs_match_trainer(engine, tiny_ac):
 def test_server_mode_serves_adapter_on_loopback(tiny_ac, tiny_model_path):
     """`vllm serve` in its own process: starts, loads the adapter at runtime, decodes like the
     trainer, and is gone after close()."""
-    from align.rollout.vllm_engine import check_parity
+    from align.rollout.parity import check_parity
     from align.rollout.vllm_server import VLLMServerEngine
 
     ac, tok = tiny_ac

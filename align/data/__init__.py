@@ -5,9 +5,9 @@ import random
 from pathlib import Path
 
 from ..assets import AssetError, offline_hint, resolve_dataset
-from .hh_rlhf import find_subset_file, read_hh_file
+from .hh_rlhf import find_subset_file
 from .rows import DataError, LoadReport
-from .preference import read_preference_file, read_preference_records
+from .preference import read_preference_file, read_preference_jsonl, read_preference_records
 
 __all__ = ["DataError", "LoadReport", "load_preference_split", "load_preference_splits"]
 
@@ -29,7 +29,7 @@ def load_preference_split(dataset: str, subsets: list[str], split: str, limit: i
         if not subsets:
             raise DataError(f"dataset '{dataset}' is HH-RLHF: name its subsets (data.*_subsets)")
         for subset in subsets:
-            got, rep = read_hh_file(find_subset_file(root, subset, split or "train"), strict)
+            got, rep = read_preference_jsonl(find_subset_file(root, subset, split or "train"), strict)
             rows += got
             report.merge(rep)
     elif root.is_file():

@@ -3,15 +3,16 @@
 Each row holds two whole dialogues, ``chosen`` and ``rejected``, that should share every turn
 but the last assistant one. The prompt is those shared turns; chosen/rejected are the two final
 assistant turns. Rows that break this (different earlier turns, empty turns, bad JSON, text
-that is not an HH transcript) are counted in a :class:`LoadReport` with file and line, and
-skipped -- or raise :class:`DataError` under ``strict``.
+that is not an HH transcript) raise ValueError here; the readers in :mod:`align.data.preference`
+count them in a ``LoadReport`` with file and line and skip them (or raise under ``strict``).
+An HH row is an implicit-prompt preference row, so it is read like any other.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .rows import DataError, LoadReport, collect_pairs, iter_jsonl
+from .rows import DataError
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
@@ -54,15 +55,6 @@ def split_pair(chosen: str, rejected: str) -> dict:
     if c[-1]["content"] == r[-1]["content"]:
         raise ValueError("identical answers: chosen and rejected final turns are the same")
     return {"prompt": c[:-1], "chosen": [c[-1]], "rejected": [r[-1]]}
-
-
-def read_hh_file(path: str | Path, strict: bool = False, limit: int = 0):
-    """Parsed pairs from one HH-RLHF ``.jsonl[.gz]`` file, and its LoadReport."""
-    from .preference import normalize_pair  # HH rows are implicit-prompt transcripts
-
-    path = Path(path)
-    report = LoadReport()
-    return collect_pairs(iter_jsonl(path, report, strict), normalize_pair, report, strict, limit), report
 
 
 def find_subset_file(root: Path, subset: str, split: str = "test") -> Path:

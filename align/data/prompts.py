@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 from ..assets import resolve_dataset
-from .hh_rlhf import find_subset_file, read_hh_file
+from .hh_rlhf import find_subset_file
+from .preference import read_preference_jsonl
 from .rows import DataError, LoadReport, iter_jsonl
 
 
@@ -39,7 +40,7 @@ def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
     prompts: list[tuple[str, str | list]] = []
     if root.is_dir() and any((root / s).is_dir() for s in ("helpful-base", "harmless-base")):
         for subset in cfg.subsets or ["helpful-base"]:
-            rows, _ = read_hh_file(find_subset_file(root, subset, "train"))
+            rows, _ = read_preference_jsonl(find_subset_file(root, subset, "train"))
             prompts += [(r["source"], r["prompt"]) for r in rows]
     else:
         if root.is_dir():

@@ -1,77 +1,12 @@
 """`align dpo`: TRL DPO of a LoRA policy; the reference is the same base with adapters off."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 from .evaluate import evaluate, score_reference
 
 __all__ = ["run_dpo"]
-
-
-def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "default"):
-    """Write the adapter as a standard PEFT folder (safetensors), atomically, naming the base
-    as users know it. The config is patched after saving: handing PEFT a Hub id makes it look the
-    base up on the Hub at every save (every PPO sync)."""
-    import json
-
-    from ..runs import atomic_dir, atomic_write_text
-
-    with atomic_dir(out_dir) as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = base_name
-        atomic_write_text(cfg_path, json.dumps(cfg, indent=2))
-    return out_dir
-
-
-def cached_reference(run, split: str, compute):
-    """Reference log-probs of a split, computed once per run and kept in the run folder, so a
-    resumed run does not pay for them again (they depend only on the base and the data)."""
-    import dataclasses
-
-    import torch
-
-    from ..runs import is_main_process
-    from .evaluate import PairScores
-
-    from .. import distributed
-
-    path = run.path / f"reference_logps_{split}.pt"
-    if run.resume_from is not None and path.exists():
-        print(f"reference scores for {split}: reusing {path}")
-        return PairScores(**torch.load(path))
-    t = time.time()
-    scores = compute()
-    print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {time.time() - t:.0f}s")
-    distributed.barrier()  # rank 0 may be about to write the file the others would read
-    if is_main_process():
-        tmp = path.with_suffix(".tmp")
-        torch.save(dataclasses.asdict(scores), tmp)
-        tmp.replace(path)
-    return scores
-
-
-def score_sharded(model, dataset, collator, batch_size: int):
-    """Reference scores of every pair; with N processes each scores every N-th pair and the
-    shares are gathered, so the one-off reference pass is N times shorter, not repeated N times."""
-    import torch
-
-    from .. import distributed
-    from .evaluate import PairScores
-
-    world, rank = distributed.world_size(), distributed.rank()
-    if world == 1:
-        return score_reference(model, dataset, collator, batch_size)
-    mine = score_reference(model, dataset.select(range(rank, len(dataset), world)), collator, batch_size)
-    shares = distributed.gather_objects({k: v.tolist() for k, v in vars(mine).items()})
-    out = {}
-    for k in vars(mine):
-        full = torch.empty(len(dataset), dtype=getattr(mine, k).dtype)
-        for r, share in enumerate(shares):
-            full[r::world] = torch.tensor(share[k], dtype=full.dtype)
-        out[k] = full
-    return PairScores(**out)
 
 
 def compute_report(model, tokens: dict, seconds: dict) -> dict:
@@ -104,77 +39,42 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
 
 
 def run_dpo(cfg) -> dict:
-    import datasets
-
+    """Train, then evaluate on the held-out subsets; every phase is timed for the compute block."""
     from .. import guards
+    from ..adapters import save_adapter
     from ..data import load_preference_splits
-    from ..guards import GracefulStop, NonFiniteGuard
     from ..models import add_policy_adapter, load_base
     from ..runs import is_main_process, plot_metrics, start_run
+    from .evaluate import cached_reference
     from .packing import truncation_report
-    from .trainer import PackedDPOTrainer, dpo_args
 
     t0 = time.time()
     run = start_run(cfg, "dpo")
     train_rows, eval_rows, _ = load_preference_splits(cfg.data)
-
     base, tok = load_base(cfg.model)
     model = add_policy_adapter(base, cfg.lora)
     model.print_trainable_parameters()
-
-    def to_ds(rows):
-        return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                           for r in rows])
-
-    args = dpo_args(cfg, str(run.path / "trainer"))
-    stop, guard = GracefulStop(), NonFiniteGuard(cfg.run.max_nonfinite_steps)
-    trainer = PackedDPOTrainer(
-        model=model, args=args, train_dataset=to_ds(train_rows), processing_class=tok,
-        max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
-        callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)],
-    )
-    trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
+    stop, guard = guards.GracefulStop(), guards.NonFiniteGuard(cfg.run.max_nonfinite_steps)
+    trainer = _trainer(cfg, run, model, tok, train_rows, stop, guard)
     cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
     print(f"training pairs: {cut['message']}")
-    collator = trainer.data_collator
-    seconds = {}
-    tokens = {"train": (cut["packed_tokens"], cut["answer_tokens"])}
-    t = time.time()
-    train_ref = cached_reference(run, "train", lambda: score_sharded(
-        model, trainer.train_dataset, collator, cfg.train.batch_size))
-    seconds["reference_train"] = time.time() - t
-    trainer.attach_reference_logps(train_ref)
-    eval_ds = ref_scores = None
-    if cfg.evaluate and eval_rows:
-        eval_ds = trainer._prepare_dataset(to_ds(eval_rows), tok, args, "eval")
-        eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
-        tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
-        t = time.time()
-        ref_scores = cached_reference(run, "eval", lambda: score_sharded(
-            model, eval_ds, collator, cfg.train.batch_size))
-        seconds["reference_eval"] = time.time() - t
-
-    t_train = time.time()
-    trainer.train_resumable(run, stop)
-    train_seconds = seconds["train"] = time.time() - t_train
+    seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}
+    with _timed(seconds, "reference_train"):
+        trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
+            model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
+    held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
+    with _timed(seconds, "train"):
+        trainer.train_resumable(run, stop)
     adapter_dir = run.path / "adapter"
     if is_main_process():
         save_adapter(model, adapter_dir, cfg.model.name)
-
-    summary = {"train_pairs": len(train_rows), "train_seconds": round(train_seconds, 1),
+    summary = {"train_pairs": len(train_rows), "train_seconds": round(seconds["train"], 1),
                "steps": trainer.state.global_step, "adapter": str(adapter_dir),
                "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
                "truncation": {k: v for k, v in cut.items() if k != "message"}}
-    if eval_ds is not None and is_main_process():
-        t_eval = time.time()
-        result = evaluate(model, eval_ds, collator, cfg.train.beta, ref_scores, cfg.train.batch_size)
-        result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
-        result["eval_seconds"] = round(time.time() - t_eval, 1)
-        seconds["policy_eval"] = time.time() - t_eval
-        run.write_json("eval.json", result)
-        run.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in result.items()
-                                                        if isinstance(v, (int, float))}})
-        summary["eval"] = result
+    if held_out is not None and is_main_process():
+        with _timed(seconds, "policy_eval"):
+            summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
     summary["compute"] = compute_report(model, tokens, seconds)
     summary["wall_seconds"] = round(time.time() - t0, 1)
     if not is_main_process():
@@ -185,6 +85,62 @@ def run_dpo(cfg) -> dict:
                      run.path / "plots.png", title=f"DPO {cfg.model.name}")
     _print_summary(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, phase: str):
+    t = time.time()
+    yield
+    seconds[phase] = time.time() - t
+
+
+def _as_dataset(rows):
+    import datasets
+
+    return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+
+def _trainer(cfg, run, model, tok, train_rows, stop, guard):
+    from .. import guards
+    from .trainer import PackedDPOTrainer, dpo_args
+
+    trainer = PackedDPOTrainer(
+        model=model, args=dpo_args(cfg, str(run.path / "trainer")), train_dataset=_as_dataset(train_rows),
+        processing_class=tok, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
+        callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)],
+    )
+    trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
+    return trainer
+
+
+def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens):
+    """Tokenized held-out pairs and their reference scores (before training: the reference
+    pass runs while the adapter is still untouched, and is cached for a resumed run)."""
+    from .evaluate import cached_reference
+    from .packing import truncation_report
+
+    if not (cfg.evaluate and eval_rows):
+        return None
+    # TRL's private tokenization (pinned by the DPO job tests): the same one training data gets.
+    eval_ds = trainer._prepare_dataset(_as_dataset(eval_rows), tok, trainer.args, "eval")
+    eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
+    tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
+    with _timed(seconds, "reference_eval"):
+        ref_scores = cached_reference(run, "eval", lambda: score_reference(
+            trainer.model, eval_ds, trainer.data_collator, cfg.train.batch_size))
+    return eval_ds, ref_scores
+
+
+def _final_eval(cfg, run, trainer, eval_ds, ref_scores) -> dict:
+    t = time.time()
+    result = evaluate(trainer.model, eval_ds, trainer.data_collator, cfg.train.beta, ref_scores,
+                      cfg.train.batch_size)
+    result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
+    result["eval_seconds"] = round(time.time() - t, 1)
+    run.write_json("eval.json", result)
+    run.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in result.items()
+                                                    if isinstance(v, (int, float))}})
+    return result
 
 
 def _print_summary(s: dict) -> None:

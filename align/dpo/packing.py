@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..logprobs import entropy
+
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_attention_mask", "packed_src")
 
 
@@ -160,7 +162,7 @@ def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
     targets = shift[mask]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        ent = entropy(logp_all)
         mean_logits = logits.mean(-1)
         is_top1 = logits.argmax(-1) == targets
 
@@ -172,7 +174,7 @@ def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
     return _output_type()(
         loss=-log_probs.sum() / denom,
         log_probs=log_probs,
-        entropy=scatter(entropy),
+        entropy=scatter(ent),
         log_sum_sq_probs=None,
         mean_logits=scatter(mean_logits),
         is_top1=scatter(is_top1),

@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ..logprobs import token_logprobs
 from ..models import POLICY, add_policy_adapter, lora_peft_config
 
 VALUE = "value"
@@ -90,11 +91,7 @@ class ActorCritic(nn.Module):
     def token_logprobs(self, input_ids, attention_mask, pred_pos, targets, with_entropy=False):
         """log p(target) per completion token under the active role (policy or reference)."""
         h = self.hidden_at(input_ids, attention_mask, pred_pos)
-        logits = self.lm().get_output_embeddings()(h).float()
-        logp_all = logits.log_softmax(-1)
-        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-        return logp, entropy
+        return token_logprobs(self.lm().get_output_embeddings()(h), targets, with_entropy)
 
     def values(self, input_ids, attention_mask, pred_pos) -> torch.Tensor:
         with self.role("value"):

@@ -9,6 +9,7 @@ import torch
 from reward.api import call_reward
 
 from .. import distributed
+from ..chat import prompt_ids
 from ..rollout.base import Completion, SamplingConfig
 from . import losses
 
@@ -71,50 +72,53 @@ def collate(completions: list[Completion], pad_id: int, device=None):
 
 
 @torch.no_grad()
-def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, kl_coef: float,
+def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, estimator, kl_coef: float,
                     sampling: SamplingConfig) -> Experience:
-    """``prompts`` are chat messages; each is sampled ``cfg.ppo.samples_per_prompt`` times."""
+    """``prompts`` are chat messages; each is sampled ``cfg.ppo.samples_per_prompt`` times.
+    ``estimator`` (:mod:`align.ppo.advantages`) turns scores, KL and values into advantages."""
     k = cfg.ppo.samples_per_prompt
-    texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
-    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    completions = engine.generate([p for p in prompt_ids for _ in range(k)], sampling)
+    token_ids = [prompt_ids(tok, m) for m in prompts]
+    completions = engine.generate([p for p in token_ids for _ in range(k)], sampling)
     prompt_text = [m[-1]["content"] for m in prompts for _ in range(k)]
     comp_text = [c.text for c in completions]
     finished = [c.finished for c in completions]
+    scores = score_completions(reward_fn, prompt_text, completions, cfg.reward.truncation_penalty, ac.device)
 
-    dev = ac.device
-    scores = torch.tensor(call_reward(reward_fn, prompt_text, comp_text, truncated=[not f for f in finished]),
-                          device=dev)
-    if cfg.reward.truncation_penalty:
-        scores = scores + cfg.reward.truncation_penalty * torch.tensor([0.0 if f else 1.0 for f in finished],
-                                                                       device=dev)
-
-    ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id, dev)
+    ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id, ac.device)
     was_training = ac.training
     ac.eval()
     with ac.role("policy"):
         old_logp, _ = ac.token_logprobs(ids, attn, pred_pos, targets)
     with ac.role("reference"):
         ref_logp, _ = ac.token_logprobs(ids, attn, pred_pos, targets)
-    values = ac.values(ids, attn, pred_pos) * mask if cfg.ppo.advantage == "gae" else None
+    values = ac.values(ids, attn, pred_pos) * mask if estimator.needs_critic else None
     ac.train(was_training)
     old_logp, ref_logp = old_logp * mask, ref_logp * mask
-    gap = None
-    if completions and completions[0].logprobs is not None:
-        eng = torch.zeros_like(old_logp)
-        for i, c in enumerate(completions):
-            eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs, device=dev)
-        gap = float(((eng - old_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
     kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
-
-    if cfg.ppo.advantage == "gae":
-        rewards = losses.token_rewards(scores, kl, mask, kl_coef)
-        advantages, returns = losses.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-    else:  # critic-free: a sequence advantage from the group, KL folded into the score
-        seq = scores - kl_coef * kl.sum(1)
-        advantages = losses.group_advantages(seq, k, cfg.ppo.advantage)[:, None] * mask
-        returns = None
+    advantages, returns = estimator.compute(scores, kl, mask, values, kl_coef, cfg.ppo)
     if cfg.ppo.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask, all_sum=distributed.all_sum)
     return Experience(ids, attn, pred_pos, targets, mask, old_logp, ref_logp, values, scores, kl,
-                      advantages, returns, prompt_text, comp_text, finished, gap)
+                      advantages, returns, prompt_text, comp_text, finished,
+                      engine_logprob_gap(completions, old_logp, mask))
+
+
+def score_completions(reward_fn, prompt_text: list[str], completions: list[Completion],
+                      truncation_penalty: float = 0.0, device=None) -> torch.Tensor:
+    """The reward function's scores, plus ``truncation_penalty`` for answers cut without EOS."""
+    truncated = [not c.finished for c in completions]
+    scores = torch.tensor(call_reward(reward_fn, prompt_text, [c.text for c in completions],
+                                      truncated=truncated), device=device)
+    if truncation_penalty:
+        scores = scores + truncation_penalty * torch.tensor([float(t) for t in truncated], device=device)
+    return scores
+
+
+def engine_logprob_gap(completions: list[Completion], logp: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean |engine log-prob - trainer log-prob| over sampled tokens (None: no engine log-probs)."""
+    if not completions or completions[0].logprobs is None:
+        return None
+    eng = torch.zeros_like(logp)
+    for i, c in enumerate(completions):
+        eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs, device=logp.device)
+    return float(((eng - logp).abs() * mask).sum() / mask.sum().clamp(min=1))

@@ -104,11 +104,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"value_clipfrac": vclipfrac}
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
                      eps: float = 1e-6) -> torch.Tensor:
     """Critic-free sequence advantages from groups of samples of the same prompt.
@@ -126,18 +121,3 @@ def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
     else:
         raise ValueError(f"unknown group advantage '{kind}' (grpo or rloo)")
     return adv.reshape(-1)
-
-
-class AdaptiveKLController:
-    """Ziegler et al. (2019): move beta so the measured KL tracks ``target`` over ``horizon``."""
-
-    def __init__(self, init_beta: float, target: float, horizon: int = 10000):
-        self.beta, self.target, self.horizon = init_beta, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        error = max(-0.2, min(0.2, current_kl / self.target - 1))
-        self.beta *= 1 + error * n_steps / self.horizon
-        return self.beta
-
-    def state_dict(self) -> dict:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}

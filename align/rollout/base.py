@@ -38,10 +38,35 @@ class EngineStats:
     sync_seconds: list[float] = field(default_factory=list)
 
 
+@dataclass
+class EngineOptions:
+    """What an engine needs from a job, and nothing else (no job config reaches rollout/)."""
+
+    base_path: str                  # a local folder (the mirror's) or a Hub id to load
+    base_name: str = ""             # the base as users know it, written into adapter configs
+    max_lora_rank: int = 8
+    seed: int = 0
+    sync: str = "lora"              # vLLM: lora | merged | auto
+    server_devices: str = ""        # vllm-server: CUDA_VISIBLE_DEVICES of the server process
+    log_dir: str | None = None      # where a server engine writes its log
+
+    def __post_init__(self):
+        self.base_name = self.base_name or self.base_path
+
+
 class RolloutEngine(ABC):
-    """``generate`` completions from the *current* policy; ``sync`` after each update."""
+    """``generate`` completions from the *current* policy; ``sync`` after each update.
+
+    ``shares_trainer_weights``: the engine samples from the trainer's own model object, so it can
+    never serve a stale policy and the parity guard has nothing to check."""
 
     name = "base"
+    shares_trainer_weights = False
+
+    @classmethod
+    @abstractmethod
+    def build(cls, opts: EngineOptions, peft_model, tokenizer) -> "RolloutEngine":
+        """An engine serving ``peft_model``'s current policy (version 0)."""
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[Completion]:

@@ -6,11 +6,17 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..chat import trim_at_eos
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
 
 
 class HFEngine(RolloutEngine):
     name = "hf"
+    shares_trainer_weights = True  # generates with the trainer's own model object
+
+    @classmethod
+    def build(cls, opts, peft_model, tokenizer) -> "HFEngine":
+        return cls(peft_model, tokenizer)
 
     def __init__(self, peft_model, tokenizer, batch_size: int = 64):
         self.model, self.tok, self.batch_size = peft_model, tokenizer, batch_size
@@ -55,10 +61,7 @@ class HFEngine(RolloutEngine):
             dev = self.model.device
             seqs = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kwargs)[:, L:]
             for p, row in zip(chunk, seqs.tolist()):
-                if eos in row:
-                    row, finished = row[: row.index(eos) + 1], True
-                else:
-                    finished = False
+                row, finished = trim_at_eos(row, eos)
                 out.append(Completion(p, row, finished,
                                       text=self.tok.decode(row, skip_special_tokens=True)))
         self.model.train(was_training)

@@ -16,34 +16,12 @@ MAX_TOKENS = 24
 
 def _hf_greedy(out: Path, base_name: str, merged: bool, prompts: list[str]):
     """Greedy token ids from transformers, and the prompt token ids (the same ones go to vLLM)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..adapters import load_with_adapter
+    from ..chat import greedy_ids, prompt_ids
 
-    from ..assets import resolve_model
-
-    if merged:
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(out)
-    else:
-        from peft import PeftModel
-
-        where = resolve_model(base_name)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32), str(out))
-        tok = AutoTokenizer.from_pretrained(where)
-    model.eval()
-    prompt_ids, ids = [], []
-    for p in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
-        prompt_ids.append(enc["input_ids"][0].tolist())
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        new = gen[0, enc["input_ids"].shape[1]:].tolist()
-        if tok.eos_token_id in new:
-            new = new[: new.index(tok.eos_token_id) + 1]
-        ids.append(new)
-    return ids, prompt_ids
+    model, tok = load_with_adapter(str(out)) if merged else load_with_adapter(base_name, out)
+    ids = [prompt_ids(tok, p) for p in prompts]
+    return [greedy_ids(model, tok, i, MAX_TOKENS) for i in ids], ids
 
 
 def greedy_parity(out: Path, base_name: str, *, merged: bool, prompts: list[str]) -> dict:

@@ -10,8 +10,8 @@ Sync strategies after each policy update:
               hardware where vLLM's LoRA kernels are slow.
 - ``auto``:   measures both on a small batch at start and keeps the faster.
 
-A parity guard (``check_parity``) decodes a few prompts greedily in the engine and in the
-trainer after a sync; any mismatch means the engine is not serving the current policy.
+The parity guard (:mod:`align.rollout.parity`) checks after each sync that the engine
+decodes like the trainer.
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weights move by reference,
 and a script that builds it needs no ``__main__`` spawn dance for its own code.
 """
@@ -25,11 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..chat import prompt_ids
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
-
-
-class StaleAdapterError(RuntimeError):
-    """The engine did not decode like the trainer's current policy."""
 
 
 class MergedSyncUnsupported(RuntimeError):
@@ -66,21 +63,20 @@ class VLLMEngine(RolloutEngine):
         self._dir = _fast_dir()
 
     @classmethod
-    def from_config(cls, cfg, peft_model, tok):
-        from ..assets import resolve_model
+    def build(cls, opts, peft_model, tok) -> "VLLMEngine":
+        """An engine serving ``peft_model`` (version 0) with ``opts.sync``; ``auto`` times one
+        sync + generation round of each strategy and keeps the faster engine."""
+        def make(mode):
+            return cls(opts.base_path, tok, max_lora_rank=opts.max_lora_rank, sync=mode,
+                       seed=opts.seed, base_name=opts.base_name)
 
-        def build(mode):
-            return cls(resolve_model(cfg.model.name), tok, max_lora_rank=cfg.lora.r, sync=mode,
-                       seed=cfg.run.seed, base_name=cfg.model.name)
-
-        if cfg.rollout.sync != "auto":
-            eng = build(cfg.rollout.sync)
+        if opts.sync != "auto":
+            eng = make(opts.sync)
             eng.sync(peft_model, 0)
             return eng
-        # auto: time one sync + one generation round of each strategy, keep the faster engine.
         timing, best = {}, None
         for mode in ("merged", "lora"):
-            eng = build(mode)
+            eng = make(mode)
             try:
                 timing[mode] = eng.time_round(peft_model)
             except MergedSyncUnsupported as e:
@@ -110,7 +106,7 @@ class VLLMEngine(RolloutEngine):
     def _sync_lora(self, peft_model, version: int) -> None:
         from vllm.lora.request import LoRARequest
 
-        from ..dpo import save_adapter
+        from ..adapters import save_adapter
 
         path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name)
         old = self._lora
@@ -154,9 +150,7 @@ class VLLMEngine(RolloutEngine):
 
     def time_round(self, peft_model, n_prompts: int = 16, tokens: int = 32) -> float:
         """Seconds for one sync plus one greedy generation round (for ``sync: auto``)."""
-        prompt = self.tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
-                                              tokenize=False, add_generation_prompt=True)
-        ids = [self.tok(prompt, add_special_tokens=False)["input_ids"]] * n_prompts
+        ids = [prompt_ids(self.tok, "Tell me about the sea.")] * n_prompts
         t0 = time.perf_counter()
         self.sync(peft_model, 0)
         self.generate(ids, SamplingConfig(max_new_tokens=tokens, greedy=True))
@@ -237,26 +231,3 @@ def _repack_cpu_linears(model, weights: dict[str, torch.Tensor]) -> str:
         raise MergedSyncUnsupported(f"rollout.sync=merged: {len(left)} merged weights match no "
                                     f"vLLM layer (e.g. {left[0]}); use rollout.sync=lora")
     return "cpu_repack"
-
-
-@torch.no_grad()
-def check_parity(engine: RolloutEngine, peft_model, tok, prompts: list[str], max_new_tokens: int = 16) -> dict:
-    """Greedy-decode ``prompts`` in the engine and with the trainer's model (fp32); compare ids."""
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-           for p in prompts]
-    eng = engine.generate(ids, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
-    was_training = peft_model.training
-    peft_model.eval()
-    mismatches = []
-    for p, pid, e in zip(prompts, ids, eng):
-        x = torch.tensor([pid])
-        out = peft_model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)[0, len(pid):].tolist()
-        if tok.eos_token_id in out:
-            out = out[: out.index(tok.eos_token_id) + 1]
-        if out != e.token_ids:
-            mismatches.append({"prompt": p, "trainer": tok.decode(out), "engine": tok.decode(e.token_ids)})
-    peft_model.train(was_training)
-    return {"prompts": len(prompts), "mismatches": mismatches}

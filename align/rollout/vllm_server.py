@@ -101,8 +101,18 @@ class VLLMServerEngine(RolloutEngine):
         except json.JSONDecodeError:
             return body
 
+    @classmethod
+    def build(cls, opts, peft_model, tok) -> "VLLMServerEngine":
+        from .. import distributed
+
+        log = Path(opts.log_dir) / f"vllm-server-rank{distributed.rank()}.log" if opts.log_dir else None
+        engine = cls(opts.base_path, tok, max_lora_rank=opts.max_lora_rank, base_name=opts.base_name,
+                     log_path=log, devices=opts.server_devices or None)
+        engine.sync(peft_model, 0)
+        return engine
+
     def sync(self, peft_model, version: int) -> None:
-        from ..dpo import save_adapter
+        from ..adapters import save_adapter
 
         t0 = time.perf_counter()
         path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name)

@@ -1,0 +1,110 @@
+"""Adapter I/O, one way for every job, engine and export.
+
+An adapter folder is a standard PEFT folder (``adapter_config.json`` + safetensors) whose
+``base_model_name_or_path`` is the base as users know it (a Hub id), never a mirror path, so
+the folder loads anywhere PEFT does. Loading puts an adapter on a base loaded by
+:func:`align.models.load_base`, so GGUF files, the mirror and offline errors work the same.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import atomic_dir, atomic_write_text
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used as asked; the message names the file."""
+
+
+def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "default",
+                 tokenizer=None) -> Path:
+    """Write adapter ``adapter_name`` as a PEFT folder (safetensors), atomically, naming the base
+    as users know it (and the tokenizer beside it, when given). The base name is patched in
+    after saving: handing PEFT a Hub id makes it look the base up on the Hub at every save
+    (every PPO sync)."""
+    with atomic_dir(out_dir) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        if adapter_name != "default":  # PEFT writes a non-default adapter into a sub-folder
+            sub = tmp / adapter_name
+            for f in sub.iterdir():
+                f.rename(tmp / f.name)
+            sub.rmdir()
+        set_base_name(tmp, base_name)
+    return Path(out_dir)
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """``adapter_config.json``, checked: valid JSON, rank and alpha > 0."""
+    f = Path(adapter_dir) / CONFIG
+    if not f.is_file():
+        raise AdapterError(f"adapter file '{f}' is missing")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"'{f}' is not valid JSON: {e}") from e
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise AdapterError(f"'{f}': '{key}' must be > 0, got {cfg.get(key)!r}")
+    return cfg
+
+
+def read_base_name(adapter_dir) -> str | None:
+    return read_adapter_config(adapter_dir).get("base_model_name_or_path")
+
+
+def set_base_name(adapter_dir, base_name: str, **extra) -> None:
+    """Put ``base_name`` (and any ``extra`` keys, e.g. ``inference_mode``) into the config."""
+    f = Path(adapter_dir) / CONFIG
+    cfg = json.loads(f.read_text())
+    cfg["base_model_name_or_path"] = base_name
+    cfg.update(extra)
+    atomic_write_text(f, json.dumps(cfg, indent=2))
+
+
+def check_weights(adapter_dir) -> None:
+    """Read every tensor once: a truncated or corrupt file fails here, naming itself."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / WEIGHTS
+    if not path.is_file():
+        raise AdapterError(f"adapter file '{path}' is missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+    except Exception as e:
+        raise AdapterError(f"'{path}' is truncated or corrupt: {e}") from e
+
+
+def attach_adapter(base, adapter_dir, adapter_name: str = "default", trainable: bool = False,
+                   base_name: str | None = None):
+    """``base`` (a transformers model) wrapped in PEFT with the saved adapter loaded; an adapter
+    of another base's shape is an error naming both."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name,
+                                         is_trainable=trainable)
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise AdapterError(f"adapter '{adapter_dir}' does not fit base '{base_name or base.name_or_path}' "
+                               f"(trained on another base?): {str(e).splitlines()[0]}") from e
+        raise
+
+
+def load_with_adapter(base_name: str, adapter_dir=None, *, kind: str = "causal", dtype: str = "float32"):
+    """(model, tokenizer): the base (``kind`` causal LM or 1-output ``classifier``) with the
+    adapter at ``adapter_dir`` on it, in eval mode -- what a user of the folder would load."""
+    from .config import ModelConfig
+    from .models import load_base
+
+    base, tok = load_base(ModelConfig(name=base_name, dtype=dtype), kind=kind)
+    model = attach_adapter(base, adapter_dir, base_name=base_name) if adapter_dir is not None else base
+    model.eval()
+    return model, tok
