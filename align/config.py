@@ -7,6 +7,7 @@ silently falls back to a default. This module imports no job; jobs import it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,29 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
+# Declared ranges: every numeric key says what it accepts, checked for every job
+# --------------------------------------------------------------------------------------
+
+
+def _num(default, lo=None, hi=None, *, lo_open=False, hi_open=False):
+    """A numeric key with its valid range (None = unbounded; *_open = that end excluded).
+    Floats must also be finite: a NaN learning rate is a typo, never a setting."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def _pos(default):
+    return _num(default, 0, lo_open=True)
+
+
+def _nonneg(default):
+    return _num(default, 0)
+
+
+def _choice(default, *choices):
+    return field(default=default, metadata={"choices": choices})
+
+
+# --------------------------------------------------------------------------------------
 # Sections shared by the jobs
 # --------------------------------------------------------------------------------------
 
@@ -31,18 +55,18 @@ class ModelConfig:
     # Hub ids are looked up in the offline mirror first (see align/assets.py).
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     # fp32 on CPU: this CPU has no avx512_bf16 and bf16 matmuls are ~4x slower.
-    dtype: str = "float32"
+    dtype: str = _choice("float32", "float32", "bfloat16", "float16")
     # CPU threads for torch; 0 = leave torch's default.
-    threads: int = 0
+    threads: int = _nonneg(0)
 
 
 @dataclass
 class LoraConfig:
     # "LoRA Without Regret": rank 1-8 suffices for RL and preference tuning; all linear
     # layers (attention + MLP) matter more than the rank.
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = _num(8, 0, 1024, lo_open=True)
+    alpha: int = _pos(16)
+    dropout: float = _num(0.0, 0.0, 1.0, hi_open=True)
     target_modules: str | list[str] = "all-linear"
 
 
@@ -51,15 +75,15 @@ class DataConfig:
     # A Hub id (``Anthropic/hh-rlhf``), a local folder, or a JSONL/Parquet file.
     dataset: str = "Anthropic/hh-rlhf"
     # HH-RLHF subsets to train on; evaluation uses *different* subsets so that it is held out.
-    train_subsets: list[str] = field(
-        default_factory=lambda: ["harmless-base", "helpful-rejection-sampled"]
-    )
+    # harmless-base is left out by default: its preferences favour refusing, which pulls against
+    # the helpfulness evaluated on helpful-base (with half the pairs from it, accuracy was 0.518).
+    train_subsets: list[str] = field(default_factory=lambda: ["helpful-rejection-sampled"])
     eval_subsets: list[str] = field(default_factory=lambda: ["helpful-base"])
     # For non-HH datasets: file/split names for train and eval (empty = all / none).
     train_split: str = "train"
     eval_split: str = ""
-    max_train_pairs: int = 1000
-    max_eval_pairs: int = 500
+    max_train_pairs: int = _nonneg(1000)  # 0 = all
+    max_eval_pairs: int = _nonneg(500)
     # Raise on the first bad row instead of counting and skipping it.
     strict: bool = False
     seed: int = 0
@@ -74,37 +98,43 @@ class RunConfig:
     # Write a checkpoint every N optimizer steps / PPO iterations (0 = none); keep the last K.
     # A checkpoint holds everything to continue exactly: adapters, optimizer, scheduler, RNG
     # states, data position, PPO's KL controller.
-    save_every: int = 0
-    keep_last: int = 2
+    save_every: int = _nonneg(0)
+    keep_last: int = _num(2, 1)
     # off | auto (continue the latest complete checkpoint if there is one) | must (the same,
     # but fail if there is none; `--resume` on the command line). The run folder is run.name's,
     # or the newest <job>-* folder in output_dir.
-    resume: str = "off"
+    resume: str = _choice("off", "off", "auto", "must")
     # Steps whose loss or gradients are NaN/inf are skipped (no update) and counted; after this
     # many the run stops with an error, its last checkpoint intact.
-    max_nonfinite_steps: int = 10
-    log_every: int = 1
+    max_nonfinite_steps: int = _nonneg(10)
+    log_every: int = _num(1, 1)
     plot: bool = True
+    # Experiment trackers that also get the metrics (tensorboard, wandb); none by default, and
+    # neither is a dependency of align: install the one you name.
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DPOTrainConfig:
-    beta: float = 0.1
+    beta: float = _pos(0.1)
     # LoRA's best LR is ~10x full fine-tuning's (LoRA Without Regret). Measured on this CPU
     # (SmolLM2-135M, r=8): 5e-5 left the loss at 0.693 for 75 steps; 5e-4 moved it.
-    learning_rate: float = 5e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int = 0  # 0 = as many as epochs give
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # Truncation: the prompt keeps its *last* tokens (latest turns), answers their first.
-    max_length: int = 384
-    max_prompt_length: int = 256
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    learning_rate: float = _pos(5e-4)
+    batch_size: int = _num(8, 1)
+    grad_accum: int = _num(1, 1)
+    epochs: int = _num(1, 1)
+    max_steps: int = _nonneg(0)  # 0 = as many as epochs give
+    warmup_ratio: float = _num(0.05, 0.0, 1.0)
+    weight_decay: float = _nonneg(0.0)
+    max_grad_norm: float = _pos(1.0)
+    # Truncation: the prompt keeps its *last* tokens (latest turns), answers their first. Sized
+    # for a 2-core CPU: 128/64 packs 163k tokens for 1,000 HH pairs (192/96: 214k; none: 349k),
+    # and compute is ~linear in tokens.
+    max_length: int = _num(128, 2)
+    max_prompt_length: int = _num(64, 1)
+    loss_type: str = _choice("sigmoid", "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
+                             "nca_pair", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
+    label_smoothing: float = _num(0.0, 0.0, 0.5, hi_open=True)
 
 
 @dataclass
@@ -115,7 +145,7 @@ class DPOJobConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(save_every=25))
     # Evaluate on the held-out subsets at the end of training.
     evaluate: bool = True
 
@@ -123,38 +153,48 @@ class DPOJobConfig:
 @dataclass
 class PromptDataConfig:
     # A local JSONL/Parquet file or folder, a Hub id, or the mirror's `imdb-reviews` /
-    # `Anthropic/hh-rlhf` (HH rows give their prompts).
-    dataset: str = "imdb-reviews"
+    # `Anthropic/hh-rlhf` (HH rows give their prompts). No default: name your prompts, or run
+    # the demo's config (configs/ppo_imdb_sentiment.yaml).
+    dataset: str = ""
     # The row field holding the prompt: a string or a list of chat messages.
-    text_field: str = "review"
-    # Keep only the first N words of the field (0 = all): IMDB openings as prompts.
-    first_words: int = 12
-    # Wrapped in the chat template as one user turn; {text} is the field's text.
-    template: str = "Continue this movie review in one or two sentences: {text}"
+    text_field: str = "prompt"
+    # Keep only the first N words of the field (0 = all), e.g. IMDB openings as prompts.
+    first_words: int = _nonneg(0)
+    # Wrapped in the chat template as one user turn; {text} is the field's text (the only field).
+    template: str = "{text}"
     subsets: list[str] = field(default_factory=list)
     # Rows [start:stop) of the source (0 = to the end): keep prompts apart from data a reward
     # model was fitted on.
-    rows_start: int = 1200
-    rows_stop: int = 2000
+    rows_start: int = _nonneg(0)
+    rows_stop: int = _nonneg(0)
     # The first `eval_prompts` of those rows (after a seeded shuffle) are held out.
-    eval_prompts: int = 64
+    eval_prompts: int = _nonneg(64)
     seed: int = 0
 
 
 @dataclass
 class RolloutConfig:
-    # hf | vllm (in-process, one engine per trainer process) | vllm-server (a `vllm serve`
-    # process that align starts, on rollout.server_devices: trainer and generator apart)
+    # An engine of align/rollout/__init__.py: hf | vllm (in-process, one engine per trainer
+    # process) | vllm-server (a `vllm serve` process that align starts, on
+    # rollout.server_devices: trainer and generator apart)
     engine: str = "hf"
     server_devices: str = ""  # CUDA_VISIBLE_DEVICES of the vllm-server process ("" = inherit)
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # vllm-server: where it listens. Loopback by default; another host exposes the server's
+    # runtime adapter loading, so it always requires an API key (server_api_key, or a random
+    # one per run when empty).
+    server_host: str = "127.0.0.1"
+    server_api_key: str = ""
+    # Prompts longer than this keep their *last* tokens (the latest turns); the count is
+    # reported. The engine's context is max_prompt_tokens + max_new_tokens.
+    max_prompt_tokens: int = _num(512, 1)
+    max_new_tokens: int = _num(24, 1)
+    temperature: float = _pos(1.0)
+    top_p: float = _num(1.0, 0.0, 1.0, lo_open=True)
     # vLLM adapter sync: lora (swap in a new LoRARequest) | merged | auto
-    sync: str = "lora"
+    sync: str = _choice("lora", "lora", "merged", "auto")
     # Greedy-decode this many prompts in engine and trainer after each sync (0 = off).
-    parity_prompts: int = 2
-    parity_every: int = 1
+    parity_prompts: int = _nonneg(2)
+    parity_every: int = _nonneg(1)
 
 
 @dataclass
@@ -162,39 +202,41 @@ class RewardConfig:
     # `path/to/file.py:function` or `package.module:function`.
     function: str = "reward.sentiment:positive_sentiment"
     # Added to the score of answers cut at max_new_tokens without an EOS (0 = no penalty).
-    truncation_penalty: float = 0.0
+    truncation_penalty: float = _num(0.0)
+    # A reward call that takes longer stops the run with an error naming the function.
+    timeout_seconds: float = _pos(300.0)
 
 
 @dataclass
 class PPOTrainConfig:
-    iterations: int = 40
-    prompts_per_iteration: int = 16
-    samples_per_prompt: int = 2
+    iterations: int = _num(40, 1)
+    prompts_per_iteration: int = _num(16, 1)
+    samples_per_prompt: int = _num(2, 1)
     # An estimator of align/ppo/advantages.py: gae (actor-critic, a LoRA critic + value head),
     # grpo / rloo (critic-free group baselines, samples_per_prompt >= 2).
     advantage: str = "gae"
-    learning_rate: float = 5e-4
-    value_learning_rate: float = 5e-4
-    ppo_epochs: int = 2
-    minibatch_size: int = 16
-    clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
+    learning_rate: float = _pos(5e-4)
+    value_learning_rate: float = _pos(5e-4)
+    ppo_epochs: int = _num(2, 1)
+    minibatch_size: int = _num(16, 1)
+    clip_range: float = _pos(0.2)
+    value_clip_range: float = _pos(0.2)
+    vf_coef: float = _nonneg(0.5)
+    entropy_coef: float = _nonneg(0.0)
+    gamma: float = _num(1.0, 0.0, 1.0)
+    lam: float = _num(0.95, 0.0, 1.0)
     # KL(policy || reference) penalty per token; adaptive control when kl_target > 0.
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    kl_target: float = 0.0
-    kl_horizon: int = 10000
+    kl_coef: float = _nonneg(0.05)
+    kl_estimator: str = _choice("k1", "k1", "k3")
+    kl_target: float = _nonneg(0.0)
+    kl_horizon: int = _num(10000, 1)
     whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = _pos(1.0)
     # Stop this batch's epochs once approx-KL(old||new) exceeds this (0 = never).
-    target_approx_kl: float = 0.1
-    eval_every: int = 5
+    target_approx_kl: float = _nonneg(0.1)
+    eval_every: int = _nonneg(5)
     # Stop after the iteration that crosses this many minutes (0 = no budget), then evaluate.
-    time_budget_minutes: float = 0.0
+    time_budget_minutes: float = _nonneg(0.0)
 
 
 @dataclass
@@ -212,13 +254,13 @@ class PPOJobConfig:
 
 @dataclass
 class RMTrainConfig:
-    learning_rate: float = 5e-4
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int = 0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    max_length: int = 256
+    learning_rate: float = _pos(5e-4)
+    batch_size: int = _num(8, 1)
+    epochs: int = _num(1, 1)
+    max_steps: int = _nonneg(0)
+    warmup_ratio: float = _num(0.05, 0.0, 1.0)
+    max_grad_norm: float = _pos(1.0)
+    max_length: int = _num(384, 2)  # TRL drops longer pairs (the count is printed)
 
 
 @dataclass
@@ -227,9 +269,11 @@ class RMJobConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(
+        train_subsets=["harmless-base", "helpful-rejection-sampled"], max_train_pairs=400,
+        max_eval_pairs=300))
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(save_every=20))
     evaluate: bool = True
 
 
@@ -372,67 +416,90 @@ def load_config(job: str, path: str | Path | None = None, overrides: list[str] =
     return cfg
 
 
+def _bound_text(lo, hi, lo_open, hi_open) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return "must be " + " and ".join(parts) if parts else "must be a finite number"
+
+
+def _or_list(items) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def check_declared(section, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, why) for every value outside its declared range or choices, recursively; floats
+    must be finite everywhere."""
+    problems = []
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += check_declared(value, f"{key}.")
+            continue
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("range")
+        if choices is not None and value not in choices:
+            problems.append((key, f"must be {_or_list(choices)}, got {value!r}"))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append((key, f"must be a finite number, got {value}"))
+            continue
+        if bounds is not None:
+            lo, hi, lo_open, hi_open = bounds
+            if (lo is not None and (value <= lo if lo_open else value < lo)) or \
+                    (hi is not None and (value >= hi if hi_open else value > hi)):
+                problems.append((key, f"{_bound_text(*bounds)}, got {value}"))
+    return problems
+
+
 def validate(cfg, where: str = "config") -> None:
-    """Value checks that types alone cannot express; each names the key."""
+    """Declared ranges and choices of every key, then the checks that tie keys together; each
+    error names the key."""
 
     def bad(key: str, why: str):
         raise ConfigError(f"{where}: key '{key}' {why}")
 
-    if cfg.run.resume not in ("off", "auto", "must"):
-        bad("run.resume", f"must be off, auto or must, got {cfg.run.resume!r}")
-    for key in ("save_every", "keep_last", "max_nonfinite_steps"):
-        if getattr(cfg.run, key) < 0:
-            bad(f"run.{key}", f"must be >= 0, got {getattr(cfg.run, key)}")
-    lora = getattr(cfg, "lora", None)
-    if lora is not None:
-        if lora.r <= 0:
-            bad("lora.r", f"must be > 0, got {lora.r}")
-        if lora.alpha <= 0:
-            bad("lora.alpha", f"must be > 0, got {lora.alpha}")
-        if not 0.0 <= lora.dropout < 1.0:
-            bad("lora.dropout", f"must be in [0, 1), got {lora.dropout}")
-    model = getattr(cfg, "model", None)
-    if model is not None and model.dtype not in ("float32", "bfloat16", "float16"):
-        bad("model.dtype", f"must be float32, bfloat16 or float16, got {model.dtype!r}")
+    for key, why in check_declared(cfg):
+        bad(key, why)
     train = getattr(cfg, "train", None)
-    if isinstance(train, DPOTrainConfig):
-        for key in ("batch_size", "grad_accum", "epochs", "max_length", "max_prompt_length"):
-            if getattr(train, key) <= 0:
-                bad(f"train.{key}", f"must be > 0, got {getattr(train, key)}")
-        if train.learning_rate <= 0:
-            bad("train.learning_rate", f"must be > 0, got {train.learning_rate}")
-        if train.max_prompt_length >= train.max_length:
-            bad("train.max_prompt_length", "must be smaller than train.max_length")
-    if isinstance(train, RMTrainConfig):
-        for key in ("batch_size", "epochs", "max_length"):
-            if getattr(train, key) <= 0:
-                bad(f"train.{key}", f"must be > 0, got {getattr(train, key)}")
-        if train.learning_rate <= 0:
-            bad("train.learning_rate", f"must be > 0, got {train.learning_rate}")
+    if isinstance(train, DPOTrainConfig) and train.max_prompt_length >= train.max_length:
+        bad("train.max_prompt_length", "must be smaller than train.max_length")
+    for tracker in cfg.run.report_to:
+        if tracker not in ("tensorboard", "wandb"):
+            bad("run.report_to", f"lists tensorboard and/or wandb, got {tracker!r}")
     ppo = getattr(cfg, "ppo", None)
     if ppo is not None:
-        for key in ("iterations", "prompts_per_iteration", "samples_per_prompt", "ppo_epochs",
-                    "minibatch_size"):
-            if getattr(ppo, key) <= 0:
-                bad(f"ppo.{key}", f"must be > 0, got {getattr(ppo, key)}")
         batch = ppo.prompts_per_iteration * ppo.samples_per_prompt
         if batch % ppo.minibatch_size:
             bad("ppo.minibatch_size", f"must divide the batch of prompts_per_iteration x "
                 f"samples_per_prompt = {batch}, got {ppo.minibatch_size}")
-        if ppo.kl_estimator not in ("k1", "k3"):
-            bad("ppo.kl_estimator", f"must be k1 or k3, got {ppo.kl_estimator!r}")
-        if ppo.learning_rate <= 0:
-            bad("ppo.learning_rate", f"must be > 0, got {ppo.learning_rate}")
     rollout = getattr(cfg, "rollout", None)
     if rollout is not None:
         from .rollout import ENGINES  # names only: no engine is imported
 
         if rollout.engine not in ENGINES:
-            bad("rollout.engine", f"must be one of {', '.join(ENGINES)}, got {rollout.engine!r}")
-        if rollout.sync not in ("lora", "merged", "auto"):
-            bad("rollout.sync", f"must be lora, merged or auto, got {rollout.sync!r}")
-        if rollout.max_new_tokens <= 0:
-            bad("rollout.max_new_tokens", f"must be > 0, got {rollout.max_new_tokens}")
+            bad("rollout.engine", f"must be {_or_list(ENGINES)}, got {rollout.engine!r}")
+    data = getattr(cfg, "data", None)
+    if isinstance(data, PromptDataConfig):
+        _check_template(data.template, bad)
+
+
+def _check_template(template: str, bad) -> None:
+    """``{text}`` must be there (or every prompt is the same text) and be the only field."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        bad("data.template", f"is not a valid template ({e}); write literal braces as {{{{ }}}}")
+    others = sorted({f for f in fields if f != "text"})
+    if others:
+        bad("data.template", f"may use only the field {{text}}, got {{{others[0]}}}")
+    if "text" not in fields:
+        bad("data.template", f"must contain {{text}} (where the prompt goes), got {template!r}")
 
 
 def to_dict(cfg) -> dict:

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,42 @@ def test_cli_help_and_config_error():
     out = subprocess.run([sys.executable, "-m", "align.cli", "dpo", "lora.rnk=4"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "lora.rnk" in out.stderr
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_overrides_may_follow_options():
+    """README: `align config dpo --config configs/dpo_hh_rlhf.yaml lora.r=4` (argparse alone refuses it)."""
+    out = _cli("config", "dpo", "--config", "configs/dpo_hh_rlhf.yaml", "lora.r=4")
+    assert out.returncode == 0, out.stderr
+    assert "  r: 4\n" in out.stdout
+    out = _cli("config", "dpo", "--config", "configs/dpo_hh_rlhf.yaml", "--bogus")
+    assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
+
+
+@pytest.mark.parametrize("job, path", [("dpo", "configs/dpo_hh_rlhf.yaml"), ("rm", "configs/rm_hh_rlhf.yaml")])
+def test_shipped_recipes_are_the_defaults(job, path):
+    """One source of truth: `align config JOB` prints what `align JOB --config <shipped>` runs."""
+    assert load_config(job, path) == load_config(job)
+
+
+def test_own_prompts_do_not_inherit_the_demo_rows():
+    """The IMDB demo's row window and template live in its config, not in the defaults that a
+    user's own prompt file gets."""
+    demo, default = load_config("ppo", "configs/ppo_imdb_sentiment.yaml"), load_config("ppo")
+    assert (demo.data.rows_start, demo.data.rows_stop, demo.data.text_field) == (1200, 2000, "review")
+    assert (default.data.rows_start, default.data.rows_stop, default.data.text_field,
+            default.data.first_words, default.data.template) == (0, 0, "prompt", 0, "{text}")
+    assert default.data.dataset == ""  # your prompts need naming (a clear error otherwise)
+
+
+def test_dry_run_checks_and_writes_nothing(tmp_path):
+    out = _cli("ppo", "--config", str(Path.cwd() / "configs/ppo_imdb_sentiment.yaml"), "--dry-run",
+               f"run.output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "dataset: imdb-reviews" in out.stdout and "nothing was written" in out.stderr
+    out = _cli("ppo", "--dry-run", "ppo.advantage=vtrace", cwd=tmp_path)
+    assert out.returncode == 2 and "ppo.advantage" in out.stderr
+    assert list(tmp_path.iterdir()) == []
