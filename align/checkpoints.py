@@ -29,7 +29,8 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 # what the steps compute (or only how long the run goes on).
 RESUME_MAY_CHANGE = {"run.resume", "run.save_every", "run.keep_last", "run.plot", "run.log_every",
                      "model.threads", "ppo.iterations", "ppo.time_budget_minutes",
-                     "run.max_nonfinite_steps"}
+                     "run.max_nonfinite_steps", "run.report_to", "reward.timeout_seconds",
+                     "rollout.server_host", "rollout.server_api_key"}
 
 
 def checkpoint_root(run_path: Path) -> Path:

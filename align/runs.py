@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -20,22 +21,71 @@ from .atomic import atomic_write_text
 from .config import dump_yaml
 
 
+class RunError(ValueError):
+    """The run folder cannot be used (held by another process, unwritable, ...)."""
+
+
 class RunDir:
-    def __init__(self, run_cfg, cfg, job: str):
+    """One run's folder, held under an exclusive lock for as long as the job runs.
+
+    Use it as a context manager: on exit the lock is released, and a *fresh* run that failed
+    before it logged a step or wrote a checkpoint leaves nothing behind (bad input writes
+    nothing: the folder this run created is removed)."""
+
+    def __init__(self, run_cfg, cfg, job: str, fresh: bool = True):
         name = run_cfg.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.path = Path(run_cfg.output_dir) / name
         self.metrics_path = self.path / "metrics.jsonl"
         self.resume_from = None
+        self.created, self.fresh, self._lock = None, fresh, None
+        self.trackers: list = []
         if not is_main_process():
             return  # other ranks of a multi-process run read, never write
         try:
+            self.created = _first_missing(self.path)  # the top folder this run creates, if any
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
             raise OSError(f"run.output_dir '{run_cfg.output_dir}': cannot write run folder: {e}") from e
+        self._lock = _acquire_lock(self.path)
+        if fresh and ((self.metrics_path).exists() or ck.list_checkpoints(self.path)):
+            self.close()
+            raise RunError(f"run folder '{self.path}' holds an earlier run; continue it with --resume, "
+                           "or choose another run.name")
         atomic_write_text(self.path / "config.yaml", dump_yaml(cfg))
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and self.created and self.fresh and not self.has_results():
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.path.parents:  # and the output folders it made for itself, if empty
+                if parent == self.created.parent or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+        self.close()
+        return False
+
+    def has_results(self) -> bool:
+        return self.metrics_path.exists() or bool(ck.list_checkpoints(self.path))
+
+    def close(self) -> None:
+        """Close the trackers and release the folder's lock (the lock file stays, empty: a
+        clean release)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+        if self._lock is not None:
+            import fcntl
+
+            self._lock.truncate(0)
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
 
     def log(self, record: dict) -> None:
         if not is_main_process():
@@ -45,6 +95,14 @@ class RunDir:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def open_trackers(self, report_to: list[str], cfg) -> None:
+        """Experiment trackers for a loop align runs itself (PPO); HF trainers (DPO, RM) get
+        ``report_to`` through their TrainingArguments instead."""
+        if is_main_process():
+            self.trackers = [_Tracker(name, self, cfg) for name in report_to]
 
     def trainer_callback(self):
         """A transformers TrainerCallback that appends every log (TRL's metrics) to metrics.jsonl."""
@@ -79,6 +137,82 @@ class RunDir:
         return path
 
 
+class _Tracker:
+    """Numbers of one metrics record to TensorBoard or W&B, by step."""
+
+    def __init__(self, name: str, run: "RunDir", cfg):
+        self.name = name
+        try:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(run.path / "tensorboard"))
+            else:
+                import wandb
+
+                from .config import to_dict
+
+                self.writer = wandb.init(project="align", name=run.path.name, dir=str(run.path),
+                                         config=to_dict(cfg))
+        except ImportError as e:
+            raise RunError(f"run.report_to lists {name}, which is not installed ({e}); "
+                           f"pip install {name}, or drop it from run.report_to") from e
+
+
+    def log(self, record: dict) -> None:
+        step = record.get("step", 0)
+        numbers = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.name == "tensorboard":
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+        else:
+            self.writer.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.name == "tensorboard":
+            self.writer.close()
+        else:
+            self.writer.finish()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None: it all exists)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _acquire_lock(folder: Path):
+    """An exclusive ``flock`` on ``<run>/.lock``, holding this process's id. The kernel drops
+    the lock when its process dies, so a lock file left by a crash is free and is taken over
+    (with a notice); one held by a live process is an error naming it."""
+    import fcntl
+    import os
+
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"run folder '{folder}' is in use by {holder}; wait for it to end, or choose "
+                       "another run.name") from None
+    f.seek(0)
+    stale = f.read().strip()
+    if stale:
+        print(f"note: run folder '{folder}': took over a lock left by {stale}, which is no longer running")
+    f.seek(0)
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 def is_main_process() -> bool:
     """Rank 0 under ``accelerate launch``/torchrun (or a plain single process): the one that
     writes the run folder, checkpoints' shared files and exports."""
@@ -97,8 +231,8 @@ def _shared_name(name: str) -> str:
 
 def start_run(cfg, job: str) -> RunDir:
     """Seed everything from ``run.seed``, set torch's threads (``model.threads``), create or
-    reopen the run folder (``run.resume``), say where it is. ``run.resume_from`` is the
-    checkpoint to continue from, or None."""
+    reopen the run folder (``run.resume``) under its lock, say where it is. ``run.resume_from``
+    is the checkpoint to continue from, or None. Jobs hold it with ``with start_run(...) as run``."""
     import torch
     from transformers import set_seed
 
@@ -118,14 +252,9 @@ def start_run(cfg, job: str) -> RunDir:
         if resume_from is not None:
             ck.check_same_config(folder / "config.yaml", cfg)
             cfg.run.name = folder.name
-    elif is_main_process() and cfg.run.name:
-        folder = Path(cfg.run.output_dir) / cfg.run.name
-        if (folder / "metrics.jsonl").exists() or ck.list_checkpoints(folder):
-            raise ValueError(f"run folder '{folder}' holds an earlier run; continue it with --resume, "
-                             "or choose another run.name")
     if not cfg.run.name:
         cfg.run.name = _shared_name(f"{job}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = RunDir(cfg.run, cfg, job)
+    run = RunDir(cfg.run, cfg, job, fresh=resume_from is None)
     run.resume_from = resume_from
     if resume_from is not None:
         step = ck.checkpoint_step(resume_from)
@@ -151,8 +280,12 @@ def plot_metrics(records: list[dict], keys: list[str], out: Path, title: str = "
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
-    for ax, (k, pts) in zip(axes[0], series.items()):
+    cols = min(3, len(series))  # a grid: six panels in one row were 2,772 px wide
+    rows = -(-len(series) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (k, pts) in zip(axes.flat, series.items()):
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
         ax.set_title(k)

@@ -49,42 +49,42 @@ def run_dpo(cfg) -> dict:
     from .packing import truncation_report
 
     t0 = time.time()
-    run = start_run(cfg, "dpo")
-    train_rows, eval_rows, _ = load_preference_splits(cfg.data)
-    base, tok = load_base(cfg.model)
-    model = add_policy_adapter(base, cfg.lora)
-    model.print_trainable_parameters()
-    stop, guard = guards.GracefulStop(), guards.NonFiniteGuard(cfg.run.max_nonfinite_steps)
-    trainer = _trainer(cfg, run, model, tok, train_rows, stop, guard)
-    cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
-    print(f"training pairs: {cut['message']}")
-    seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}
-    with _timed(seconds, "reference_train"):
-        trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
-            model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
-    held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
-    with _timed(seconds, "train"):
-        trainer.train_resumable(run, stop)
-    adapter_dir = run.path / "adapter"
-    if is_main_process():
-        save_adapter(model, adapter_dir, cfg.model.name)
-    summary = {"train_pairs": len(train_rows), "train_seconds": round(seconds["train"], 1),
-               "steps": trainer.state.global_step, "adapter": str(adapter_dir),
-               "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
-               "truncation": {k: v for k, v in cut.items() if k != "message"}}
-    if held_out is not None and is_main_process():
-        with _timed(seconds, "policy_eval"):
-            summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
-    summary["compute"] = compute_report(model, tokens, seconds)
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    if not is_main_process():
+    with start_run(cfg, "dpo") as run:
+        train_rows, eval_rows, _ = load_preference_splits(cfg.data)
+        base, tok = load_base(cfg.model)
+        model = add_policy_adapter(base, cfg.lora)
+        model.print_trainable_parameters()
+        stop, guard = guards.GracefulStop(), guards.NonFiniteGuard(cfg.run.max_nonfinite_steps)
+        trainer = _trainer(cfg, run, model, tok, train_rows, stop, guard)
+        cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
+        print(f"training pairs: {cut['message']}")
+        seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}
+        with _timed(seconds, "reference_train"):
+            trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
+                model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
+        held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
+        with _timed(seconds, "train"):
+            trainer.train_resumable(run, stop)
+        adapter_dir = run.path / "adapter"
+        if is_main_process():
+            save_adapter(model, adapter_dir, cfg.model.name)
+        summary = {"train_pairs": len(train_rows), "train_seconds": round(seconds["train"], 1),
+                   "steps": trainer.state.global_step, "adapter": str(adapter_dir),
+                   "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
+                   "truncation": {k: v for k, v in cut.items() if k != "message"}}
+        if held_out is not None and is_main_process():
+            with _timed(seconds, "policy_eval"):
+                summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
+        summary["compute"] = compute_report(model, tokens, seconds)
+        summary["wall_seconds"] = round(time.time() - t0, 1)
+        if not is_main_process():
+            return summary
+        run.write_json("summary.json", summary)
+        if cfg.run.plot:
+            plot_metrics(run.read_metrics(), ["loss", "rewards/accuracies", "rewards/margins"],
+                         run.path / "plots.png", title=f"DPO {cfg.model.name}")
+        _print_summary(summary)
         return summary
-    run.write_json("summary.json", summary)
-    if cfg.run.plot:
-        plot_metrics(run.read_metrics(), ["loss", "rewards/accuracies", "rewards/margins"],
-                     run.path / "plots.png", title=f"DPO {cfg.model.name}")
-    _print_summary(summary)
-    return summary
 
 
 @contextlib.contextmanager

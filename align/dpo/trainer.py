@@ -106,7 +106,7 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         # Checkpoints go to <run>/checkpoints/step-N (AtomicCheckpoints), rotated by align.
         save_strategy="steps" if cfg.run.save_every else "no",
         save_steps=cfg.run.save_every or 500,
-        report_to="none",
+        report_to=cfg.run.report_to or "none",
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # LoRA: every trainable weight is used at every step
         bf16=False,
