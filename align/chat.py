@@ -27,6 +27,18 @@ def prompt_ids(tok, messages) -> list[int]:
     return tok(chat_text(tok, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
+def encode_prompts(tok, prompts: list[dict], max_tokens: int) -> int:
+    """Give each prompt (``{"messages": ...}``) its token ids, once, in ``"ids"``; a prompt longer
+    than ``max_tokens`` keeps its *last* tokens (the latest turns and the opened assistant turn).
+    Returns how many were cut."""
+    cut = 0
+    for p in prompts:
+        ids = prompt_ids(tok, p["messages"])
+        cut += len(ids) > max_tokens
+        p["ids"] = ids[-max_tokens:]
+    return cut
+
+
 def trim_at_eos(ids: list[int], eos_id: int) -> tuple[list[int], bool]:
     """Generated ids up to and including the first EOS; ``finished`` says whether there was one."""
     if eos_id in ids:

@@ -15,6 +15,8 @@ import inspect
 import math
 import numbers
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,10 +62,48 @@ def fn_name(fn) -> str:
     return f"{getattr(fn, '__qualname__', repr(fn))} ({where})"
 
 
-def call_reward(fn, prompts: list, completions: list[str], **info) -> list[float]:
-    """Call a reward function and validate its answer."""
+class RewardCancelled(Exception):
+    """The caller gave up waiting for the reward function (e.g. Ctrl-C during the call)."""
+
+
+def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
+    """``fn(prompts, completions, **info)`` in a worker thread, so that a function that hangs
+    cannot hang the run: past ``timeout`` seconds, or once ``cancelled()`` is true, the caller
+    stops waiting (the thread is left to finish on its own; it is a daemon)."""
+    if timeout is None and cancelled is None:
+        return fn(prompts, completions, **info)
+    result: dict = {}
+
+    def work():
+        try:
+            result["out"] = fn(prompts, completions, **info)
+        except BaseException as e:  # handed to the caller's thread below
+            result["error"] = e
+
+    worker = threading.Thread(target=work, name="align-reward", daemon=True)
+    start = time.monotonic()
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+        if cancelled is not None and cancelled():
+            raise RewardCancelled(f"reward function {fn_name(fn)} was still running")
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise RewardError(f"reward function {fn_name(fn)} did not return within "
+                              f"reward.timeout_seconds={timeout:g} s (batch of {len(completions)}); "
+                              "is it waiting on something?")
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
+
+
+def call_reward(fn, prompts: list, completions: list[str], *, timeout: float | None = None,
+                cancelled=None, **info) -> list[float]:
+    """Call a reward function and validate its answer. ``timeout`` (seconds) and
+    ``cancelled`` (a callable) bound how long the caller waits for it."""
     try:
-        out = fn(prompts, completions, **info)
+        out = _call(fn, prompts, completions, info, timeout, cancelled)
+    except (RewardError, RewardCancelled):
+        raise
     except Exception as e:
         raise RewardError(f"reward function {fn_name(fn)} raised {type(e).__name__}: {e} "
                           f"(batch of {len(completions)}; first completion: {completions[0][:80]!r})") from e

@@ -117,3 +117,33 @@ def test_tiny_ppo_job_end_to_end(tmp_path, tiny_model_path):
     assert rep["source"].endswith(f"step-{best}/adapter")
     rep = export(tmp_path / "gae", tmp_path / "step1", checkpoint="1", vllm_check=False)
     assert rep["source"].endswith("step-1/adapter")
+
+
+def test_long_prompts_keep_their_last_tokens_and_set_the_engine_context(tiny_model, tmp_path):
+    from align.chat import encode_prompts, prompt_ids
+    from align.ppo import engine_options
+
+    _, tok = tiny_model
+    prompts = [{"messages": [{"role": "user", "content": "bread " * 400}]},
+               {"messages": [{"role": "user", "content": "hi"}]}]
+    full = prompt_ids(tok, prompts[0]["messages"])
+    assert encode_prompts(tok, prompts, max_tokens=64) == 1
+    assert prompts[0]["ids"] == full[-64:] and len(full) > 64  # the opened assistant turn survives
+    assert prompts[1]["ids"] == prompt_ids(tok, prompts[1]["messages"])
+    cfg = load_config("ppo", None, ["rollout.max_prompt_tokens=300", "rollout.max_new_tokens=40"])
+    assert engine_options(cfg, None).max_model_len == 340
+
+
+def test_ppo_shows_progress_within_an_iteration(tmp_path, tiny_model_path, capsys):
+    from align.ppo import run_ppo
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {w}."}) for w in "abcdef"))
+    run_ppo(load_config("ppo", None, [
+        f"model.name={tiny_model_path}", f"data.dataset={prompts}", "data.eval_prompts=2",
+        "rollout.max_new_tokens=4", "rollout.max_prompt_tokens=8", "reward.function=reward.examples:length_target",
+        "ppo.iterations=1", "ppo.prompts_per_iteration=2", "ppo.minibatch_size=4",
+        f"run.output_dir={tmp_path}", "run.name=p", "run.plot=false"]))
+    out = capsys.readouterr().out
+    assert "[it 1/1] 4 answers: generate, reward, score ... update ... sync hf ..." in out
+    assert "prompts: 6 of 6 are longer than rollout.max_prompt_tokens=8" in out

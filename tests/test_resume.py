@@ -237,3 +237,47 @@ def test_second_signal_exits_at_once(tmp_path):
     assert proc.wait(timeout=10) == 128 + signal.SIGTERM
     err = proc.stderr.read()
     assert "SIGTERM received" in err and "second SIGTERM: exiting now" in err
+
+
+HANGS_ON_THIRD_CALL = '''
+import pathlib, time
+calls = 0
+def fn(prompts, completions, **info):
+    global calls
+    calls += 1
+    if calls == 3:  # call 1: held-out eval at iteration 0; call 2: iteration 1; 3: iteration 2
+        pathlib.Path(__file__).with_name("hanging").write_text("yes")
+        time.sleep(600)
+    return [float(len(c)) for c in completions]
+'''
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
+def test_ctrl_c_while_the_reward_function_hangs(tmp_path, tiny_model_path, prompts, signals):
+    """The first Ctrl-C stops waiting on the reward function at once (the last checkpoint is
+    where to resume); a second one exits at once. Either way the checkpoint is intact."""
+    (tmp_path / "hang.py").write_text(HANGS_ON_THIRD_CALL)
+    args = [a for a in _ppo_args(tiny_model_path, prompts) if not a.startswith("reward.function")]
+    proc = _cli([*args, f"reward.function={tmp_path / 'hang.py'}:fn", f"run.output_dir={tmp_path}",
+                 "run.name=h", "run.save_every=1", "run.plot=false"], tmp_path / "h.log")
+    t0 = time.time()
+    while not (tmp_path / "hanging").exists():
+        assert proc.poll() is None, (tmp_path / "h.log").read_text()[-3000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    t = time.time()
+    # 130 from align, or death by the second SIGINT once align's handler is gone (a shell shows 130)
+    assert proc.wait(timeout=30) in (128 + signal.SIGINT, -signal.SIGINT)
+    assert time.time() - t < 10  # not the reward's 600 s, nor its 300 s timeout
+    log = (tmp_path / "h.log").read_text()
+    if signals == 1:
+        assert "stopped by SIGINT; checkpoint saved to" in log and "step-1" in log
+    ckpts = tmp_path / "h" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-1"]
+    import torch
+
+    state = torch.load(ckpts / "step-1" / "trainer_state.pt", weights_only=False)
+    assert state["iteration"] == 1

@@ -57,3 +57,27 @@ def test_bad_outputs_name_function_and_sample(user_file, name, message):
 def test_bad_specs(spec, message):
     with pytest.raises(RewardError, match=message):
         load_reward_fn(spec)
+
+
+def test_timeout_and_cancel_bound_the_wait(tmp_path):
+    import threading
+    import time
+
+    from reward.api import RewardCancelled
+
+    (tmp_path / "slow.py").write_text("import time\ndef fn(p, c, **k):\n    time.sleep(20)\n    return [0.0] * len(c)\n")
+    fn = load_reward_fn(f"{tmp_path / 'slow.py'}:fn")
+    t = time.monotonic()
+    with pytest.raises(RewardError, match=r"did not return within reward.timeout_seconds=0.3 s"):
+        call_reward(fn, ["p"], ["a"], timeout=0.3)
+    assert time.monotonic() - t < 5
+    flag = threading.Event()
+    threading.Timer(0.2, flag.set).start()
+    t = time.monotonic()
+    with pytest.raises(RewardCancelled):
+        call_reward(fn, ["p"], ["a"], timeout=60, cancelled=flag.is_set)
+    assert time.monotonic() - t < 5
+    # a quick function is unaffected by the bound, and its errors are still named
+    assert call_reward(lambda p, c, **k: [1.0] * len(c), ["p"], ["a"], timeout=5) == [1.0]
+    with pytest.raises(RewardError, match="raised ZeroDivisionError"):
+        call_reward(lambda p, c, **k: [1 / 0], ["p"], ["a"], timeout=5)

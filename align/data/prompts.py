@@ -6,7 +6,7 @@ import random
 import re
 from pathlib import Path
 
-from ..assets import resolve_dataset
+from ..assets import check_hub, resolve_dataset
 from .hh_rlhf import find_subset_file
 from .preference import read_preference_jsonl
 from .rows import DataError, LoadReport, iter_jsonl
@@ -36,6 +36,10 @@ def _read_rows(path: Path, field: str):
 
 def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
     """(train, eval) lists of ``{"messages": [...], "source": where}`` from a PromptDataConfig."""
+    if not cfg.dataset:
+        raise DataError("data.dataset is not set: name your prompts (a .jsonl/.parquet file or folder, "
+                        "a Hub id), e.g. data.dataset=my_prompts.jsonl, or run the demo with "
+                        "--config configs/ppo_imdb_sentiment.yaml")
     root = Path(resolve_dataset(cfg.dataset))
     prompts: list[tuple[str, str | list]] = []
     if root.is_dir() and any((root / s).is_dir() for s in ("helpful-base", "harmless-base")):
@@ -50,6 +54,7 @@ def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
         else:
             import datasets
 
+            check_hub(cfg.dataset, "dataset")
             ds = datasets.load_dataset(cfg.dataset, split="train")
             files = []
             prompts = [(f"{cfg.dataset}[row {i}]", _text(r.get(cfg.text_field), f"{cfg.dataset}[row {i}]",
@@ -62,9 +67,11 @@ def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
                     raise DataError(f"{where}: missing field '{cfg.text_field}' (data.text_field)")
                 prompts.append((where, _text(row[cfg.text_field], where, cfg.text_field)))
     stop = cfg.rows_stop or len(prompts)
-    prompts = prompts[cfg.rows_start:stop]
+    total, prompts = len(prompts), prompts[cfg.rows_start:stop]
     if not prompts:
-        raise DataError(f"prompt dataset '{cfg.dataset}': no prompts in rows [{cfg.rows_start}:{stop})")
+        raise DataError(f"prompt dataset '{cfg.dataset}' has {total} rows, none in data.rows_start:"
+                        f"data.rows_stop = [{cfg.rows_start}:{stop}) (for all rows: data.rows_start=0 "
+                        "data.rows_stop=0)")
     out = [{"messages": _to_messages(p, cfg), "source": where} for where, p in prompts]
     random.Random(cfg.seed).shuffle(out)
     n_eval = min(cfg.eval_prompts, len(out) // 2)

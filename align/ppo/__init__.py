@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["run_ppo", "engine_options"]
+__all__ = ["run_ppo", "engine_options", "check_config"]
+
+
+def check_config(cfg) -> None:
+    """The checks that need PPO's own code (its registries); ConfigError names the key. Run
+    before anything is written, and by ``align ppo --dry-run``."""
+    from .advantages import get_estimator
+
+    get_estimator(cfg.ppo)
 
 
 def run_ppo(cfg) -> dict:
     """Check the choices, then: prompts -> base + roles -> rollout engine -> the loop -> adapter."""
     from .. import distributed
     from ..adapters import save_adapter
+    from ..chat import encode_prompts
     from ..data.prompts import load_prompts
     from ..models import load_base
     from ..rollout import make_engine
@@ -18,29 +27,34 @@ def run_ppo(cfg) -> dict:
     from .advantages import get_estimator
     from .trainer import train_ppo
 
+    check_config(cfg)  # an unknown estimator fails before anything is written
+    estimator = get_estimator(cfg.ppo)
     distributed.init()
-    estimator = get_estimator(cfg.ppo)  # an unknown estimator fails before anything is written
     _check_divisible(cfg, distributed.world_size())
     t0 = time.time()
-    run = start_run(cfg, "ppo")
-    train_prompts, eval_prompts = load_prompts(cfg.data)
-    print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
-    base, tok = load_base(cfg.model)
-    ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic).to(distributed.device())
-    engine = make_engine(cfg.rollout.engine, engine_options(cfg, run), ac.model, tok)
-    try:
-        summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
-    finally:
-        engine.close()
-    if distributed.rank() != 0:
+    with start_run(cfg, "ppo") as run:
+        run.open_trackers(cfg.run.report_to, cfg)
+        train_prompts, eval_prompts = load_prompts(cfg.data)
+        print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
+        base, tok = load_base(cfg.model)
+        cut = encode_prompts(tok, train_prompts + eval_prompts, cfg.rollout.max_prompt_tokens)
+        print(f"prompts: {cut} of {len(train_prompts) + len(eval_prompts)} are longer than "
+              f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} (their oldest tokens dropped)")
+        ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic).to(distributed.device())
+        engine = make_engine(cfg.rollout.engine, engine_options(cfg, run), ac.model, tok)
+        try:
+            summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
+        finally:
+            engine.close()
+        if distributed.rank() != 0:
+            return summary
+        summary["adapter"] = str(save_adapter(ac.model, run.path / "adapter", cfg.model.name))
+        summary["wall_seconds"] = round(time.time() - t0, 1)
+        summary["engine"] = cfg.rollout.engine
+        summary["processes"] = distributed.world_size()
+        run.write_json("summary.json", summary)
+        _report(cfg, run, summary)
         return summary
-    summary["adapter"] = str(save_adapter(ac.model, run.path / "adapter", cfg.model.name))
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    summary["engine"] = cfg.rollout.engine
-    summary["processes"] = distributed.world_size()
-    run.write_json("summary.json", summary)
-    _report(cfg, run, summary)
-    return summary
 
 
 def engine_options(cfg, run):
@@ -50,6 +64,8 @@ def engine_options(cfg, run):
 
     return EngineOptions(base_path=resolve_model(cfg.model.name), base_name=cfg.model.name,
                          max_lora_rank=cfg.lora.r, seed=cfg.run.seed, sync=cfg.rollout.sync,
+                         max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                         host=cfg.rollout.server_host, api_key=cfg.rollout.server_api_key,
                          server_devices=cfg.rollout.server_devices,
                          log_dir=str(run.path) if run is not None else None)
 

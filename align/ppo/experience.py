@@ -9,7 +9,6 @@ import torch
 from reward.api import call_reward
 
 from .. import distributed
-from ..chat import prompt_ids
 from ..rollout.base import Completion, SamplingConfig
 from . import losses
 
@@ -72,17 +71,17 @@ def collate(completions: list[Completion], pad_id: int, device=None):
 
 
 @torch.no_grad()
-def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, estimator, kl_coef: float,
-                    sampling: SamplingConfig) -> Experience:
-    """``prompts`` are chat messages; each is sampled ``cfg.ppo.samples_per_prompt`` times.
-    ``estimator`` (:mod:`align.ppo.advantages`) turns scores, KL and values into advantages."""
+def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estimator, kl_coef: float,
+                    sampling: SamplingConfig, cancelled=None) -> Experience:
+    """``prompts`` carry ``messages`` and their token ``ids`` (:func:`align.chat.encode_prompts`);
+    each is sampled ``cfg.ppo.samples_per_prompt`` times. ``estimator``
+    (:mod:`align.ppo.advantages`) turns scores, KL and values into advantages."""
     k = cfg.ppo.samples_per_prompt
-    token_ids = [prompt_ids(tok, m) for m in prompts]
-    completions = engine.generate([p for p in token_ids for _ in range(k)], sampling)
-    prompt_text = [m[-1]["content"] for m in prompts for _ in range(k)]
+    completions = engine.generate([p["ids"] for p in prompts for _ in range(k)], sampling)
+    prompt_text = [p["messages"][-1]["content"] for p in prompts for _ in range(k)]
     comp_text = [c.text for c in completions]
     finished = [c.finished for c in completions]
-    scores = score_completions(reward_fn, prompt_text, completions, cfg.reward.truncation_penalty, ac.device)
+    scores = score_completions(reward_fn, prompt_text, completions, cfg.reward, ac.device, cancelled)
 
     ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id, ac.device)
     was_training = ac.training
@@ -103,14 +102,17 @@ def make_experience(ac, engine, tok, prompts: list[list[dict]], reward_fn, cfg, 
                       engine_logprob_gap(completions, old_logp, mask))
 
 
-def score_completions(reward_fn, prompt_text: list[str], completions: list[Completion],
-                      truncation_penalty: float = 0.0, device=None) -> torch.Tensor:
-    """The reward function's scores, plus ``truncation_penalty`` for answers cut without EOS."""
+def score_completions(reward_fn, prompt_text: list[str], completions: list[Completion], reward_cfg,
+                      device=None, cancelled=None, penalize: bool = True) -> torch.Tensor:
+    """The reward function's scores (bounded by ``reward.timeout_seconds``), plus
+    ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``."""
     truncated = [not c.finished for c in completions]
     scores = torch.tensor(call_reward(reward_fn, prompt_text, [c.text for c in completions],
+                                      timeout=reward_cfg.timeout_seconds, cancelled=cancelled,
                                       truncated=truncated), device=device)
-    if truncation_penalty:
-        scores = scores + truncation_penalty * torch.tensor([float(t) for t in truncated], device=device)
+    if penalize and reward_cfg.truncation_penalty:
+        scores = scores + reward_cfg.truncation_penalty * torch.tensor([float(t) for t in truncated],
+                                                                       device=device)
     return scores
 
 

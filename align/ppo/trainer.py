@@ -7,13 +7,14 @@ checkpoint must hold to continue after a crash as if nothing happened.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 
 import torch
 
-from reward.api import load_reward_fn
+from reward.api import RewardCancelled, load_reward_fn
 
 from .. import checkpoints, distributed
 from ..adapters import save_adapter
@@ -72,6 +73,10 @@ class PPOLoop:
         self.t_start, self.last_saved = time.time(), None
         self.samples_path = run.path / "samples.jsonl" if distributed.rank() == 0 else os.devnull
 
+    def progress(self, text: str) -> None:
+        """Where an iteration is, as it goes (an iteration can take minutes)."""
+        self.log(text, end="", flush=True)
+
     # -- start / resume ----------------------------------------------------------------
     def start(self) -> int:
         self.evaluate(0)  # the initial held-out numbers every later evaluation is compared with
@@ -92,18 +97,33 @@ class PPOLoop:
         p, world, rank = self.cfg.ppo, distributed.world_size(), distributed.rank()
         share = p.prompts_per_iteration // world
         picked = self.order.take(p.prompts_per_iteration)[rank * share:(rank + 1) * share]
-        batch = [self.train_prompts[i]["messages"] for i in picked]
+        batch = [self.train_prompts[i] for i in picked]
         k = p.samples_per_prompt
         seeds = [((self.cfg.run.seed * 1_000_003 + it) * 100_003 + (rank * share + j)) * 101 + s
                  for j in range(len(batch)) for s in range(k)]
         r = self.cfg.rollout
         sampling = SamplingConfig(r.max_new_tokens, r.temperature, r.top_p, row_seeds=seeds)
         gen_before = self.engine.stats.seconds
-        exp = make_experience(self.ac, self.engine, self.tok, batch, self.reward_fn, self.cfg,
-                              self.estimator, self.kl.beta, sampling)
+        self.progress(f"[it {it}/{p.iterations}] {len(batch) * k * world} answers: generate, reward, score ...")
+        with self._reward_interruptible():
+            exp = make_experience(self.ac, self.engine, self.tok, batch, self.reward_fn, self.cfg,
+                                  self.estimator, self.kl.beta, sampling, cancelled=self._cancelled)
         return exp, self.engine.stats.seconds - gen_before
 
+    def _cancelled(self) -> bool:
+        return self.stop.requested
+
+    @contextlib.contextmanager
+    def _reward_interruptible(self):
+        """A signal while the reward function runs stops the wait at once: the iteration is
+        abandoned and the last checkpoint is the place to resume from (a second signal exits)."""
+        try:
+            yield
+        except RewardCancelled:
+            raise Interrupted(self.stop.signum, checkpoints.latest_checkpoint(self.run.path)) from None
+
     def update(self, exp, it: int) -> dict:
+        self.progress(" update ...")
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
             return ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it)
         # e.g. a critic that diverged: no update from this batch
@@ -111,6 +131,7 @@ class PPOLoop:
         return {}
 
     def sync(self, it: int) -> tuple[float, dict]:
+        self.progress(f" sync {self.engine.name} ...\n")
         t = time.time()
         self.engine.sync(self.ac.model, it)
         seconds = time.time() - t
@@ -150,8 +171,9 @@ class PPOLoop:
         """Reward and KL on the held-out prompts (a fixed sampling seed, so runs compare)."""
         if not self.eval_prompts:
             return None
-        ev = evaluate_prompts(self.ac, self.engine, self.tok, [q["messages"] for q in self.eval_prompts],
-                              self.reward_fn, self.cfg, self.cfg.run.seed + 12345)
+        with self._reward_interruptible():
+            ev = evaluate_prompts(self.ac, self.engine, self.tok, self.eval_prompts, self.reward_fn, self.cfg,
+                                  self.cfg.run.seed + 12345, cancelled=self._cancelled)
         with open(self.samples_path, "a") as f:
             for s in ev.pop("samples"):
                 f.write(json.dumps({"iteration": it, "split": "eval", **s}) + "\n")

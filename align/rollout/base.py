@@ -47,7 +47,10 @@ class EngineOptions:
     max_lora_rank: int = 8
     seed: int = 0
     sync: str = "lora"              # vLLM: lora | merged | auto
+    max_model_len: int = 1024       # longest prompt + answer the engine must hold
     server_devices: str = ""        # vllm-server: CUDA_VISIBLE_DEVICES of the server process
+    host: str = "127.0.0.1"         # vllm-server: where it listens
+    api_key: str = ""               # vllm-server: required key ("" = a random one per start)
     log_dir: str | None = None      # where a server engine writes its log
 
     def __post_init__(self):

@@ -49,6 +49,7 @@ class VLLMEngine(RolloutEngine):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         from vllm import LLM
 
+        print(f"starting the vLLM engine ({sync} sync; ~10-30 s on a CPU)", flush=True)
         self.tok = tokenizer
         self.sync_mode = sync
         self.base_name = base_name or base_path
@@ -68,7 +69,7 @@ class VLLMEngine(RolloutEngine):
         sync + generation round of each strategy and keeps the faster engine."""
         def make(mode):
             return cls(opts.base_path, tok, max_lora_rank=opts.max_lora_rank, sync=mode,
-                       seed=opts.seed, base_name=opts.base_name)
+                       seed=opts.seed, base_name=opts.base_name, max_model_len=opts.max_model_len)
 
         if opts.sync != "auto":
             eng = make(opts.sync)
