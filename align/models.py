@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .assets import AssetError, hub_offline, offline_hint, resolve_model
+from .assets import AssetError, check_hub, offline_hint, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,6 +28,8 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     where, extra = _split_gguf(resolve_model(name))
+    if where == name:
+        check_hub(name, "model")
     try:
         tok = AutoTokenizer.from_pretrained(where, **extra)
     except OSError as e:
@@ -49,8 +51,8 @@ def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
                       else (AutoModelForSequenceClassification, {"num_labels": 1}))
     resolved = resolve_model(model_cfg.name)
     where, extra = _split_gguf(resolved)
-    if where == model_cfg.name and not Path(where).exists() and hub_offline():
-        raise AssetError(offline_hint(model_cfg.name, "model"))
+    if where == model_cfg.name:  # not local, not in the mirror: only the Hub has it
+        check_hub(model_cfg.name, "model")
     try:
         model = auto.from_pretrained(where, dtype=_DTYPES[model_cfg.dtype], **extra, **extra_kw)
     except OSError as e:

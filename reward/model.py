@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
 def load_reward_model(path: str):
@@ -31,7 +32,7 @@ def score_texts(model, tok, texts: list[str], batch_size: int = 8, max_length: i
     tok.padding_side = "right"
     out = []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc="reward-model scores", leave=False):
         idx = order[s:s + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                   max_length=max_length, add_special_tokens=False)

@@ -7,8 +7,6 @@ The head is trained once (seconds) and cached beside the mirror.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -21,12 +19,12 @@ CLASSIFIER_ROWS = (0, 1200)  # reviews used to fit the head; PPO prompts come fr
 
 
 def read_imdb(path: str | Path | None = None) -> list[dict]:
+    from align.data.rows import LoadReport, iter_jsonl
+
     path = Path(path or resolve_dataset("imdb-reviews"))
     if path.is_dir():
         path = path / "reviews.jsonl.gz"
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in iter_jsonl(path, LoadReport(), strict=True)]
 
 
 def clean_review(text: str) -> str:

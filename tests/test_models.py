@@ -33,3 +33,21 @@ def test_unknown_model_offline_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not found in the mirror"):
         load_base(ModelConfig(name="nobody/no-such-model"))
+
+
+def test_mistyped_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    """No minute of Hub-client retries before the mirror hint."""
+    import time
+
+    from align import assets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # a name that never resolves
+    assets.hub_reachable.cache_clear()
+    t = time.monotonic()
+    try:
+        with pytest.raises(FileNotFoundError, match="not found in the mirror"):
+            load_base(ModelConfig(name="nobody/typo-model"))
+    finally:
+        assets.hub_reachable.cache_clear()
+    assert time.monotonic() - t < 10

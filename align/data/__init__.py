@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..assets import AssetError, offline_hint, resolve_dataset
+from ..assets import AssetError, check_hub, offline_hint, resolve_dataset
 from .hh_rlhf import find_subset_file
 from .rows import DataError, LoadReport
 from .preference import read_preference_file, read_preference_jsonl, read_preference_records
@@ -54,6 +54,7 @@ def load_preference_split(dataset: str, subsets: list[str], split: str, limit: i
 def _load_from_hub(dataset: str, subsets: list[str], split: str, strict: bool):
     import datasets
 
+    check_hub(dataset, "dataset")
     rows, report = [], LoadReport()
     for subset in subsets or [None]:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,16 +49,23 @@ def open_text(path: Path):
 
 
 def iter_jsonl(path: Path, report: LoadReport, strict: bool = False):
-    """Yield ``(where, row)`` per JSON line; malformed lines are counted (or raise under strict)."""
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
+    """Yield ``(where, row)`` per JSON line; malformed lines are counted (or raise under strict).
+    A file that ends early (a cut download, a truncated ``.gz``) is always an error naming the
+    file and its last good line: silently training on part of a file is worse than stopping."""
+    lineno = 0
+    try:
+        with open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
+    except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: truncated or corrupt after line {lineno} ({type(e).__name__}: {e}); "
+                        "the file is incomplete, download or copy it again") from e
 
 
 def collect_pairs(items, parse, report: LoadReport, strict: bool = False, limit: int = 0) -> list[dict]:
