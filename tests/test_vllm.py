@@ -90,8 +90,11 @@ def test_sampled_logprobs_match_trainer(engine, tiny_ac):
 
 
 def test_server_mode_serves_adapter_on_loopback(tiny_ac, tiny_model_path):
-    """`vllm serve` in its own process: starts, loads the adapter at runtime, decodes like the
-    trainer, and is gone after close()."""
+    """`vllm serve` in its own process: starts, refuses requests without its API key, loads the
+    adapter at runtime, decodes like the trainer, and is gone after close()."""
+    import urllib.error
+    import urllib.request
+
     from align.rollout.parity import check_parity
     from align.rollout.vllm_server import VLLMServerEngine
 
@@ -100,6 +103,9 @@ def test_server_mode_serves_adapter_on_loopback(tiny_ac, tiny_model_path):
     server = VLLMServerEngine(tiny_model_path, tok, base_name=tiny_model_path)
     try:
         assert server.url.startswith("http://127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as err:  # no API key, no service
+            urllib.request.urlopen(f"{server.url}/v1/models", timeout=10)
+        assert err.value.code == 401
         server.sync(ac.model, 1)
         assert check_parity(server, ac.model, tok, PROMPTS)["mismatches"] == []
         _update(ac, 31)
