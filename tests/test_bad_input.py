@@ -1,10 +1,16 @@
 """The bad-input catalogue: every case is something users really hand align, and each must fail
-with a message naming the culprit (file:line, config key, function or folder) -- and write
-nothing. One row per case; ``python -m pytest tests/test_bad_input.py -v`` lists them."""
+with a message naming the culprit (file:line, config key, function or folder) -- and write or
+change nothing on disk. A case *prepares* its input files (the user's), then *triggers* the
+failure; the folder is listed with hashes between the two and after, and must be identical.
+One row per case; ``python -m pytest tests/test_bad_input.py -v`` lists them."""
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,33 +28,47 @@ def _jsonl(path: Path, lines: list) -> Path:
     return path
 
 
+def _gz_cut(path: Path, lines: list) -> Path:
+    """A .jsonl.gz cut short, as a broken download leaves it."""
+    data = gzip.compress(("\n".join(json.dumps(x) for x in lines) + "\n").encode())
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
+
+
 def _pairs(tmp, lines, strict=True):
     from align.data import load_preference_split
 
-    return load_preference_split(str(_jsonl(tmp / "pairs.jsonl", lines)), [], "", strict=strict)
+    path = _jsonl(tmp / "pairs.jsonl", lines)
+    return lambda: load_preference_split(str(path), [], "", strict=strict)
+
+
+def _prompt_cfg(dataset, **kw):
+    from align.config import PromptDataConfig
+
+    return PromptDataConfig(**{"dataset": str(dataset), "text_field": "prompt", "first_words": 0,
+                               "template": "{text}", "rows_start": 0, "rows_stop": 0, "eval_prompts": 0, **kw})
 
 
 def _prompts(tmp, lines, field="prompt"):
-    from align.config import PromptDataConfig
     from align.data.prompts import load_prompts
 
     path = _jsonl(tmp / "prompts.jsonl", lines)
-    return load_prompts(PromptDataConfig(dataset=str(path), text_field=field, first_words=0,
-                                         template="{text}", rows_start=0, rows_stop=0, eval_prompts=0))
+    return lambda: load_prompts(_prompt_cfg(path, text_field=field))
 
 
-def _reward(tmp, body: str, name="fn"):
+def _reward(tmp, body: str, name="fn", timeout=None):
     from reward.api import call_reward, load_reward_fn
 
     (tmp / "my_reward.py").write_text(body)
-    return call_reward(load_reward_fn(f"{tmp / 'my_reward.py'}:{name}"), ["p", "q"], ["a", "b"])
+    return lambda: call_reward(load_reward_fn(f"{tmp / 'my_reward.py'}:{name}"), ["p", "q"], ["a", "b"],
+                               timeout=timeout)
 
 
 def _load_model(name: str):
     from align.config import ModelConfig
     from align.models import load_base
 
-    return load_base(ModelConfig(name=name))
+    return lambda: load_base(ModelConfig(name=name))
 
 
 def _truncated_gguf(tmp):
@@ -68,7 +88,7 @@ def _truncated_adapter(tmp, tiny_adapter):
     shutil.copytree(tiny_adapter, bad)
     data = (bad / "adapter_model.safetensors").read_bytes()
     (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
-    return export(bad, tmp / "out", vllm_check=False)
+    return lambda: export(bad, tmp / "out", vllm_check=False)
 
 
 def _not_writable_output(tmp):
@@ -76,13 +96,13 @@ def _not_writable_output(tmp):
 
     (tmp / "blocker").write_text("a file where the output folder should be")
     cfg = load_config("dpo", None, [f"run.output_dir={tmp / 'blocker' / 'runs'}", "run.name=x"])
-    return start_run(cfg, "dpo")
+    return lambda: start_run(cfg, "dpo")
 
 
 def _cli_config(tmp, text: str, *overrides):
     path = tmp / "job.yaml"
     path.write_text(text)
-    return load_config("ppo", path, list(overrides))
+    return lambda: load_config("ppo", path, list(overrides))
 
 
 def _too_long_pairs(tmp):
@@ -96,8 +116,11 @@ def _too_long_pairs(tmp):
         def __len__(self):
             return 3
 
-    rep = truncation_report(DS(ds), max_length=384, max_prompt_length=256)
-    raise DataError(rep["message"])  # surfaced as the run prints it
+    def trigger():
+        rep = truncation_report(DS(ds), max_length=384, max_prompt_length=256)
+        raise DataError(rep["message"])  # surfaced as the run prints it
+
+    return trigger
 
 
 def _resume_changed(tmp, tiny_model_path):
@@ -106,8 +129,122 @@ def _resume_changed(tmp, tiny_model_path):
 
     saved = load_config("dpo", None, [f"model.name={tiny_model_path}"])
     (tmp / "config.yaml").write_text(dump_yaml(saved))
-    return check_same_config(tmp / "config.yaml", load_config("dpo", None, [
+    return lambda: check_same_config(tmp / "config.yaml", load_config("dpo", None, [
         f"model.name={tiny_model_path}", "train.beta=0.3"]))
+
+
+def _config(job, *overrides):
+    return lambda: load_config(job, None, list(overrides))
+
+
+def _ppo_check(*overrides):
+    from align.ppo import check_config
+
+    return lambda: check_config(load_config("ppo", None, list(overrides)))
+
+
+def _train_splits(tmp, lines):
+    from align.config import DataConfig
+    from align.data import load_preference_splits
+
+    path = _jsonl(tmp / "pairs.jsonl", lines)
+    return lambda: load_preference_splits(DataConfig(dataset=str(path), train_subsets=[], eval_subsets=[]))
+
+
+def _pairs_path(path):
+    from align.data import load_preference_split
+
+    return lambda: load_preference_split(str(path), [], "")
+
+
+def _reward_spec(spec):
+    from reward.api import load_reward_fn
+
+    return lambda: load_reward_fn(spec)
+
+
+def _export_into_non_empty(tmp, adapter):
+    from align.export import export
+
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("user's file")
+    return lambda: export(adapter, tmp / "out", vllm_check=False)
+
+
+def _tiny_run(tmp, adapter, name="run"):
+    """A run folder as `align dpo` leaves it (config, metrics, adapter, a checkpoint)."""
+    run = tmp / "runs" / name
+    shutil.copytree(adapter, run / "adapter")
+    shutil.copytree(adapter, run / "checkpoints" / "step-1" / "adapter")
+    (run / "config.yaml").write_text(f"model:\n  name: {json.loads((adapter / 'adapter_config.json').read_text())['base_model_name_or_path']}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    return run
+
+
+def _export_onto_source(tmp, adapter, where: str):
+    from align.export import export
+
+    run = _tiny_run(tmp, adapter)
+    out = {"same": run, "inside": run / "exported", "parent": run.parent}[where]
+    return lambda: export(run, out, force=True, vllm_check=False)
+
+
+def _job(tmp, job: str, *overrides):
+    """A whole job through the CLI's entry (as `align JOB ...` runs it), writing under tmp/runs."""
+    import contextlib
+    import io
+
+    from align.cli import main
+
+    def trigger():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main([job, *overrides, f"run.output_dir={tmp / 'runs'}", "run.name=bad"])
+        raise RuntimeError(f"exit {rc}: {err.getvalue()}")
+
+    return trigger
+
+
+def _dpo_bad_data(tmp, tiny_model_path):
+    path = _jsonl(tmp / "pairs.jsonl", [PAIR, "{not json"])
+    return _job(tmp, "dpo", f"model.name={tiny_model_path}", f"data.dataset={path}", "data.train_subsets=[]",
+                "data.eval_subsets=[]", "data.strict=true")
+
+
+def _ppo_job(tmp, tiny_model_path, *overrides):
+    path = _jsonl(tmp / "prompts.jsonl", [{"prompt": "Hi"}, {"prompt": "Yo"}, {"prompt": "Hey"}])
+    return _job(tmp, "ppo", f"model.name={tiny_model_path}", f"data.dataset={path}", "data.eval_prompts=1",
+                "ppo.prompts_per_iteration=2", "ppo.minibatch_size=2", "reward.function=reward.examples:length_target",
+                *overrides)
+
+
+def _locked_run_folder(tmp, tiny_model_path):
+    """Another live process holds the run folder's lock."""
+    run = tmp / "runs" / "bad"
+    run.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(run / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write('process 4242 on testhost'); f.flush(); print('held', flush=True); time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    _locked_run_folder.holder = holder
+    return _job(tmp, "dpo", f"model.name={tiny_model_path}")
+
+
+def _hanging_reward(tmp):
+    return _reward(tmp, "import time\ndef fn(p, c, **k):\n    time.sleep(30)\n    return [0.0] * len(c)\n",
+                   timeout=0.5)
+
+
+def _ctrl_c_while_loading(tmp, tiny_model_path, monkeypatch):
+    import align.models
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(align.models, "load_base", interrupted)
+    return _job(tmp, "dpo", f"model.name={tiny_model_path}")
 
 
 CASES = [
@@ -131,6 +268,19 @@ CASES = [
     ("dialogues_too_long", lambda t, a: _too_long_pairs(t),
      DataError, ["1 of 3 pairs have prompts longer than train.max_prompt_length=256",
                  "1 have an answer cut to fit train.max_length=384"]),
+    ("pairs_gz_truncated", lambda t, a: _pairs_path(_gz_cut(t / "pairs.jsonl.gz", [PAIR] * 400)),
+     DataError, ["pairs.jsonl.gz", "truncated or corrupt after line"]),
+    ("prompts_gz_truncated", lambda t, a: (lambda p: lambda: __import__("align.data.prompts").data.prompts
+                                           .load_prompts(_prompt_cfg(p)))(
+        _gz_cut(t / "prompts.jsonl.gz", [{"prompt": f"tell me about {i}"} for i in range(400)])),
+     DataError, ["prompts.jsonl.gz", "truncated or corrupt after line"]),
+    ("prompts_rows_window_empty", lambda t, a: (lambda p: lambda: __import__("align.data.prompts").data.prompts
+                                                .load_prompts(_prompt_cfg(p, rows_start=1200, rows_stop=2000)))(
+        _jsonl(t / "prompts.jsonl", [{"prompt": "a"}, {"prompt": "b"}])),
+     DataError, ["has 2 rows", "[1200:2000)", "data.rows_start=0 data.rows_stop=0"]),
+    ("prompts_dataset_not_set", lambda t, a: lambda: __import__("align.data.prompts").data.prompts
+     .load_prompts(_prompt_cfg("")),
+     DataError, ["data.dataset is not set", "configs/ppo_imdb_sentiment.yaml"]),
     # --- models and adapters ------------------------------------------------------------
     ("unknown_model_offline", lambda t, a: _load_model("nobody/no-such-model"),
      AssetError, ["nobody/no-such-model", "mirror", "prepare-assets"]),
@@ -141,24 +291,68 @@ CASES = [
     ("adapter_truncated", lambda t, a: _truncated_adapter(t, a["adapter"]),
      Exception, ["adapter_model.safetensors", "truncated or corrupt"]),
     # --- config -------------------------------------------------------------------------
-    ("config_unknown_key", lambda t, a: load_config("dpo", None, ["train.learnin_rate=1e-4"]),
+    ("config_unknown_key", lambda t, a: _config("dpo", "train.learnin_rate=1e-4"),
      ConfigError, ["train.learnin_rate", "known in this section"]),
-    ("config_wrong_type", lambda t, a: load_config("dpo", None, ["train.batch_size=eight"]),
+    ("config_wrong_type", lambda t, a: _config("dpo", "train.batch_size=eight"),
      ConfigError, ["train.batch_size", "expects int"]),
     ("config_yaml_invalid", lambda t, a: _cli_config(t, "ppo: [unclosed\n"),
      ConfigError, ["job.yaml", "not valid YAML"]),
-    ("config_file_missing", lambda t, a: load_config("dpo", t / "missing.yaml"),
+    ("config_file_missing", lambda t, a: lambda: load_config("dpo", t / "missing.yaml"),
      ConfigError, ["missing.yaml", "does not exist"]),
     ("config_wrong_type_in_file", lambda t, a: _cli_config(t, "lora:\n  r: [8]\n"),
      ConfigError, ["job.yaml", "lora.r", "expects int"]),
-    ("lora_rank_zero", lambda t, a: load_config("ppo", None, ["lora.r=0"]),
+    ("lora_rank_zero", lambda t, a: _config("ppo", "lora.r=0"),
      ConfigError, ["lora.r", "must be > 0"]),
-    ("lora_alpha_negative", lambda t, a: load_config("dpo", None, ["lora.alpha=-16"]),
+    ("lora_rank_in_the_billions", lambda t, a: _config("dpo", "lora.r=3000000000"),
+     ConfigError, ["lora.r", "<= 1024", "3000000000"]),
+    ("lora_alpha_negative", lambda t, a: _config("dpo", "lora.alpha=-16"),
      ConfigError, ["lora.alpha", "must be > 0"]),
-    ("batch_not_divisible", lambda t, a: load_config("ppo", None, ["ppo.prompts_per_iteration=5",
-                                                                   "ppo.samples_per_prompt=3"]),
+    ("lora_dropout_one", lambda t, a: _config("dpo", "lora.dropout=1"),
+     ConfigError, ["lora.dropout", "< 1.0"]),
+    ("learning_rate_nan", lambda t, a: _config("dpo", "train.learning_rate=nan"),
+     ConfigError, ["train.learning_rate", "finite", "nan"]),
+    ("learning_rate_inf", lambda t, a: _config("ppo", "ppo.learning_rate=inf"),
+     ConfigError, ["ppo.learning_rate", "finite"]),
+    ("beta_negative", lambda t, a: _config("dpo", "train.beta=-0.1"),
+     ConfigError, ["train.beta", "must be > 0"]),
+    ("warmup_ratio_above_one", lambda t, a: _config("dpo", "train.warmup_ratio=1.5"),
+     ConfigError, ["train.warmup_ratio", "<= 1.0"]),
+    ("max_train_pairs_negative", lambda t, a: _config("dpo", "data.max_train_pairs=-5"),
+     ConfigError, ["data.max_train_pairs", ">= 0"]),
+    ("prompt_length_not_below_length", lambda t, a: _config("dpo", "train.max_prompt_length=128"),
+     ConfigError, ["train.max_prompt_length", "smaller than train.max_length"]),
+    ("temperature_zero", lambda t, a: _config("ppo", "rollout.temperature=0"),
+     ConfigError, ["rollout.temperature", "must be > 0"]),
+    ("top_p_zero", lambda t, a: _config("ppo", "rollout.top_p=0"),
+     ConfigError, ["rollout.top_p", "> 0.0"]),
+    ("kl_coef_negative", lambda t, a: _config("ppo", "ppo.kl_coef=-0.05"),
+     ConfigError, ["ppo.kl_coef", ">= 0"]),
+    ("value_learning_rate_negative", lambda t, a: _config("ppo", "ppo.value_learning_rate=-1e-4"),
+     ConfigError, ["ppo.value_learning_rate", "must be > 0"]),
+    ("gamma_above_one", lambda t, a: _config("ppo", "ppo.gamma=1.5"),
+     ConfigError, ["ppo.gamma", "<= 1.0"]),
+    ("kl_estimator_unknown", lambda t, a: _config("ppo", "ppo.kl_estimator=k2"),
+     ConfigError, ["ppo.kl_estimator", "k1 or k3"]),
+    ("dtype_unknown", lambda t, a: _config("dpo", "model.dtype=float64"),
+     ConfigError, ["model.dtype", "float32, bfloat16 or float16"]),
+    ("keep_last_zero", lambda t, a: _config("rm", "run.keep_last=0"),
+     ConfigError, ["run.keep_last", ">= 1"]),
+    ("rollout_engine_unknown", lambda t, a: _config("ppo", "rollout.engine=sglang"),
+     ConfigError, ["rollout.engine", "hf, vllm or vllm-server", "sglang"]),
+    ("advantage_unknown", lambda t, a: _ppo_check("ppo.advantage=ppo2"),
+     ConfigError, ["ppo.advantage", "gae, grpo, rloo", "ppo2"]),
+    ("group_baseline_needs_group", lambda t, a: _ppo_check("ppo.advantage=rloo", "ppo.samples_per_prompt=1",
+                                                            "ppo.minibatch_size=16"),
+     ConfigError, ["ppo.samples_per_prompt", ">= 2", "rloo"]),
+    ("template_unknown_field", lambda t, a: _config("ppo", "data.template=Review: {review}"),
+     ConfigError, ["data.template", "only the field {text}", "{review}"]),
+    ("template_without_text", lambda t, a: _config("ppo", "data.template=Continue the review."),
+     ConfigError, ["data.template", "must contain {text}"]),
+    ("report_to_unknown", lambda t, a: _config("dpo", "run.report_to=[mlflow]"),
+     ConfigError, ["run.report_to", "mlflow"]),
+    ("batch_not_divisible", lambda t, a: _config("ppo", "ppo.prompts_per_iteration=5", "ppo.samples_per_prompt=3"),
      ConfigError, ["ppo.minibatch_size", "= 15"]),
-    ("resume_value_unknown", lambda t, a: load_config("rm", None, ["run.resume=yes"]),
+    ("resume_value_unknown", lambda t, a: _config("rm", "run.resume=yes"),
      ConfigError, ["run.resume", "off, auto or must"]),
     ("resume_changed_config", lambda t, a: _resume_changed(t, a["tiny_model_path"]),
      ConfigError, ["train.beta: 0.1 -> 0.3", "config.yaml"]),
@@ -175,43 +369,30 @@ CASES = [
      RewardError, ["fn", "raised KeyError"]),
     ("reward_import_error", lambda t, a: _reward(t, "import no_such_package_xyz\n"),
      RewardError, ["my_reward.py", "no_such_package_xyz"]),
-    # --- output folders -----------------------------------------------------------------
+    ("reward_hangs", lambda t, a: _hanging_reward(t),
+     RewardError, ["fn", "my_reward.py:2", "reward.timeout_seconds=0.5"]),
+    # --- output folders and whole jobs --------------------------------------------------
     ("output_dir_not_writable", lambda t, a: _not_writable_output(t),
      OSError, ["run.output_dir", "blocker"]),
     ("export_out_not_empty", lambda t, a: _export_into_non_empty(t, a["adapter"]),
      Exception, ["not empty", "--force"]),
+    ("export_out_is_the_run", lambda t, a: _export_onto_source(t, a["adapter"], "same"),
+     Exception, ["--out", "overlaps the source", "runs/run"]),
+    ("export_out_inside_the_run", lambda t, a: _export_onto_source(t, a["adapter"], "inside"),
+     Exception, ["exported", "overlaps the source"]),
+    ("export_out_contains_the_run", lambda t, a: _export_onto_source(t, a["adapter"], "parent"),
+     Exception, ["overlaps the source"]),
+    ("dpo_job_bad_data_writes_nothing", lambda t, a: _dpo_bad_data(t, a["tiny_model_path"]),
+     RuntimeError, ["exit 1", "pairs.jsonl:2", "malformed JSON"]),
+    ("ppo_job_unknown_estimator", lambda t, a: _ppo_job(t, a["tiny_model_path"], "ppo.advantage=vtrace"),
+     RuntimeError, ["exit 2", "ppo.advantage", "vtrace"]),
+    ("ppo_job_tracker_not_installed", lambda t, a: _ppo_job(t, a["tiny_model_path"], "run.report_to=[wandb]"),
+     RuntimeError, ["exit 1", "run.report_to lists wandb", "not installed"]),
+    ("run_folder_in_use", lambda t, a: _locked_run_folder(t, a["tiny_model_path"]),
+     RuntimeError, ["exit 1", "runs/bad", "in use by process 4242 on testhost"]),
+    ("ctrl_c_while_loading", lambda t, a: _ctrl_c_while_loading(t, a["tiny_model_path"], a["monkeypatch"]),
+     RuntimeError, ["exit 130", "align: interrupted"]),
 ]
-
-
-def _train_splits(tmp, lines):
-    from align.config import DataConfig
-    from align.data import load_preference_splits
-
-    path = _jsonl(tmp / "pairs.jsonl", lines)
-    return load_preference_splits(DataConfig(dataset=str(path), train_subsets=[], eval_subsets=[]))
-
-
-def _pairs_path(path):
-    from align.data import load_preference_split
-
-    return load_preference_split(str(path), [], "")
-
-
-def _reward_spec(spec):
-    from reward.api import load_reward_fn
-
-    return load_reward_fn(spec)
-
-
-def _export_into_non_empty(tmp, adapter):
-    from align.export import export
-
-    (tmp / "out").mkdir()
-    (tmp / "out" / "keep.txt").write_text("user's file")
-    try:
-        export(adapter, tmp / "out", vllm_check=False)
-    finally:
-        assert (tmp / "out" / "keep.txt").read_text() == "user's file"  # nothing overwritten
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +400,8 @@ def tiny_adapter(tiny_model, tmp_path_factory):
     """A PEFT adapter folder on the tiny model, as any run writes it."""
     import copy
 
-    from align.config import LoraConfig
     from align.adapters import save_adapter
+    from align.config import LoraConfig
     from align.models import add_policy_adapter
 
     base, _ = tiny_model
@@ -229,20 +410,41 @@ def tiny_adapter(tiny_model, tmp_path_factory):
     return out
 
 
-def test_catalogue_has_at_least_20_cases():
-    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with a hash of its bytes (folders: 'dir'), but for
+    Python's bytecode cache."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if "__pycache__" in p.parts:  # Python's own cache beside an imported reward file
+            continue
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
-@pytest.mark.parametrize("name, trigger, exc, culprits", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_names_the_culprit(name, trigger, exc, culprits, tmp_path, tiny_adapter, tiny_model_path):
-    before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(exc) as info:
-        trigger(tmp_path, {"adapter": tiny_adapter, "tiny_model_path": tiny_model_path})
+def test_catalogue_has_at_least_50_cases():
+    assert len(CASES) >= 50 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name, prepare, exc, culprits", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_names_the_culprit(name, prepare, exc, culprits, tmp_path, tiny_adapter, tiny_model_path,
+                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything written relative to the working folder shows up too
+    trigger = prepare(tmp_path, {"adapter": tiny_adapter, "tiny_model_path": tiny_model_path,
+                                 "monkeypatch": monkeypatch})
+    before = _snapshot(tmp_path)
+    try:
+        with pytest.raises(exc) as info:
+            trigger()
+    finally:
+        holder = getattr(_locked_run_folder, "holder", None)
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+            _locked_run_folder.holder = None
     message = str(info.value)
     for culprit in culprits:
         assert culprit in message, f"{name}: {culprit!r} not in {message!r}"
-    # the failure wrote no output folder of its own
-    after = sorted(p.name for p in tmp_path.iterdir())
-    assert not (set(after) - set(before)) - {"pairs.jsonl", "prompts.jsonl", "my_reward.py", "job.yaml",
-                                             "blocker", "cut.gguf", "adapter", "out", "config.yaml"}
-    assert not (tmp_path / "out").exists() or name == "export_out_not_empty"
+    after = _snapshot(tmp_path)
+    assert after == before, f"{name}: the failure changed the disk: " \
+        f"{sorted(set(after.items()) ^ set(before.items()))[:5]}"
