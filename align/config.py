@@ -54,8 +54,15 @@ class ModelConfig:
     # A Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local HF folder or a ``.gguf`` file.
     # Hub ids are looked up in the offline mirror first (see align/assets.py).
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    # fp32 on CPU: this CPU has no avx512_bf16 and bf16 matmuls are ~4x slower.
-    dtype: str = _choice("float32", "float32", "bfloat16", "float16")
+    # auto: bfloat16 on a GPU that has it, else float32 (this CPU has no avx512_bf16; bf16
+    # matmuls were ~4x slower here). The engine (vLLM) runs the same dtype.
+    dtype: str = _choice("auto", "auto", "float32", "bfloat16", "float16")
+    # auto: this process's GPU (LOCAL_RANK) when there is one, else the CPU.
+    device: str = _choice("auto", "auto", "cpu", "cuda")
+    # The attention backend. auto: sdpa, or eager for models whose attention sdpa would change
+    # (Gemma-2's logit softcapping). sdpa and eager score DPO pairs packed (one row per pair);
+    # flash_attention_2 / flex_attention take no custom mask, so pairs become two rows there.
+    attention: str = _choice("auto", "auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
     # CPU threads for torch; 0 = leave torch's default.
     threads: int = _nonneg(0)
 

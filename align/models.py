@@ -16,6 +16,40 @@ from .assets import AssetError, check_hub, offline_hint, resolve_model
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(name: str) -> str:
+    """``model.dtype``; ``auto`` is bfloat16 on a GPU that supports it, else float32."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def resolve_attention(choice: str, config) -> str:
+    """``model.attention`` for this model. transformers' sdpa path drops attention logit
+    softcapping (Gemma-2): the model would silently compute something else than it defines
+    (measured: vLLM, which applies it, then disagrees by up to 1 nat per token). So ``auto``
+    picks eager there, and an explicit sdpa is refused."""
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if choice == "auto":
+        return "eager" if softcap else "sdpa"
+    if softcap and choice == "sdpa":
+        from .config import ConfigError
+
+        raise ConfigError(f"key 'model.attention': sdpa would drop {type(config).__name__}'s attention "
+                          f"logit softcapping ({softcap}); use eager (model.attention=auto picks it)")
+    return choice
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device``; ``auto`` (and ``cuda``) is this process's GPU (LOCAL_RANK)."""
+    import os
+
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("model.device is 'cuda' but torch sees no GPU (torch.cuda.is_available() is False)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _split_gguf(path: str) -> tuple[str, dict]:
     """A ``.gguf`` file loads through its folder plus ``gguf_file=``."""
     p = Path(path)
@@ -43,7 +77,7 @@ def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
     """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer.
     ``kind``: ``causal`` (a causal LM) or ``classifier`` (the same backbone with a 1-output
     score head, for reward models)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind not in ("causal", "classifier"):
         raise ValueError(f"load_base: kind must be causal or classifier, got {kind!r}")
@@ -54,7 +88,10 @@ def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
     if where == model_cfg.name:  # not local, not in the mirror: only the Hub has it
         check_hub(model_cfg.name, "model")
     try:
-        model = auto.from_pretrained(where, dtype=_DTYPES[model_cfg.dtype], **extra, **extra_kw)
+        config = AutoConfig.from_pretrained(where, **extra)
+        model = auto.from_pretrained(where, dtype=_DTYPES[resolve_dtype(model_cfg.dtype)],
+                                     attn_implementation=resolve_attention(model_cfg.attention, config),
+                                     **extra, **extra_kw)
     except OSError as e:
         raise AssetError(f"{offline_hint(model_cfg.name, 'model')} ({e})") from e
     except Exception as e:
@@ -114,10 +151,9 @@ def reference_mode(peft_model):
 
 
 def count_base_copies(model) -> int:
-    """How many distinct storages hold the base's embedding matrix (1 = no second copy)."""
-    storages = {
-        p.untyped_storage().data_ptr()
-        for n, p in model.named_parameters()
-        if n.endswith("embed_tokens.weight")
-    }
-    return len(storages)
+    """How many distinct storages hold the base's input embedding matrix (1 = no second copy),
+    whatever the architecture calls it (``embed_tokens``, ``embed_in``, ``wte``...)."""
+    emb = model.get_input_embeddings().weight
+    leaf = next(n for n, p in model.named_parameters() if p is emb).split(".")[-2]
+    return len({p.untyped_storage().data_ptr() for n, p in model.named_parameters()
+                if n.endswith(f"{leaf}.weight") and p.shape == emb.shape})

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from reward.model import score_texts
 
 from .adapters import save_adapter
 from .chat import chat_text
+from .models import resolve_device, resolve_dtype
 
 
 def new_reward_model(model_cfg, lora_cfg):
@@ -66,7 +65,8 @@ def run_rm(cfg) -> dict:
             max_steps=t.max_steps if t.max_steps > 0 else -1, warmup_steps=t.warmup_ratio,
             max_grad_norm=t.max_grad_norm, max_length=t.max_length, logging_steps=cfg.run.log_every,
             save_strategy="steps" if cfg.run.save_every else "no", save_steps=cfg.run.save_every or 500,
-            report_to=cfg.run.report_to or "none", use_cpu=not torch.cuda.is_available(), seed=cfg.run.seed, data_seed=cfg.data.seed,
+            report_to=cfg.run.report_to or "none", use_cpu=resolve_device(cfg.model.device).type == "cpu",
+            bf16=resolve_dtype(cfg.model.dtype) == "bfloat16", fp16=resolve_dtype(cfg.model.dtype) == "float16", seed=cfg.run.seed, data_seed=cfg.data.seed,
             dataloader_num_workers=0)
 
         ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])

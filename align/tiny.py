@@ -1,4 +1,5 @@
-"""Tiny random Llama-style models with a locally trained tokenizer, for fast logic tests.
+"""Tiny random causal LMs (Llama by default; Qwen, Mistral, Gemma, Phi, GPT-NeoX, OLMo too) with
+a locally trained tokenizer, for fast logic tests.
 
 No download: the BPE tokenizer is trained on a few sentences in memory, the weights are
 random. head_dim is 64 so that vLLM's CPU attention accepts the model (16 is unsupported).
@@ -43,24 +44,41 @@ def make_tiny_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def make_tiny_model(out_dir: str | Path, *, layers: int = 2, hidden: int = 128, heads: int = 2,
-                    kv_heads: int = 1, intermediate: int = 256, seed: int = 0,
-                    vocab_size: int = 512) -> Path:
-    """Write a random tiny LlamaForCausalLM + tokenizer folder to ``out_dir``; return it."""
+# model_type -> config keys beyond the common ones (head_dim 64 for vLLM's CPU attention).
+ARCHITECTURES = {
+    "llama": {"num_key_value_heads": 1, "head_dim": 64},
+    "qwen2": {"num_key_value_heads": 1},
+    "qwen3": {"num_key_value_heads": 1, "head_dim": 64},
+    "mistral": {"num_key_value_heads": 1, "head_dim": 64},
+    "gemma2": {"num_key_value_heads": 1, "head_dim": 64, "query_pre_attn_scalar": 64},
+    "phi3": {"num_key_value_heads": 1},
+    "gpt_neox": {"rotary_pct": 0.5},
+    "olmo2": {"num_key_value_heads": 1},
+}
+
+
+def make_tiny_model(out_dir: str | Path, *, arch: str = "llama", layers: int = 2, hidden: int = 128,
+                    heads: int = 2, kv_heads: int = 1, intermediate: int = 256, seed: int = 0,
+                    vocab_size: int = 512, **config_overrides) -> Path:
+    """Write a random tiny causal LM of ``arch`` (a transformers model_type, see ARCHITECTURES)
+    + tokenizer folder to ``out_dir``; return it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
     tok = make_tiny_tokenizer(vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden // heads, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    extra = dict(ARCHITECTURES[arch])
+    if "num_key_value_heads" in extra:
+        extra["num_key_value_heads"] = kv_heads
+    if "head_dim" in extra:
+        extra["head_dim"] = hidden // heads
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **{**extra, **config_overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -118,14 +118,56 @@ def _output_type():
     return FusedCausalLMOutput
 
 
+# Backends that take an arbitrary 4-D mask: sdpa (boolean, True = attend) and eager (which ADDS
+# the mask to the scores, so it must be additive: 0 or -inf -- a boolean one silently becomes
+# +1/0 there and every token sees every other). FlashAttention-2 and flex take no such mask.
+PACKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window some layer of this model uses, or None (all layers see everything)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types_ = getattr(config, "layer_types", None)
+    if types_ is not None:
+        return window if "sliding_attention" in types_ else None
+    return None if getattr(config, "use_sliding_window", True) is False else window
+
+
+def packing_blocker(config, packed_position_ids: torch.Tensor) -> str | None:
+    """Why a packed batch would not be exact for this model (None: it is). A user-supplied 4-D
+    mask replaces the model's own masks, sliding-window ones included, so a window shorter than
+    the rows makes packing inexact too."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in PACKABLE_ATTENTION:
+        return f"attention backend '{impl}' takes no custom 4-D mask"
+    window = sliding_window(config)
+    longest = int(packed_position_ids.max()) + 1
+    if window and longest > window:
+        return f"the model's sliding window ({window}) is shorter than a row ({longest} tokens)"
+    return None
+
+
+def attention_mask_for(config, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The packed row's boolean mask in the form the model's backend applies correctly."""
+    if (getattr(config, "_attn_implementation", None) or "eager") == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
 def install_packed_forward(model) -> None:
     """Make ``model(..., labels, fused_lm_head=True, packed_*)`` score packed pairs.
 
     ``model`` is the bare causal LM (PEFT's base model); its LoRA layers stay in place, so
     the adapter (or its absence, for the reference) is honoured. Without ``fused_lm_head``
-    the model's own forward runs, so generation is unchanged.
+    the model's own forward runs, so generation is unchanged. Where packing would not be exact
+    (:func:`packing_blocker`) the batch is scored as two ordinary rows per pair instead -- the
+    same numbers, more compute -- and a notice says so once.
     """
     plain_forward = type(model).forward.__get__(model)
+    noticed = set()
 
     def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None,
                 packed_input_ids=None, packed_position_ids=None, packed_attention_mask=None,
@@ -136,12 +178,19 @@ def install_packed_forward(model) -> None:
             return plain_forward(*args, **kwargs)
         if packed_input_ids is None:
             raise ValueError("packed forward needs the PackedPairCollator's packed_* tensors")
-        kwargs.pop("input_ids", None)
-        kwargs.pop("attention_mask", None)
+        input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
         kwargs["use_cache"] = False
+        why = packing_blocker(self.config, packed_position_ids)
+        if why is not None:  # two rows per pair: the virtual layout the collator also emits
+            if why not in noticed:
+                noticed.add(why)
+                print(f"notice: {why}: scoring each pair as two rows, not one packed row (exact, slower)")
+            hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            rows_src = torch.arange(input_ids.size(1) - 1, device=hidden.device).expand(input_ids.size(0), -1)
+            return score_labels(self, hidden, labels, rows_src, num_items_in_batch)
+        mask = attention_mask_for(self.config, packed_attention_mask, self.get_input_embeddings().weight.dtype)
         hidden = self.base_model(
-            input_ids=packed_input_ids, position_ids=packed_position_ids,
-            attention_mask=packed_attention_mask, **kwargs,
+            input_ids=packed_input_ids, position_ids=packed_position_ids, attention_mask=mask, **kwargs,
         ).last_hidden_state
         return score_labels(self, hidden, labels, packed_src, num_items_in_batch)
 

@@ -14,6 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer
 
 from ..checkpoints import AtomicCheckpoints
+from ..models import resolve_device, resolve_dtype
 from .packing import PackedPairCollator, install_packed_forward, packed_length
 
 
@@ -107,9 +108,10 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         save_strategy="steps" if cfg.run.save_every else "no",
         save_steps=cfg.run.save_every or 500,
         report_to=cfg.run.report_to or "none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=resolve_device(cfg.model.device).type == "cpu",
         ddp_find_unused_parameters=False,  # LoRA: every trainable weight is used at every step
-        bf16=False,
+        bf16=resolve_dtype(cfg.model.dtype) == "bfloat16",  # not run here: no GPU on this machine
+        fp16=resolve_dtype(cfg.model.dtype) == "float16",
         seed=cfg.run.seed,
         data_seed=cfg.data.seed,
         dataloader_num_workers=0,

@@ -20,7 +20,7 @@ def run_ppo(cfg) -> dict:
     from ..adapters import save_adapter
     from ..chat import encode_prompts
     from ..data.prompts import load_prompts
-    from ..models import load_base
+    from ..models import load_base, resolve_device
     from ..rollout import make_engine
     from ..runs import start_run
     from .actor_critic import ActorCritic
@@ -40,7 +40,7 @@ def run_ppo(cfg) -> dict:
         cut = encode_prompts(tok, train_prompts + eval_prompts, cfg.rollout.max_prompt_tokens)
         print(f"prompts: {cut} of {len(train_prompts) + len(eval_prompts)} are longer than "
               f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} (their oldest tokens dropped)")
-        ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic).to(distributed.device())
+        ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic).to(resolve_device(cfg.model.device))
         engine = make_engine(cfg.rollout.engine, engine_options(cfg, run), ac.model, tok)
         try:
             summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
@@ -60,9 +60,11 @@ def run_ppo(cfg) -> dict:
 def engine_options(cfg, run):
     """What the rollout engine needs from the job's config."""
     from ..assets import resolve_model
+    from ..models import resolve_dtype
     from ..rollout.base import EngineOptions
 
     return EngineOptions(base_path=resolve_model(cfg.model.name), base_name=cfg.model.name,
+                         dtype=resolve_dtype(cfg.model.dtype),
                          max_lora_rank=cfg.lora.r, seed=cfg.run.seed, sync=cfg.rollout.sync,
                          max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
                          host=cfg.rollout.server_host, api_key=cfg.rollout.server_api_key,

@@ -44,6 +44,7 @@ class EngineOptions:
 
     base_path: str                  # a local folder (the mirror's) or a Hub id to load
     base_name: str = ""             # the base as users know it, written into adapter configs
+    dtype: str = "float32"          # the trainer's dtype: the engine must compute what it does
     max_lora_rank: int = 8
     seed: int = 0
     sync: str = "lora"              # vLLM: lora | merged | auto

@@ -33,6 +33,41 @@ class MergedSyncUnsupported(RuntimeError):
     """This vLLM build cannot load merged weights into a running engine."""
 
 
+class EngineStartError(RuntimeError):
+    """vLLM refused the model (architecture, dtype, LoRA layout); the message names them."""
+
+
+def _refuse_transformers_fallback(base_path: str, sync: str) -> None:
+    """Architectures vLLM has no model of its own for run through its transformers fallback,
+    which patches transformers' classes *in this process*: the trainer's own model of that
+    architecture then breaks (measured: GPT-NeoX, OLMo-2). In-process vLLM is refused for them;
+    ``vllm-server`` runs vLLM in its own process. (vLLM's registry is private API: the
+    architecture matrix in tests/test_architectures.py pins this check.)"""
+    from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS
+
+    archs = _architecture(base_path).split(", ")
+    if not any(a in _TEXT_GENERATION_MODELS for a in archs):
+        raise EngineStartError(f"vLLM {_vllm_version()} has no native model for {', '.join(archs)} "
+                               f"('{base_path}', {sync} sync): its transformers fallback would patch the "
+                               "trainer's own model classes in this process; use rollout.engine=vllm-server "
+                               "(a separate process) or rollout.engine=hf")
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "?")
+
+
+def _architecture(path: str) -> str:
+    import json
+
+    try:
+        return ", ".join(json.loads((Path(path) / "config.json").read_text()).get("architectures", []))
+    except (OSError, ValueError):
+        return "unknown architecture"
+
+
 def _fast_dir() -> Path:
     shm = Path("/dev/shm")
     root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
@@ -43,12 +78,13 @@ class VLLMEngine(RolloutEngine):
     name = "vllm"
 
     def __init__(self, base_path: str, tokenizer, *, max_lora_rank: int = 8, sync: str = "lora",
-                 seed: int = 0, max_model_len: int = 1024, kv_cache_gib: int = 2,
+                 seed: int = 0, max_model_len: int = 1024, kv_cache_gib: int = 2, dtype: str = "float32",
                  base_name: str | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         from vllm import LLM
 
+        _refuse_transformers_fallback(base_path, sync)
         print(f"starting the vLLM engine ({sync} sync; ~10-30 s on a CPU)", flush=True)
         self.tok = tokenizer
         self.sync_mode = sync
@@ -56,8 +92,19 @@ class VLLMEngine(RolloutEngine):
         lora_kwargs = {}
         if sync == "lora":  # a merged engine has no LoRA layers, so its weights load by HF name
             lora_kwargs = dict(enable_lora=True, max_lora_rank=max(8, max_lora_rank), max_loras=2)
-        self.llm = LLM(model=base_path, dtype="float32", enforce_eager=True, seed=seed,
-                       max_model_len=max_model_len, gpu_memory_utilization=0.25, **lora_kwargs)
+        try:
+            self.llm = LLM(model=base_path, dtype=dtype, enforce_eager=True, seed=seed,
+                           max_model_len=max_model_len, gpu_memory_utilization=0.25, **lora_kwargs)
+            # One token through the engine now: some architectures start and only fail when
+            # they first run (e.g. vLLM's transformers fallback), which must not be mid-training.
+            from vllm import SamplingParams
+
+            self.llm.generate([{"prompt_token_ids": [tokenizer.eos_token_id]}], SamplingParams(max_tokens=1),
+                              use_tqdm=False)
+        except Exception as e:  # an architecture, dtype or LoRA layout this vLLM build refuses
+            raise EngineStartError(f"vLLM {_vllm_version()} could not start for '{base_path}' "
+                                   f"({_architecture(base_path)}, {sync} sync): {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}; use rollout.engine=hf") from e
         self.stats = EngineStats()
         self.version = -1
         self._lora = None  # the LoRARequest of the current version (lora mode)
@@ -68,7 +115,7 @@ class VLLMEngine(RolloutEngine):
         """An engine serving ``peft_model`` (version 0) with ``opts.sync``; ``auto`` times one
         sync + generation round of each strategy and keeps the faster engine."""
         def make(mode):
-            return cls(opts.base_path, tok, max_lora_rank=opts.max_lora_rank, sync=mode,
+            return cls(opts.base_path, tok, max_lora_rank=opts.max_lora_rank, sync=mode, dtype=opts.dtype,
                        seed=opts.seed, base_name=opts.base_name, max_model_len=opts.max_model_len)
 
         if opts.sync != "auto":
@@ -137,13 +184,16 @@ class VLLMEngine(RolloutEngine):
         weights = self._merged_linear_weights(peft_model)
 
         def load(model):
-            try:
+            from vllm.config import set_current_vllm_config
+
+            # Re-packing builds vLLM layer helpers, which read the engine's config.
+            with set_current_vllm_config(self.llm.llm_engine.vllm_config):
+                if any(hasattr(m, "cpu_linear") for m in model.modules()):
+                    # vLLM's CPU backend pre-packs each linear's weight for oneDNN at start and
+                    # drops the parameter (and its weight_loader): load_weights cannot reach it.
+                    return _repack_cpu_linears(model, weights)
                 model.load_weights(weights.items())
                 return "load_weights"
-            except AttributeError:
-                # vLLM's CPU backend pre-packs each linear's weight for oneDNN at start and drops
-                # the parameter (and its weight_loader), so load_weights cannot reach it.
-                return _repack_cpu_linears(model, weights)
 
         self.llm.apply_model(load)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights

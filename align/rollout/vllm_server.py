@@ -141,7 +141,7 @@ class VLLMServerEngine(RolloutEngine):
     name = "vllm-server"
 
     def __init__(self, base_path: str, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str = "", max_lora_rank: int = 8, max_model_len: int = 1024,
+                 api_key: str = "", max_lora_rank: int = 8, max_model_len: int = 1024, dtype: str = "float32",
                  startup_timeout: float = 300, request_timeout: float = 300, base_name: str | None = None,
                  log_path: str | Path | None = None, devices: str | None = None):
         self.tok = tokenizer
@@ -151,7 +151,7 @@ class VLLMServerEngine(RolloutEngine):
         self._dir = Path(tempfile.mkdtemp(prefix="align-server-adapters-"))
         print(f"starting a vLLM server on {host} (~30 s on a CPU)", flush=True)
         self.server = ServerProcess(
-            base_path, ["--dtype", "float32", "--enforce-eager", "--enable-lora",
+            base_path, ["--dtype", dtype, "--enforce-eager", "--enable-lora",
                         "--max-lora-rank", str(max(8, max_lora_rank)), "--max-loras", "2",
                         "--max-model-len", str(max_model_len), "--served-model-name", "base"],
             host=host, port=port, api_key=api_key, log_path=log_path, devices=devices,
@@ -164,7 +164,7 @@ class VLLMServerEngine(RolloutEngine):
         from .. import distributed
 
         log = Path(opts.log_dir) / f"vllm-server-rank{distributed.rank()}.log" if opts.log_dir else None
-        engine = cls(opts.base_path, tok, host=opts.host, api_key=opts.api_key,
+        engine = cls(opts.base_path, tok, host=opts.host, api_key=opts.api_key, dtype=opts.dtype,
                      max_lora_rank=opts.max_lora_rank, max_model_len=opts.max_model_len,
                      base_name=opts.base_name, log_path=log, devices=opts.server_devices or None)
         engine.sync(peft_model, 0)
