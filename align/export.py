@@ -281,7 +281,7 @@ def _verify_in_vllm(out: Path, base_name: str, merged: bool, tok) -> dict | None
         return None
     from .rollout.vllm_check import greedy_parity
 
-    print(f"checking the export in vLLM: greedy decoding must equal transformers' (engine start "
+    print("checking the export in vLLM: greedy decoding must equal transformers' (engine start "
           "~30 s on a CPU; --no-vllm-check skips)", flush=True)
     result = greedy_parity(out, base_name, merged=merged, prompts=VERIFY_PROMPTS)
     if not result["match"]:
