@@ -27,6 +27,31 @@ def prompt_ids(tok, messages) -> list[int]:
     return tok(chat_text(tok, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
+def answer_ids(tok, prompt, answer, prompt_tokens: list[int] | None = None) -> list[int]:
+    """Token ids of ``answer`` as it follows ``prompt`` in the rendered conversation (so that
+    prompt ids + answer ids are exactly the conversation's ids): chat messages go through the
+    template (its end-of-turn tokens included); plain text gets the EOS token appended."""
+    if isinstance(prompt, str):
+        return tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    p = prompt_tokens if prompt_tokens is not None else prompt_ids(tok, prompt)
+    full = tok(chat_text(tok, prompt + answer), add_special_tokens=False)["input_ids"]
+    if full[:len(p)] == p:
+        return full[len(p):]
+    # The template renders the prompt differently inside the conversation: tokenize the text after it.
+    head = chat_text(tok, prompt, add_generation_prompt=True)
+    text = chat_text(tok, prompt + answer)
+    return tok(text[len(head):] if text.startswith(head) else text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_pair(tok, row: dict) -> dict:
+    """A preference row (``prompt``, ``chosen``, ``rejected``; text or messages) as the token ids
+    the packed collators take."""
+    p = prompt_ids(tok, row["prompt"]) if not isinstance(row["prompt"], str) else \
+        tok(row["prompt"], add_special_tokens=False)["input_ids"]
+    return {"prompt_ids": p, "chosen_ids": answer_ids(tok, row["prompt"], row["chosen"], p),
+            "rejected_ids": answer_ids(tok, row["prompt"], row["rejected"], p)}
+
+
 def encode_prompts(tok, prompts: list[dict], max_tokens: int) -> int:
     """Give each prompt (``{"messages": ...}``) its token ids, once, in ``"ids"``; a prompt longer
     than ``max_tokens`` keeps its *last* tokens (the latest turns and the opened assistant turn).

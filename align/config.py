@@ -91,6 +91,13 @@ class DataConfig:
     eval_split: str = ""
     max_train_pairs: int = _nonneg(1000)  # 0 = all
     max_eval_pairs: int = _nonneg(500)
+    # Which training rows: all, or one of two fixed halves (a stable hash of each row's file and
+    # line): models trained on half-a and half-b never saw each other's pairs (e.g. a PPO reward
+    # model and the independent judge of its policy).
+    train_rows: str = _choice("all", "all", "half-a", "half-b")
+    # Hold out this many of the training pairs (seeded) as a validation split: tune on these,
+    # never on the evaluation subsets.
+    validation_pairs: int = _nonneg(0)
     # Raise on the first bad row instead of counting and skipping it.
     strict: bool = False
     seed: int = 0
@@ -170,6 +177,8 @@ class PromptDataConfig:
     # Wrapped in the chat template as one user turn; {text} is the field's text (the only field).
     template: str = "{text}"
     subsets: list[str] = field(default_factory=list)
+    # HH-RLHF: held-out prompts from these subsets instead of from `subsets` (never trained on).
+    eval_subsets: list[str] = field(default_factory=list)
     # Rows [start:stop) of the source (0 = to the end): keep prompts apart from data a reward
     # model was fitted on.
     rows_start: int = _nonneg(0)
@@ -206,11 +215,31 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    # `path/to/file.py:function` or `package.module:function`.
+    # function: a Python function (`reward.function`); classifier: an `align rm` reward model;
+    # dpo: a DPO adapter's implicit reward beta * (log pi - log pi_ref) of the answer. Adapters
+    # go onto the policy's own base (no second copy) and see the whole conversation.
+    kind: str = _choice("function", "function", "classifier", "dpo")
+    # `path/to/file.py:function` or `package.module:function` (kind function).
     function: str = "reward.sentiment:positive_sentiment"
+    # A run folder or adapter folder (kinds classifier and dpo), trained on the policy's base.
+    adapter: str = ""
+    # kind dpo: beta of the implicit reward (0 = the DPO run's train.beta, else 0.1).
+    beta: float = _nonneg(0.0)
     # Added to the score of answers cut at max_new_tokens without an EOS (0 = no penalty).
     truncation_penalty: float = _num(0.0)
     # A reward call that takes longer stops the run with an error naming the function.
+    timeout_seconds: float = _pos(300.0)
+
+
+@dataclass
+class JudgeConfig:
+    # A second reward the policy never trains against, to check what it learned: at every
+    # held-out evaluation it scores the answers, and at the end policy vs base answers give a
+    # win rate with a 95% CI. none | function | classifier | dpo, as for `reward`.
+    kind: str = _choice("none", "none", "function", "classifier", "dpo")
+    function: str = ""
+    adapter: str = ""
+    beta: float = _nonneg(0.0)
     timeout_seconds: float = _pos(300.0)
 
 
@@ -255,6 +284,7 @@ class PPOJobConfig:
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     ppo: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -266,8 +296,15 @@ class RMTrainConfig:
     epochs: int = _num(1, 1)
     max_steps: int = _nonneg(0)
     warmup_ratio: float = _num(0.05, 0.0, 1.0)
+    weight_decay: float = _nonneg(0.0)
     max_grad_norm: float = _pos(1.0)
-    max_length: int = _num(384, 2)  # TRL drops longer pairs (the count is printed)
+    # Training truncation, as DPO's: the prompt keeps its last tokens, answers their first.
+    max_length: int = _num(256, 2)
+    max_prompt_length: int = _num(128, 1)
+    # Held-out evaluation length (0 = untruncated: what the model meets in PPO).
+    eval_max_length: int = _nonneg(0)
+    # Keeps scores near 0: + center_coef * (r_chosen + r_rejected)^2 (TRL's centering term).
+    center_coef: float = _nonneg(0.01)
 
 
 @dataclass
@@ -277,8 +314,7 @@ class RMJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(
-        train_subsets=["harmless-base", "helpful-rejection-sampled"], max_train_pairs=400,
-        max_eval_pairs=300))
+        train_rows="half-a", validation_pairs=200, max_train_pairs=0))
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(save_every=20))
     evaluate: bool = True
@@ -472,7 +508,7 @@ def validate(cfg, where: str = "config") -> None:
     for key, why in check_declared(cfg):
         bad(key, why)
     train = getattr(cfg, "train", None)
-    if isinstance(train, DPOTrainConfig) and train.max_prompt_length >= train.max_length:
+    if isinstance(train, (DPOTrainConfig, RMTrainConfig)) and train.max_prompt_length >= train.max_length:
         bad("train.max_prompt_length", "must be smaller than train.max_length")
     for tracker in cfg.run.report_to:
         if tracker not in ("tensorboard", "wandb"):

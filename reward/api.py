@@ -2,8 +2,11 @@
 
 A reward function is ``def reward(prompts, completions, **info) -> list[float]`` in the user's
 own file or package, named in the config as ``path/to/file.py:reward`` or
-``package.module:reward``. ``info`` carries per-sample extras (e.g. ``prompt_ids``,
-``truncated``). Whatever the function does wrong -- wrong length, NaN/inf, a non-number, an
+``package.module:reward``. ``prompts`` are the last user turns as text; ``info`` carries
+per-sample extras: ``messages`` (the prompt's whole message list: a multi-turn dialogue is seen
+whole), ``truncated`` (cut at max_new_tokens), ``prompt_ids`` and ``completion_ids`` (tokens). A
+function takes the extras it names, or all of them with ``**info``; ``def reward(prompts,
+completions)`` works too. Whatever the function does wrong -- wrong length, NaN/inf, a non-number, an
 exception -- becomes a :class:`RewardError` naming the function and the offending sample.
 This module knows nothing of trainers.
 """
@@ -66,10 +69,23 @@ class RewardCancelled(Exception):
     """The caller gave up waiting for the reward function (e.g. Ctrl-C during the call)."""
 
 
+def _accepted(fn, info: dict) -> dict:
+    """The extras ``fn`` takes: all with ``**info``, else those it names."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return info
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return info
+    names = {p.name for p in params}
+    return {k: v for k, v in info.items() if k in names}
+
+
 def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
     """``fn(prompts, completions, **info)`` in a worker thread, so that a function that hangs
     cannot hang the run: past ``timeout`` seconds, or once ``cancelled()`` is true, the caller
     stops waiting (the thread is left to finish on its own; it is a daemon)."""
+    info = _accepted(fn, info)
     if timeout is None and cancelled is None:
         return fn(prompts, completions, **info)
     result: dict = {}

@@ -1,9 +1,10 @@
 """A reward-model scorer as a reward function: any sequence-classification model folder, or a
 LoRA reward adapter from `align rm` (``ALIGN_REWARD_MODEL`` names it).
 
-``score(prompts, completions)`` renders each (prompt, completion) as the chat the model was
-trained on and returns its scalar. Note: this loads its own copy of the reward model's base;
-the policy's base is not shared across the reward API boundary.
+``score(prompts, completions, messages=...)`` renders each whole dialogue plus the completion as
+the chat the model was trained on and returns its scalar. This loads its own copy of the reward
+model's base: for a reward model on the policy's base (no second copy), use
+``reward.kind=classifier`` in `align ppo` instead.
 """
 from __future__ import annotations
 
@@ -48,13 +49,13 @@ def _load(path: str):
     return load_reward_model(path)
 
 
-def score(prompts, completions, **info) -> list[float]:
+def score(prompts, completions, messages=None, **info) -> list[float]:
     from align.chat import chat_text
 
     path = os.environ.get("ALIGN_REWARD_MODEL")
     if not path:
         raise ValueError("set ALIGN_REWARD_MODEL to a reward model folder or an `align rm` adapter")
     model, tok = _load(path)
-    texts = [chat_text(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])
-             for p, c in zip(prompts, completions)]
-    return score_texts(model, tok, texts).tolist()
+    dialogues = messages or [[{"role": "user", "content": p}] for p in prompts]
+    texts = [chat_text(tok, list(m) + [{"role": "assistant", "content": c}]) for m, c in zip(dialogues, completions)]
+    return score_texts(model, tok, texts, max_length=1 << 30).tolist()

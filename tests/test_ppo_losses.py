@@ -89,3 +89,28 @@ def test_adaptive_kl_controller_moves_toward_target():
     assert ctl.update(current_kl=2.0, n_steps=10) > 0.1
     ctl = AdaptiveKL(0.1, target=1.0, horizon=100)
     assert ctl.update(current_kl=0.5, n_steps=10) < 0.1
+
+
+def test_group_advantages_keep_their_sign_with_unequal_lengths():
+    """Regression: a group of 4 where one long answer is worse than its group. Broadcast to
+    tokens and whitened over tokens, the long answer's many tokens drag the token mean below
+    zero and a *better* answer's advantage turned negative; the group estimators now only rescale."""
+    from align.ppo.advantages import ESTIMATORS
+
+    scores = torch.tensor([1.0, 2.0, 0.0, 1.5])  # one prompt, 4 samples
+    lengths = [2, 2, 12, 2]                      # the worst answer is the long one
+    mask = torch.zeros(4, 12)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    seq = losses.group_advantages(scores, 4, "rloo")  # hand: s - mean(others) = [-0.17, 1.17, -1.5, 0.5]
+    torch.testing.assert_close(seq, torch.tensor([1 - 3.5 / 3, 2 - 2.5 / 3, 0 - 4.5 / 3, 1.5 - 3 / 3]))
+    tok = seq[:, None] * mask
+    old = losses.masked_whiten(tok, mask)
+    assert old[0, 0] > 0 > seq[0]  # the defect: sample 0 was worse than its group, yet pushed up
+    new = ESTIMATORS["rloo"].normalize(tok, mask)
+    for i in range(4):
+        assert torch.all(torch.sign(new[i, :lengths[i]]) == torch.sign(seq[i]))
+    # hand: RMS over the 18 real tokens
+    rms = (sum(n * float(seq[i]) ** 2 for i, n in enumerate(lengths)) / 18) ** 0.5
+    torch.testing.assert_close(new[1, 0], seq[1] / rms)
+    assert ESTIMATORS["gae"].normalize is losses.masked_whiten  # the critic's advantages are centred as before

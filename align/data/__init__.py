@@ -16,11 +16,32 @@ def _is_hh_folder(root: Path) -> bool:
     return root.is_dir() and any((root / s).is_dir() for s in ("helpful-base", "harmless-base"))
 
 
+def row_half(source: str) -> str:
+    """``half-a`` or ``half-b`` for a row, from a hash of its file name, folder and line (not the
+    absolute path: the same row falls in the same half on every machine)."""
+    import hashlib
+
+    path, _, line = source.rpartition(":")
+    key = f"{Path(path).parent.name}/{Path(path).name}:{line}"
+    return "half-a" if hashlib.sha1(key.encode()).digest()[0] % 2 == 0 else "half-b"
+
+
+def hold_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(rows without the held-out ones, ``n`` seeded held-out rows): a validation split."""
+    if not n:
+        return rows, []
+    if n >= len(rows):
+        raise DataError(f"data.validation_pairs={n} leaves no training pairs (of {len(rows)})")
+    idx = set(random.Random(seed + 7).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in idx], [r for i, r in enumerate(rows) if i in idx]
+
+
 def load_preference_split(dataset: str, subsets: list[str], split: str, limit: int = 0,
-                          strict: bool = False, seed: int = 0):
+                          strict: bool = False, seed: int = 0, rows_kept: str = "all"):
     """Pairs from ``dataset`` (HH folder + subsets, a file, a folder of files, or a Hub id).
 
-    Returns (rows, report). With ``limit``, rows are an even, seeded sample across subsets.
+    Returns (rows, report). ``rows_kept``: all, half-a or half-b (:func:`row_half`). With
+    ``limit``, rows are an even, seeded sample across subsets.
     """
     where = resolve_dataset(dataset)
     root = Path(where)
@@ -46,6 +67,8 @@ def load_preference_split(dataset: str, subsets: list[str], split: str, limit: i
             report.merge(rep)
     else:
         rows, report = _load_from_hub(dataset, subsets, split or "train", strict)
+    if rows_kept != "all":
+        rows = [r for r in rows if row_half(r["source"]) == rows_kept]
     if limit and len(rows) > limit:
         rows = random.Random(seed).sample(rows, limit)
     return rows, report
@@ -80,7 +103,7 @@ def load_preference_splits(data_cfg):
                         "evaluation must be on pairs never trained on")
     train, train_rep = load_preference_split(
         data_cfg.dataset, data_cfg.train_subsets, data_cfg.train_split,
-        data_cfg.max_train_pairs, data_cfg.strict, data_cfg.seed)
+        data_cfg.max_train_pairs, data_cfg.strict, data_cfg.seed, getattr(data_cfg, "train_rows", "all"))
     eval_rows, eval_rep = [], LoadReport()
     if data_cfg.eval_subsets or data_cfg.eval_split:
         eval_rows, eval_rep = load_preference_split(

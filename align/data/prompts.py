@@ -42,10 +42,9 @@ def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
                         "--config configs/ppo_imdb_sentiment.yaml")
     root = Path(resolve_dataset(cfg.dataset))
     prompts: list[tuple[str, str | list]] = []
-    if root.is_dir() and any((root / s).is_dir() for s in ("helpful-base", "harmless-base")):
-        for subset in cfg.subsets or ["helpful-base"]:
-            rows, _ = read_preference_jsonl(find_subset_file(root, subset, "train"))
-            prompts += [(r["source"], r["prompt"]) for r in rows]
+    is_hh = root.is_dir() and any((root / s).is_dir() for s in ("helpful-base", "harmless-base"))
+    if is_hh:
+        prompts = _hh_prompts(root, cfg.subsets or ["helpful-base"])
     else:
         if root.is_dir():
             files = sorted(p for p in root.rglob("*") if p.name.endswith((".jsonl", ".jsonl.gz", ".parquet")))
@@ -74,8 +73,25 @@ def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
                         "data.rows_stop=0)")
     out = [{"messages": _to_messages(p, cfg), "source": where} for where, p in prompts]
     random.Random(cfg.seed).shuffle(out)
+    if cfg.eval_subsets:  # held out by subset: prompts the policy never trains on
+        if not is_hh:
+            raise DataError("data.eval_subsets names HH-RLHF subsets; data.dataset is not HH-RLHF")
+        if set(cfg.eval_subsets) & set(cfg.subsets):
+            raise DataError(f"data.eval_subsets overlaps data.subsets: {sorted(set(cfg.eval_subsets) & set(cfg.subsets))}")
+        held = [{"messages": p, "source": w} for w, p in _hh_prompts(root, cfg.eval_subsets)]
+        random.Random(cfg.seed + 1).shuffle(held)
+        return out, held[:cfg.eval_prompts]
     n_eval = min(cfg.eval_prompts, len(out) // 2)
     return out[n_eval:], out[:n_eval]
+
+
+def _hh_prompts(root: Path, subsets: list[str]) -> list[tuple[str, list]]:
+    """The dialogue up to its last user turn, from each HH-RLHF pair (a prompt once per pair)."""
+    out = []
+    for subset in subsets:
+        rows, _ = read_preference_jsonl(find_subset_file(root, subset, "train"))
+        out += [(r["source"], r["prompt"]) for r in rows]
+    return out
 
 
 def _to_messages(p, cfg) -> list[dict]:

@@ -18,10 +18,37 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..logprobs import entropy
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_attention_mask", "packed_src")
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch): a run resumed in epoch 2 sees
+    exactly the order an uninterrupted one would (a shared generator would not)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return super().__iter__()
+
+
+def grouped_sampler(ds, collator, batch_size: int, seed: int) -> EpochSeededLengthGroupedSampler:
+    """Batches of pairs of similar packed length: HH lengths vary a lot and padding is pure waste
+    (random batches of 8 real pairs were ~45% padding). Megabatches of 50 batches are sorted by
+    length, so the order stays random at the scale of an epoch. ``batch_size`` is the *global*
+    batch, so N processes see the batches one would (each takes its slice)."""
+    lengths = [packed_length(len(p), len(c), len(r), collator.max_length, collator.max_prompt_length)
+               for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    return EpochSeededLengthGroupedSampler(batch_size, lengths=lengths, seed=seed)
 
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
@@ -82,6 +109,9 @@ class PackedPairCollator:
         p_mask = torch.zeros((B, 1, Lp, Lp), dtype=torch.bool)
         # src[row, t]: packed index whose hidden state predicts virtual token t+1 of that row.
         src = torch.zeros((2 * B, L - 1), dtype=torch.long)
+        # The last token of each answer (chosen, rejected): in the packed row, and in its own row.
+        packed_ends = torch.zeros((B, 2), dtype=torch.long)
+        row_ends = torch.zeros((B, 2), dtype=torch.long)
         causal = torch.ones((Lp, Lp), dtype=torch.bool).tril()
         for i, (p, c, r) in enumerate(trip):
             P, C, R = len(p), len(c), len(r)
@@ -98,6 +128,8 @@ class PackedPairCollator:
             p_mask[i, 0, :n, :n] = m
             p_mask[i, 0, n:, :].fill_(False)
             p_mask[i, 0, range(n, Lp), range(n, Lp)] = True  # padding rows attend to themselves
+            packed_ends[i] = torch.tensor([P + C - 1, P + C + R - 1])
+            row_ends[i] = torch.tensor([P + C - 1, P + R - 1])
             t = torch.arange(L - 1)
             src[i] = t.clamp(max=Lp - 1)
             src[B + i] = torch.where(t < P, t, t + C).clamp(max=Lp - 1)
@@ -105,6 +137,7 @@ class PackedPairCollator:
             "input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
             "packed_input_ids": p_ids, "packed_position_ids": p_pos,
             "packed_attention_mask": p_mask, "packed_src": src,
+            "packed_ends": packed_ends, "row_ends": row_ends,
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
@@ -171,7 +204,7 @@ def install_packed_forward(model) -> None:
 
     def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None,
                 packed_input_ids=None, packed_position_ids=None, packed_attention_mask=None,
-                packed_src=None, **kwargs):
+                packed_src=None, packed_ends=None, row_ends=None, **kwargs):
         if not fused_lm_head:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -195,6 +228,24 @@ def install_packed_forward(model) -> None:
         return score_labels(self, hidden, labels, packed_src, num_items_in_batch)
 
     model.forward = types.MethodType(forward, model)
+
+
+def answer_end_states(lm, batch: dict) -> torch.Tensor:
+    """Hidden states (B, 2, H) at the last token of the chosen and the rejected answer -- what a
+    reward model scores -- from one packed row per pair where that is exact, else from two
+    ordinary rows per pair (:func:`packing_blocker`). ``lm`` is a transformers model whose
+    ``base_model`` is the backbone (a causal LM or a sequence classifier)."""
+    backbone = lm.base_model
+    B = batch["packed_input_ids"].size(0)
+    if packing_blocker(lm.config, batch["packed_position_ids"]) is None:
+        mask = attention_mask_for(lm.config, batch["packed_attention_mask"], lm.get_input_embeddings().weight.dtype)
+        hidden = backbone(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
+                          attention_mask=mask, use_cache=False).last_hidden_state
+        return hidden[torch.arange(B, device=hidden.device)[:, None], batch["packed_ends"]]
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
+    rows = torch.arange(B, device=hidden.device)
+    return torch.stack([hidden[rows, batch["row_ends"][:, 0]], hidden[B + rows, batch["row_ends"][:, 1]]], 1)
 
 
 def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):

@@ -9,29 +9,11 @@ model); reference log-probs are computed once before training and reused.
 """
 from __future__ import annotations
 
-import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOConfig, DPOTrainer
 
 from ..checkpoints import AtomicCheckpoints
 from ..models import resolve_device, resolve_dtype
-from .packing import PackedPairCollator, install_packed_forward, packed_length
-
-
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """Length-grouped order that depends only on (seed, epoch): a run resumed in epoch 2 sees
-    exactly the order an uninterrupted one would (a shared generator would not)."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return super().__iter__()
+from .packing import PackedPairCollator, grouped_sampler, install_packed_forward
 
 
 class PackedDPOTrainer(AtomicCheckpoints, DPOTrainer):
@@ -67,18 +49,11 @@ class PackedDPOTrainer(AtomicCheckpoints, DPOTrainer):
         self.precompute_ref_logps = True  # TRL's _compute_loss then reads them from the batch
 
     def _get_train_sampler(self, train_dataset=None):
-        """Batches of similar packed length: HH lengths vary a lot, and padding is pure waste
-        (random batches of 8 real pairs were ~45% padding). Megabatches of 50 batches are sorted
-        by length, so the order stays random at the scale of an epoch. Grouping is by the
-        *global* batch, so N processes see the same batches as one (each takes its slice)."""
-        ds = train_dataset if train_dataset is not None else self.train_dataset
-        col = self.data_collator
-        lengths = [packed_length(len(p), len(c), len(r), col.max_length, col.max_prompt_length)
-                   for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return EpochSeededLengthGroupedSampler(
-            self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
-            lengths=lengths, seed=seed)
+        """Length-grouped batches over the global batch (:func:`align.dpo.packing.grouped_sampler`)."""
+        a = self.args
+        return grouped_sampler(train_dataset if train_dataset is not None else self.train_dataset,
+                               self.data_collator, a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                               a.data_seed if a.data_seed is not None else a.seed)
 
 
 def dpo_args(cfg, output_dir: str) -> DPOConfig:

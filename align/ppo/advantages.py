@@ -19,6 +19,8 @@ class Estimator:
     needs_critic: bool
     min_group: int  # samples per prompt it needs (group baselines compare samples of one prompt)
     compute: Callable  # (scores, kl, mask, values, beta, ppo_cfg) -> (advantages, returns | None)
+    # ppo.whiten_advantages: (advantages, mask, all_sum) -> normalised advantages
+    normalize: Callable = losses.masked_whiten
 
 
 def _gae(scores, kl, mask, values, beta, p):
@@ -39,8 +41,10 @@ def _group(kind: str):
 
 ESTIMATORS = {
     "gae": Estimator("gae", needs_critic=True, min_group=1, compute=_gae),
-    "grpo": Estimator("grpo", needs_critic=False, min_group=2, compute=_group("grpo")),
-    "rloo": Estimator("rloo", needs_critic=False, min_group=2, compute=_group("rloo")),
+    # A group baseline already centres each sample's advantage within its group; re-centring
+    # over tokens could flip signs (answers differ in length), so these only rescale.
+    "grpo": Estimator("grpo", needs_critic=False, min_group=2, compute=_group("grpo"), normalize=losses.masked_rescale),
+    "rloo": Estimator("rloo", needs_critic=False, min_group=2, compute=_group("rloo"), normalize=losses.masked_rescale),
 }
 
 

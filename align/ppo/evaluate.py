@@ -1,5 +1,9 @@
-"""Held-out evaluation of the policy during PPO: reward and KL per answer on fixed prompts."""
+"""Held-out evaluation of the policy during PPO: reward, judge and KL per answer on fixed prompts,
+and at the end the base's answers against the policy's, side by side."""
 from __future__ import annotations
+
+import json
+import math
 
 import torch
 
@@ -8,13 +12,15 @@ from .experience import collate, score_completions
 
 
 @torch.no_grad()
-def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancelled=None) -> dict:
+def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancelled=None, judge_fn=None) -> dict:
     """Held-out prompts (``messages`` + ``ids``), one sample each with a fixed seed: reward (no
-    truncation penalty: the raw reward is what is compared) and KL per answer."""
+    truncation penalty: the raw reward is what is compared), judge score and KL per answer.
+    ``answers`` holds every prompt's answer and scores."""
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, seed=seed)
     comps = engine.generate([p["ids"] for p in prompts], sampling)
-    scores = score_completions(reward_fn, [p["messages"][-1]["content"] for p in prompts], comps,
-                               cfg.reward, cancelled=cancelled, penalize=False)
+    scores = score_completions(reward_fn, prompts, comps, cfg.reward, cancelled=cancelled, penalize=False)
+    judged = score_completions(judge_fn, prompts, comps, cfg.judge, cancelled=cancelled, penalize=False) \
+        if judge_fn is not None else None
     x, attn, pred_pos, targets, mask = collate(comps, tok.pad_token_id, ac.device)
     ac.eval()
     with ac.role("policy"):
@@ -23,7 +29,54 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
         ref, _ = ac.token_logprobs(x, attn, pred_pos, targets)
     ac.train()
     kl = ((logp - ref) * mask).sum(1)
-    return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-            "kl_per_answer": float(kl.mean()), "length": float(mask.sum(1).mean()),
-            "samples": [{"prompt": p["messages"][-1]["content"], "completion": c.text, "reward": float(s)}
-                        for p, c, s in zip(prompts[:4], comps[:4], scores[:4])]}
+    out = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+           "kl_per_answer": float(kl.mean()), "length": float(mask.sum(1).mean())}
+    if judged is not None:
+        out.update(judge_mean=float(judged.mean()), judge_std=float(judged.std()))
+    out["answers"] = [{"prompt": p["messages"][-1]["content"], "source": p.get("source", ""), "completion": c.text,
+                       "tokens": len(c.token_ids), "reward": float(s), "kl": float(k),
+                       **({"judge": float(judged[i])} if judged is not None else {})}
+                      for i, (p, c, s, k) in enumerate(zip(prompts, comps, scores, kl))]
+    return out
+
+
+def mean_ci95(x: list[float]) -> tuple[float, float, float]:
+    """Mean and a normal-approximation 95% interval of the mean."""
+    n = len(x)
+    m = sum(x) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n) if n else 0.0
+    return m, m - half, m + half
+
+
+def side_by_side(samples_path, out_path) -> dict | None:
+    """The base's answers (the held-out eval at iteration 0, where the policy *is* the base: its
+    LoRA starts at zero) against the last evaluation's, per prompt, written to ``out_path``;
+    returns win rates (ties 1/2) with 95% CIs by the training reward and by the judge, and
+    the answer lengths (a longer answer is not a better one)."""
+    evals: dict[int, list] = {}
+    for line in open(samples_path):
+        rec = json.loads(line)
+        if rec.get("split") == "eval" and "tokens" in rec:
+            evals.setdefault(rec["iteration"], []).append(rec)
+    if 0 not in evals or len(evals) < 2:
+        return None
+    base, policy = evals[0], evals[max(evals)]
+    pairs = list(zip(base, policy))
+    with open(out_path, "w") as f:
+        for b, p in pairs:
+            f.write(json.dumps({"prompt": b["prompt"], "source": b.get("source", ""),
+                                "base": b["completion"], "policy": p["completion"],
+                                **{f"{k}_{who}": r[k] for k in ("reward", "judge", "tokens") if k in b
+                                   for who, r in (("base", b), ("policy", p))}}) + "\n")
+    out = {"prompts": len(pairs), "iteration": max(evals),
+           "length_base": sum(b["tokens"] for b, _ in pairs) / len(pairs),
+           "length_policy": sum(p["tokens"] for _, p in pairs) / len(pairs)}
+    for key in ("reward", "judge"):
+        if key in base[0]:
+            wins = [1.0 if p[key] > b[key] else 0.5 if p[key] == b[key] else 0.0 for b, p in pairs]
+            m, lo, hi = mean_ci95(wins)
+            out[f"{key}_win_rate"], out[f"{key}_win_rate_ci95"] = round(m, 4), [round(lo, 4), round(hi, 4)]
+            out[f"{key}_mean_base"] = sum(b[key] for b, _ in pairs) / len(pairs)
+            out[f"{key}_mean_policy"] = sum(p[key] for _, p in pairs) / len(pairs)
+    return out

@@ -78,10 +78,11 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
     (:mod:`align.ppo.advantages`) turns scores, KL and values into advantages."""
     k = cfg.ppo.samples_per_prompt
     completions = engine.generate([p["ids"] for p in prompts for _ in range(k)], sampling)
-    prompt_text = [p["messages"][-1]["content"] for p in prompts for _ in range(k)]
+    samples = [p for p in prompts for _ in range(k)]
+    prompt_text = [p["messages"][-1]["content"] for p in samples]
     comp_text = [c.text for c in completions]
     finished = [c.finished for c in completions]
-    scores = score_completions(reward_fn, prompt_text, completions, cfg.reward, ac.device, cancelled)
+    scores = score_completions(reward_fn, samples, completions, cfg.reward, ac.device, cancelled)
 
     ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id, ac.device)
     was_training = ac.training
@@ -96,21 +97,24 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
     kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
     advantages, returns = estimator.compute(scores, kl, mask, values, kl_coef, cfg.ppo)
     if cfg.ppo.whiten_advantages:
-        advantages = losses.masked_whiten(advantages, mask, all_sum=distributed.all_sum)
+        advantages = estimator.normalize(advantages, mask, all_sum=distributed.all_sum)
     return Experience(ids, attn, pred_pos, targets, mask, old_logp, ref_logp, values, scores, kl,
                       advantages, returns, prompt_text, comp_text, finished,
                       engine_logprob_gap(completions, old_logp, mask))
 
 
-def score_completions(reward_fn, prompt_text: list[str], completions: list[Completion], reward_cfg,
+def score_completions(reward_fn, prompts: list[dict], completions: list[Completion], reward_cfg,
                       device=None, cancelled=None, penalize: bool = True) -> torch.Tensor:
     """The reward function's scores (bounded by ``reward.timeout_seconds``), plus
-    ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``."""
+    ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``. ``prompts``
+    (one per completion) carry ``messages``: the function sees the whole dialogue."""
     truncated = [not c.finished for c in completions]
-    scores = torch.tensor(call_reward(reward_fn, prompt_text, [c.text for c in completions],
-                                      timeout=reward_cfg.timeout_seconds, cancelled=cancelled,
-                                      truncated=truncated), device=device)
-    if penalize and reward_cfg.truncation_penalty:
+    scores = torch.tensor(call_reward(
+        reward_fn, [p["messages"][-1]["content"] for p in prompts], [c.text for c in completions],
+        timeout=reward_cfg.timeout_seconds, cancelled=cancelled, truncated=truncated,
+        messages=[p["messages"] for p in prompts], prompt_ids=[c.prompt_ids for c in completions],
+        completion_ids=[c.token_ids for c in completions]), device=device)
+    if penalize and getattr(reward_cfg, "truncation_penalty", 0.0):
         scores = scores + reward_cfg.truncation_penalty * torch.tensor([float(t) for t in truncated],
                                                                        device=device)
     return scores

@@ -33,6 +33,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * mask
 
 
+def masked_rescale(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_sum=None) -> torch.Tensor:
+    """Divide by the root mean square over masked tokens -- no re-centering, so every value
+    keeps its sign. For sequence advantages broadcast to tokens: with answers of unequal
+    length the token-weighted mean is not zero, and subtracting it (``masked_whiten``) can turn
+    a better-than-its-group answer's advantage negative."""
+    m = mask.to(x.dtype)
+    total = torch.stack([(x * x * m).sum(), m.sum()])
+    total = all_sum(total) if all_sum else total
+    return x * torch.rsqrt(total[0] / total[1].clamp(min=1) + eps) * mask
+
+
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
 

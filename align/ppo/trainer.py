@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from reward.api import RewardCancelled, load_reward_fn
+from reward.api import RewardCancelled
 
 from .. import checkpoints, distributed
 from ..adapters import save_adapter
@@ -22,9 +22,10 @@ from ..guards import GracefulStop, Interrupted, NonFiniteGuard
 from ..rollout.base import SamplingConfig
 from ..rollout.parity import guard_parity
 from .advantages import get_estimator
-from .evaluate import evaluate_prompts
+from .evaluate import evaluate_prompts, side_by_side
 from .experience import make_experience
 from .kl import make_kl_controller
+from .rewards import make_reward
 from .update import make_optimizer, ppo_update
 
 
@@ -63,7 +64,8 @@ class PPOLoop:
     def __init__(self, ac, engine, tok, train_prompts, eval_prompts, cfg, run, log):
         self.ac, self.engine, self.tok, self.cfg, self.run, self.log = ac, engine, tok, cfg, run, log
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
-        self.reward_fn = load_reward_fn(cfg.reward.function)
+        self.reward_fn = make_reward(cfg.reward, ac, tok, "reward", cfg.model.name)
+        self.judge_fn = make_reward(cfg.judge, ac, tok, "judge", cfg.model.name) if cfg.judge.kind != "none" else None
         self.estimator = get_estimator(cfg.ppo)
         self.optimizer = make_optimizer(ac, cfg)
         self.kl = make_kl_controller(cfg.ppo)
@@ -173,9 +175,9 @@ class PPOLoop:
             return None
         with self._reward_interruptible():
             ev = evaluate_prompts(self.ac, self.engine, self.tok, self.eval_prompts, self.reward_fn, self.cfg,
-                                  self.cfg.run.seed + 12345, cancelled=self._cancelled)
+                                  self.cfg.run.seed + 12345, cancelled=self._cancelled, judge_fn=self.judge_fn)
         with open(self.samples_path, "a") as f:
-            for s in ev.pop("samples"):
+            for s in ev.pop("answers"):
                 f.write(json.dumps({"iteration": it, "split": "eval", **s}) + "\n")
         self.run.log({"step": it, **{f"eval/{k}": v for k, v in ev.items()}})
         self.log(f"[eval it {it}] reward {ev['reward_mean']:.3f} ± {ev['reward_std']:.3f}, "
@@ -208,6 +210,10 @@ class PPOLoop:
             out.update(eval_initial=init, eval_final=last,
                        reward_gain_in_initial_std=(last["reward_mean"] - init["reward_mean"])
                        / max(init["reward_std"], 1e-9))
+            if distributed.rank() == 0:
+                pairs = side_by_side(self.samples_path, self.run.path / "heldout_side_by_side.jsonl")
+                if pairs is not None:
+                    out["side_by_side"] = pairs
         return out
 
 
