@@ -98,6 +98,42 @@ def attach_adapter(base, adapter_dir, adapter_name: str = "default", trainable: 
         raise
 
 
+def load_named_adapter(peft_model, name: str, adapter_dir):
+    """Load a saved adapter into ``peft_model`` (a causal LM's PEFT model) as the frozen
+    adapter ``name`` -- so several adapters share one base. A reward model's adapter (`align rm`,
+    a sequence classifier: LoRA on the same backbone + a score head) brings its head, returned
+    as a frozen ``nn.Linear``; a causal-LM adapter returns None. An adapter whose LoRA layout does
+    not fit the base is an error naming it."""
+    import torch
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(adapter_dir)
+    check_weights(adapter_dir)
+    peft_model.add_adapter(name, LoraConfig(
+        r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"], lora_dropout=0.0,
+        bias="none", task_type="CAUSAL_LM", use_rslora=cfg.get("use_rslora", False)))
+    state = load_file(str(Path(adapter_dir) / WEIGHTS))
+    head = {k: v for k, v in state.items() if ".score." in k or k.endswith("score.weight")}
+    try:
+        result = set_peft_model_state_dict(peft_model, {k: v for k, v in state.items() if k not in head},
+                                           adapter_name=name)
+    except RuntimeError as e:
+        raise AdapterError(f"adapter '{adapter_dir}' does not fit this base: {str(e).splitlines()[0]}") from e
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise AdapterError(f"adapter '{adapter_dir}' does not fit this base (e.g. {(missing or result.unexpected_keys)[0]})")
+    for n, p in peft_model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+    if not head:
+        return None
+    (weight,) = [v for k, v in head.items() if k.endswith("weight")]
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data.copy_(weight)
+    return linear.requires_grad_(False)
+
+
 def load_with_adapter(base_name: str, adapter_dir=None, *, kind: str = "causal", dtype: str = "float32"):
     """(model, tokenizer): the base (``kind`` causal LM or 1-output ``classifier``) with the
     adapter at ``adapter_dir`` on it, in eval mode -- what a user of the folder would load."""

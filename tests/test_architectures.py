@@ -167,7 +167,8 @@ def test_vllm_serves_the_policy_like_the_trainer(paths, arch, sync):
         from align.chat import prompt_ids
 
         comps = engine.generate([prompt_ids(tok, p) for p in prompts], SamplingConfig(8, temperature=1.0, seed=0))
-        x, attn, pos, tgt, mask = collate(comps, tok.pad_token_id)
+        tb = collate(comps, tok.pad_token_id)
+        x, attn, pos, tgt, mask = tb.input_ids, tb.attention_mask, tb.pred_pos, tb.targets, tb.mask
         with torch.no_grad():
             h = model.get_base_model().base_model(input_ids=x, attention_mask=attn).last_hidden_state
             h = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.size(-1)))

@@ -21,6 +21,13 @@ def ac(tiny_model):
     return ac, base
 
 
+def _batch(ids, pred_pos, targets):
+    from align.batch import TokenBatch
+
+    return TokenBatch(ids, torch.ones_like(ids), None, torch.arange(len(ids)), torch.tensor(pred_pos),
+                      torch.tensor(targets), torch.ones(len(targets), len(targets[0])))
+
+
 def _logits(ac, ids, role):
     with torch.no_grad(), ac.role(role):
         return ac.model(input_ids=ids).logits
@@ -53,7 +60,7 @@ def test_policy_is_active_after_any_role(ac):
     ac, _ = ac
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     policy = _logits(ac, ids, "policy")
-    ac.values(ids, torch.ones_like(ids), torch.tensor([[2, 3]]))
+    ac.values(_batch(ids, [[2, 3]], [[8, 9]]))
     assert ac.model.active_adapter == "default"
     with torch.no_grad():
         assert torch.equal(ac.model(input_ids=ids).logits, policy)
@@ -66,10 +73,8 @@ def test_policy_is_active_after_any_role(ac):
 def test_gradients_reach_only_their_adapter(ac):
     ac, _ = ac
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    attn = torch.ones_like(ids)
-    pos = torch.tensor([[2, 3]])
     with ac.role("policy"):
-        logp, _ = ac.token_logprobs(ids, attn, pos, torch.tensor([[8, 9]]))
+        logp, _ = ac.token_logprobs(_batch(ids, [[2, 3]], [[8, 9]]))
     logp.sum().backward()
     assert all(p.grad is not None for p in ac.policy_parameters())
     assert all(p.grad is None for p in ac.value_parameters())
@@ -147,3 +152,64 @@ def test_ppo_shows_progress_within_an_iteration(tmp_path, tiny_model_path, capsy
     out = capsys.readouterr().out
     assert "[it 1/1] 4 answers: generate, reward, score ... update ... sync hf ..." in out
     assert "prompts: 6 of 6 are longer than rollout.max_prompt_tokens=8" in out
+
+
+def _groups(tok):
+    """Two prompts x three sampled answers of different lengths (one empty: cut at 0 tokens)."""
+    from align.chat import prompt_ids
+    from align.rollout.base import Completion
+
+    out = []
+    for text, answers in (("Tell me about bread.", [[40, 41, 42], [43], [44, 45, 46, 47, 48]]),
+                          ("What is the capital of France?", [[50, 51], [52, 53, 54, 55], [56]])):
+        p = prompt_ids(tok, text)
+        out += [Completion(p, a, True) for a in answers]
+    return out
+
+
+def test_packed_answers_score_like_separate_rows(ac, tiny_model):
+    from align.batch import packed_batch, rows_batch
+
+    ac, _ = ac
+    _, tok = tiny_model
+    comps = _groups(tok)
+    rows, packed = rows_batch(comps, tok.pad_token_id), packed_batch(comps, 3, tok.pad_token_id)
+    assert packed.input_ids.shape[0] == 2 and rows.input_ids.shape[0] == 6  # a row per prompt
+    assert packed.input_ids.numel() < rows.input_ids.numel()
+    with torch.no_grad():
+        for role in ("policy", "reference"):
+            with ac.role(role):
+                a, _ = ac.token_logprobs(rows)
+                b, _ = ac.token_logprobs(packed)
+            torch.testing.assert_close(a * rows.mask, b * packed.mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ac.values(rows) * rows.mask, ac.values(packed) * packed.mask, atol=1e-5, rtol=1e-5)
+    # a minibatch that splits a group still reads the rows its samples need
+    idx = torch.tensor([4, 0])
+    with torch.no_grad(), ac.role("policy"):
+        torch.testing.assert_close(ac.token_logprobs(packed.select(idx))[0] * rows.mask[idx],
+                                   ac.token_logprobs(rows.select(idx))[0] * rows.mask[idx], atol=1e-5, rtol=1e-5)
+
+
+def test_update_on_packed_rows_equals_the_update_on_separate_rows(ac, tiny_model):
+    """The PPO loss's gradients (policy, critic, value head) are the same in both layouts."""
+    from align.ppo import losses
+    from align.batch import packed_batch, rows_batch
+
+    ac, _ = ac
+    _, tok = tiny_model
+    comps = _groups(tok)
+    grads = []
+    for tb in (rows_batch(comps, tok.pad_token_id), packed_batch(comps, 3, tok.pad_token_id)):
+        torch.manual_seed(0)
+        old = torch.randn(tb.mask.shape) * 0.1 - 3
+        adv, ret = torch.randn(tb.mask.shape), torch.randn(tb.mask.shape)
+        ac.zero_grad(set_to_none=True)
+        with ac.role("policy"):
+            logp, ent = ac.token_logprobs(tb, with_entropy=True)
+        pl, _ = losses.policy_loss(logp, old, adv, tb.mask)
+        vl, _ = losses.value_loss(ac.values(tb), torch.zeros_like(ret), ret, tb.mask)
+        (pl + 0.5 * vl - 0.01 * losses.masked_mean(ent, tb.mask)).backward()
+        grads.append([p.grad.clone() for p in ac.policy_parameters() + ac.value_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads[0])

@@ -12,7 +12,7 @@ import torch
 from align.config import LoraConfig, ModelConfig, load_config
 from align.models import add_policy_adapter, count_base_copies, load_base
 from align.ppo.actor_critic import ActorCritic
-from align.ppo.rewards import AdapterReward
+from align.scorers import AdapterReward
 
 PROMPTS = [[{"role": "user", "content": "Hi, can you help me bake bread?"},
             {"role": "assistant", "content": "Sure, what kind?"},
@@ -108,7 +108,7 @@ def test_dpo_adapter_reward_is_its_implicit_reward(tiny_model_path, dpo_adapter)
 
 def test_reward_kind_must_match_the_adapter(tiny_model_path, rm_adapter, tmp_path):
     from align.config import ConfigError
-    from align.ppo.rewards import make_reward
+    from align.scorers import make_reward
 
     base, tok = load_base(ModelConfig(name=tiny_model_path))
     ac = ActorCritic(base, LoraConfig(r=4), with_critic=False)

@@ -79,6 +79,10 @@ def run_dpo(cfg) -> dict:
         summary["wall_seconds"] = round(time.time() - t0, 1)
         if not is_main_process():
             return summary
+        if cfg.eval.generate:
+            from ..evaluation import report_after_job
+
+            summary["eval_report"] = report_after_job(cfg, run.path, cfg.data.dataset, cfg.data.eval_subsets)
         run.write_json("summary.json", summary)
         if cfg.run.plot:
             plot_metrics(run.read_metrics(), ["loss", "rewards/accuracies", "rewards/margins"],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..logprobs import entropy
+from ..packing import attention_mask_for, packing_blocker
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_attention_mask", "packed_src")
 
@@ -149,45 +150,6 @@ def _output_type():
     from trl.trainer.utils import FusedCausalLMOutput
 
     return FusedCausalLMOutput
-
-
-# Backends that take an arbitrary 4-D mask: sdpa (boolean, True = attend) and eager (which ADDS
-# the mask to the scores, so it must be additive: 0 or -inf -- a boolean one silently becomes
-# +1/0 there and every token sees every other). FlashAttention-2 and flex take no such mask.
-PACKABLE_ATTENTION = ("sdpa", "eager")
-
-
-def sliding_window(config) -> int | None:
-    """The attention window some layer of this model uses, or None (all layers see everything)."""
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    types_ = getattr(config, "layer_types", None)
-    if types_ is not None:
-        return window if "sliding_attention" in types_ else None
-    return None if getattr(config, "use_sliding_window", True) is False else window
-
-
-def packing_blocker(config, packed_position_ids: torch.Tensor) -> str | None:
-    """Why a packed batch would not be exact for this model (None: it is). A user-supplied 4-D
-    mask replaces the model's own masks, sliding-window ones included, so a window shorter than
-    the rows makes packing inexact too."""
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in PACKABLE_ATTENTION:
-        return f"attention backend '{impl}' takes no custom 4-D mask"
-    window = sliding_window(config)
-    longest = int(packed_position_ids.max()) + 1
-    if window and longest > window:
-        return f"the model's sliding window ({window}) is shorter than a row ({longest} tokens)"
-    return None
-
-
-def attention_mask_for(config, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The packed row's boolean mask in the form the model's backend applies correctly."""
-    if (getattr(config, "_attn_implementation", None) or "eager") == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    return allowed
 
 
 def install_packed_forward(model) -> None:

@@ -40,7 +40,8 @@ def run_ppo(cfg) -> dict:
         cut = encode_prompts(tok, train_prompts + eval_prompts, cfg.rollout.max_prompt_tokens)
         print(f"prompts: {cut} of {len(train_prompts) + len(eval_prompts)} are longer than "
               f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} (their oldest tokens dropped)")
-        ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic).to(resolve_device(cfg.model.device))
+        ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic,
+                         critic=cfg.ppo.critic).to(resolve_device(cfg.model.device))
         engine = make_engine(cfg.rollout.engine, engine_options(cfg, run), ac.model, tok)
         try:
             summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
@@ -52,6 +53,11 @@ def run_ppo(cfg) -> dict:
         summary["wall_seconds"] = round(time.time() - t0, 1)
         summary["engine"] = cfg.rollout.engine
         summary["processes"] = distributed.world_size()
+        if cfg.eval.generate:
+            from ..evaluation import report_after_job
+
+            summary["eval_report"] = report_after_job(cfg, run.path, cfg.data.dataset, cfg.data.eval_subsets,
+                                                      held_out=eval_prompts)
         run.write_json("summary.json", summary)
         _report(cfg, run, summary)
         return summary

@@ -21,12 +21,13 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
     scores = score_completions(reward_fn, prompts, comps, cfg.reward, cancelled=cancelled, penalize=False)
     judged = score_completions(judge_fn, prompts, comps, cfg.judge, cancelled=cancelled, penalize=False) \
         if judge_fn is not None else None
-    x, attn, pred_pos, targets, mask = collate(comps, tok.pad_token_id, ac.device)
+    tb = collate(comps, tok.pad_token_id, ac.device)
+    mask = tb.mask
     ac.eval()
     with ac.role("policy"):
-        logp, _ = ac.token_logprobs(x, attn, pred_pos, targets)
+        logp, _ = ac.token_logprobs(tb)
     with ac.role("reference"):
-        ref, _ = ac.token_logprobs(x, attn, pred_pos, targets)
+        ref, _ = ac.token_logprobs(tb)
     ac.train()
     kl = ((logp - ref) * mask).sum(1)
     out = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),

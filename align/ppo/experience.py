@@ -2,6 +2,7 @@
 reference, values, per-token KL penalty, advantages and returns."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -9,17 +10,15 @@ import torch
 from reward.api import call_reward
 
 from .. import distributed
+from ..compute import NullMeter, forward_gflop
 from ..rollout.base import Completion, SamplingConfig
+from ..batch import TokenBatch, make_batch, rows_batch
 from . import losses
 
 
 @dataclass
 class Experience:
-    input_ids: torch.Tensor       # (B, L) prompt + completion, right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    pred_pos: torch.Tensor        # (B, T) position whose output predicts completion token t
-    targets: torch.Tensor         # (B, T) completion token ids (pad where mask is 0)
-    mask: torch.Tensor            # (B, T) 1 on real completion tokens
+    batch: TokenBatch             # what the model reads; batch.mask (B, T) marks real answer tokens
     old_logp: torch.Tensor        # (B, T) policy at sampling time
     ref_logp: torch.Tensor        # (B, T) reference (adapters off)
     values: torch.Tensor | None   # (B, T) critic
@@ -30,77 +29,87 @@ class Experience:
     prompts: list[str]
     completions: list[str]
     finished: list[bool]
+    group_size: int = 1           # samples [g*k, (g+1)*k) answer the same prompt
     # mean |engine log-prob - trainer log-prob| of the sampled tokens (None: engine gave none)
     engine_logprob_gap: float | None = None
 
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch.mask
+
     def __len__(self) -> int:
-        return self.input_ids.size(0)
+        return len(self.batch)
 
     def select(self, idx: torch.Tensor) -> "Experience":
         out = {}
         for k, v in self.__dict__.items():
-            if isinstance(v, torch.Tensor):
-                out[k] = v[idx]
+            if isinstance(v, (torch.Tensor, TokenBatch)):
+                out[k] = v.select(idx) if isinstance(v, TokenBatch) else v[idx]
             elif isinstance(v, list):
                 out[k] = [v[i] for i in idx.tolist()]
             else:
                 out[k] = v
         return Experience(**out)
 
+    def minibatches(self, size: int) -> list[torch.Tensor]:
+        """Sample indices of shuffled minibatches that keep each prompt's answers together
+        (a packed row is read once per minibatch, not once per sample)."""
+        k = self.group_size if len(self) % self.group_size == 0 else 1
+        perm = torch.randperm(len(self) // k)
+        order = (perm[:, None] * k + torch.arange(k)).reshape(-1)
+        return [order[s:s + size] for s in range(0, len(order), size)]
 
-def collate(completions: list[Completion], pad_id: int, device=None):
-    """Right-padded prompt+completion rows and the gather indices for completion tokens."""
-    B = len(completions)
-    L = max(len(c.prompt_ids) + len(c.token_ids) for c in completions)
-    T = max(1, max(len(c.token_ids) for c in completions))
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    pred_pos = torch.zeros((B, T), dtype=torch.long)
-    targets = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.float32)
-    for i, c in enumerate(completions):
-        P, C = len(c.prompt_ids), len(c.token_ids)
-        ids[i, :P + C] = torch.tensor(c.prompt_ids + c.token_ids)
-        attn[i, :P + C] = 1
-        pred_pos[i] = (torch.arange(T) + P - 1).clamp(max=L - 1)
-        if C:
-            targets[i, :C] = torch.tensor(c.token_ids)
-            mask[i, :C] = 1
-    return tuple(t.to(device) for t in (ids, attn, pred_pos, targets, mask)) if device else \
-        (ids, attn, pred_pos, targets, mask)
+
+def collate(completions: list[Completion], pad_id: int, device=None) -> TokenBatch:
+    """One right-padded row (prompt + answer) per completion."""
+    return rows_batch(completions, pad_id, device)
 
 
 @torch.no_grad()
 def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estimator, kl_coef: float,
-                    sampling: SamplingConfig, cancelled=None) -> Experience:
+                    sampling: SamplingConfig, cancelled=None, meter=None) -> Experience:
     """``prompts`` carry ``messages`` and their token ``ids`` (:func:`align.chat.encode_prompts`);
     each is sampled ``cfg.ppo.samples_per_prompt`` times. ``estimator``
     (:mod:`align.ppo.advantages`) turns scores, KL and values into advantages."""
     k = cfg.ppo.samples_per_prompt
+    meter = meter or NullMeter()
+    t = time.perf_counter()
     completions = engine.generate([p["ids"] for p in prompts for _ in range(k)], sampling)
+    generated = sum(len(c.token_ids) for c in completions)
+    meter.add("generate", time.perf_counter() - t,  # each sample's prompt, then its tokens one by one
+              forward_gflop(meter.counts, sum(len(c.prompt_ids) for c in completions) + generated, generated))
     samples = [p for p in prompts for _ in range(k)]
     prompt_text = [p["messages"][-1]["content"] for p in samples]
     comp_text = [c.text for c in completions]
     finished = [c.finished for c in completions]
-    scores = score_completions(reward_fn, samples, completions, cfg.reward, ac.device, cancelled)
+    with meter.time("reward"):
+        scores = score_completions(reward_fn, samples, completions, cfg.reward, ac.device, cancelled)
 
-    ids, attn, pred_pos, targets, mask = collate(completions, tok.pad_token_id, ac.device)
+    lm = ac.lm()
+    tb = make_batch(completions, k, tok.pad_token_id, lm.config, ac.device, pack=cfg.ppo.pack)
+    mask = tb.mask
     was_training = ac.training
     ac.eval()
-    with ac.role("policy"):
-        old_logp, _ = ac.token_logprobs(ids, attn, pred_pos, targets)
-    with ac.role("reference"):
-        ref_logp, _ = ac.token_logprobs(ids, attn, pred_pos, targets)
-    values = ac.values(ids, attn, pred_pos) * mask if estimator.needs_critic else None
+    engine_logp = _engine_logprobs(completions, mask)
+    from_engine = cfg.ppo.old_logprobs == "engine" and engine_logp is not None and not estimator.needs_critic
+    scored = int(mask.sum())
+    if from_engine:
+        old_logp, values = engine_logp, None  # exact up to float rounding: no policy pass needed
+    else:
+        passes = 2 if ac.with_critic and not ac.shared_critic else 1  # policy (+ a separate critic's)
+        with meter.time("score", tb.tokens * passes, scored):
+            old_logp, _, values = ac.policy_pass(tb)
+        values = values * mask if values is not None else None
+    with meter.time("score", tb.tokens, scored), ac.role("reference"):
+        ref_logp, _ = ac.token_logprobs(tb)
     ac.train(was_training)
     old_logp, ref_logp = old_logp * mask, ref_logp * mask
     kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
     advantages, returns = estimator.compute(scores, kl, mask, values, kl_coef, cfg.ppo)
     if cfg.ppo.whiten_advantages:
         advantages = estimator.normalize(advantages, mask, all_sum=distributed.all_sum)
-    return Experience(ids, attn, pred_pos, targets, mask, old_logp, ref_logp, values, scores, kl,
-                      advantages, returns, prompt_text, comp_text, finished,
-                      engine_logprob_gap(completions, old_logp, mask))
+    return Experience(tb, old_logp, ref_logp, values, scores, kl, advantages, returns, prompt_text, comp_text,
+                      finished, k, None if from_engine else engine_logprob_gap(completions, old_logp, mask))
 
 
 def score_completions(reward_fn, prompts: list[dict], completions: list[Completion], reward_cfg,
@@ -120,11 +129,19 @@ def score_completions(reward_fn, prompts: list[dict], completions: list[Completi
     return scores
 
 
+def _engine_logprobs(completions: list[Completion], mask: torch.Tensor) -> torch.Tensor | None:
+    """The engine's log-probs of the sampled tokens as a (B, T) tensor (None: it gave none)."""
+    if not completions or any(c.logprobs is None for c in completions):
+        return None
+    eng = torch.zeros(mask.shape, device=mask.device)
+    for i, c in enumerate(completions):
+        eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs, device=mask.device)
+    return eng * mask
+
+
 def engine_logprob_gap(completions: list[Completion], logp: torch.Tensor, mask: torch.Tensor) -> float | None:
     """Mean |engine log-prob - trainer log-prob| over sampled tokens (None: no engine log-probs)."""
-    if not completions or completions[0].logprobs is None:
+    eng = _engine_logprobs(completions, mask)
+    if eng is None:
         return None
-    eng = torch.zeros_like(logp)
-    for i, c in enumerate(completions):
-        eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs, device=logp.device)
     return float(((eng - logp).abs() * mask).sum() / mask.sum().clamp(min=1))

@@ -17,6 +17,7 @@ import torch
 from reward.api import RewardCancelled
 
 from .. import checkpoints, distributed
+from ..compute import ComputeMeter
 from ..adapters import save_adapter
 from ..guards import GracefulStop, Interrupted, NonFiniteGuard
 from ..rollout.base import SamplingConfig
@@ -25,7 +26,7 @@ from .advantages import get_estimator
 from .evaluate import evaluate_prompts, side_by_side
 from .experience import make_experience
 from .kl import make_kl_controller
-from .rewards import make_reward
+from ..scorers import make_reward
 from .update import make_optimizer, ppo_update
 
 
@@ -72,6 +73,8 @@ class PPOLoop:
         self.order = PromptOrder(len(train_prompts), cfg.run.seed)
         self.guard, self.stop = NonFiniteGuard(cfg.run.max_nonfinite_steps), GracefulStop()
         self.history: list = []
+        self.meter = ComputeMeter(ac.model)
+        self._phases_before: dict = {}
         self.t_start, self.last_saved = time.time(), None
         self.samples_path = run.path / "samples.jsonl" if distributed.rank() == 0 else os.devnull
 
@@ -104,12 +107,15 @@ class PPOLoop:
         seeds = [((self.cfg.run.seed * 1_000_003 + it) * 100_003 + (rank * share + j)) * 101 + s
                  for j in range(len(batch)) for s in range(k)]
         r = self.cfg.rollout
-        sampling = SamplingConfig(r.max_new_tokens, r.temperature, r.top_p, row_seeds=seeds)
+        sampling = SamplingConfig(r.max_new_tokens, r.temperature, r.top_p, row_seeds=seeds,
+                                  logprobs=p.old_logprobs == "engine")
+        self._phases_before = {k: v[0] for k, v in self.meter.phases.items()}
         gen_before = self.engine.stats.seconds
         self.progress(f"[it {it}/{p.iterations}] {len(batch) * k * world} answers: generate, reward, score ...")
         with self._reward_interruptible():
             exp = make_experience(self.ac, self.engine, self.tok, batch, self.reward_fn, self.cfg,
-                                  self.estimator, self.kl.beta, sampling, cancelled=self._cancelled)
+                                  self.estimator, self.kl.beta, sampling, cancelled=self._cancelled,
+                                  meter=self.meter)
         return exp, self.engine.stats.seconds - gen_before
 
     def _cancelled(self) -> bool:
@@ -127,7 +133,7 @@ class PPOLoop:
     def update(self, exp, it: int) -> dict:
         self.progress(" update ...")
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
-            return ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it)
+            return ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter)
         # e.g. a critic that diverged: no update from this batch
         self.guard.skip(self.ac.policy_parameters() + self.ac.value_parameters(), f"iteration {it} (advantages)")
         return {}
@@ -137,6 +143,7 @@ class PPOLoop:
         t = time.time()
         self.engine.sync(self.ac.model, it)
         seconds = time.time() - t
+        self.meter.add("sync", seconds, 0.0)
         r = self.cfg.rollout
         texts = [q["messages"][-1]["content"] for q in self.eval_prompts or self.train_prompts]
         with self.ac.role("policy"):
@@ -157,7 +164,9 @@ class PPOLoop:
                "truncated_frac": 1 - sum(finished) / len(finished), "gen_tokens": n_tok,
                "gen_tokens_per_s": n_tok / max(gen_seconds, 1e-9), "iteration_seconds": seconds,
                "sync_seconds": sync_seconds, "engine_logprob_gap": exp.engine_logprob_gap,
-               "nonfinite_skipped": self.guard.skipped, **parity}
+               "nonfinite_skipped": self.guard.skipped, **parity,
+               **{f"seconds_{k}": round(v[0] - self._phases_before.get(k, 0.0), 3)
+                  for k, v in self.meter.phases.items()}}
         self.run.log(rec)
         with open(self.samples_path, "a") as f:
             for i in range(min(2, len(exp))):
@@ -173,7 +182,7 @@ class PPOLoop:
         """Reward and KL on the held-out prompts (a fixed sampling seed, so runs compare)."""
         if not self.eval_prompts:
             return None
-        with self._reward_interruptible():
+        with self._reward_interruptible(), self.meter.time("evaluate"):
             ev = evaluate_prompts(self.ac, self.engine, self.tok, self.eval_prompts, self.reward_fn, self.cfg,
                                   self.cfg.run.seed + 12345, cancelled=self._cancelled, judge_fn=self.judge_fn)
         with open(self.samples_path, "a") as f:
@@ -204,7 +213,8 @@ class PPOLoop:
 
     def summary(self, it: int) -> dict:
         out = {"iterations": it, "train_seconds": round(time.time() - self.t_start, 1),
-               "nonfinite_steps_skipped": self.guard.skipped, "resumed_from": str(self.run.resume_from or "")}
+               "nonfinite_steps_skipped": self.guard.skipped, "resumed_from": str(self.run.resume_from or ""),
+               "compute": self.meter.report()}
         if self.history and self.history[0] and self.history[-1]:
             init, last = self.history[0], self.history[-1]
             out.update(eval_initial=init, eval_final=last,
@@ -252,7 +262,7 @@ def save_checkpoint(loop: PPOLoop, it: int, ev: dict | None, state: dict):
         save_adapter(ac.model, folder / "adapter", cfg.model.name)
         if ev is not None:
             (folder / "eval.json").write_text(json.dumps(ev, indent=2))
-        if ac.with_critic:
+        if ac.with_critic and not ac.shared_critic:
             save_adapter(ac.model, folder / "critic", cfg.model.name, adapter_name="value")
             torch.save(ac.critic_state(), folder / "value_head.pt")
         torch.save({"trainable": ac.trained_state(), "optimizer": loop.optimizer.state_dict(),

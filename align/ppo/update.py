@@ -3,15 +3,18 @@ of experience. It reads an :class:`~align.ppo.experience.Experience` and changes
 trainable adapters; making experience is :mod:`align.ppo.experience`'s job."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .. import distributed
+from ..compute import NullMeter, forward_gflop
 from ..guards import NonFiniteGuard, grads_finite
 from . import losses
 from .experience import Experience
 
 
-def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> dict:
+def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, meter=None) -> dict:
     """Several epochs of minibatch updates on one batch; stops early on approx-KL. A minibatch
     with a NaN/inf loss or gradient makes no update (``guard`` counts it).
 
@@ -25,22 +28,21 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> 
                                      ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
     params = ac.policy_parameters() + ac.value_parameters()
     ac.train()
+    meter = meter or NullMeter()
+    passes = 2 * (2 if ac.with_critic and not ac.shared_critic else 1)  # forward + backward, critic's too
     epochs_done = 0
     for epoch in range(p.ppo_epochs):
-        perm = torch.randperm(len(exp))
         epoch_kl = []
-        for start in range(0, len(exp), mb_size):
-            mb = exp.select(perm[start:start + mb_size])
+        for n_mb, idx in enumerate(exp.minibatches(mb_size)):
+            mb = exp.select(idx)
             tokens = mb.mask.sum()
+            t_mb = time.perf_counter()
             scale = float(tokens * world / distributed.all_sum(tokens).clamp(min=1))
-            with ac.role("policy"):
-                logp, entropy = ac.token_logprobs(mb.input_ids, mb.attention_mask, mb.pred_pos,
-                                                  mb.targets, with_entropy=True)
+            logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True)
             pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, p.clip_range)
             ent = losses.masked_mean(entropy, mb.mask)
             loss = pl - p.entropy_coef * ent
-            if ac.with_critic:
-                v = ac.values(mb.input_ids, mb.attention_mask, mb.pred_pos)
+            if v is not None:
                 vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
                 loss = loss + p.vf_coef * vl
                 stats["value_loss"].append(float(vl.detach()) * scale)
@@ -50,9 +52,11 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0) -> 
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             if not grads_finite(params):
                 (guard or NonFiniteGuard(0)).skip(
-                    params, f"iteration {it}, epoch {epoch}, minibatch {start // mb_size}")
+                    params, f"iteration {it}, epoch {epoch}, minibatch {n_mb}")
                 continue
             optimizer.step()
+            meter.add("update", time.perf_counter() - t_mb,
+                      forward_gflop(meter.counts, mb.batch.tokens * passes, int(tokens) * 2))
             stats["policy_loss"].append(float(pl.detach()) * scale)
             stats["entropy"].append(float(ent.detach()) * scale)
             stats["clipfrac"].append(float(info["clipfrac"]) * scale)

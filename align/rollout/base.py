@@ -15,6 +15,9 @@ class SamplingConfig:
     # One seed per prompt: each row's sample then depends only on its seed, not on the batch it
     # shares or the process it runs in (PPO: N data-parallel ranks sample what one would).
     row_seeds: list[int] | None = None
+    # Return the model's log-probs of the sampled tokens (raw, before temperature/top-p). vLLM
+    # always does; transformers' generate then keeps each step's logits, which costs memory.
+    logprobs: bool = False
 
     def __post_init__(self):
         if self.temperature == 0:  # rollout.temperature=0 means greedy decoding

@@ -59,15 +59,27 @@ class HFEngine(RolloutEngine):
             if gen is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             dev = self.model.device
-            seqs = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kwargs)[:, L:]
-            for p, row in zip(chunk, seqs.tolist()):
+            res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), return_dict_in_generate=True,
+                                      output_logits=params.logprobs, **kwargs)
+            seqs = res.sequences[:, L:]
+            lps = _sampled_logprobs(res.logits, seqs) if params.logprobs else None
+            for i, (p, row) in enumerate(zip(chunk, seqs.tolist())):
                 row, finished = trim_at_eos(row, eos)
-                out.append(Completion(p, row, finished,
+                out.append(Completion(p, row, finished, lps[i, :len(row)].tolist() if lps is not None else None,
                                       text=self.tok.decode(row, skip_special_tokens=True)))
         self.model.train(was_training)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
         self.stats.seconds += time.perf_counter() - t0
         return out
+
+
+def _sampled_logprobs(logits: tuple, seqs: torch.Tensor) -> torch.Tensor:
+    """(B, steps) log-probs of the generated tokens under the model's raw logits (before any
+    temperature or top-p): the policy's own log-probs, as PPO's ratio needs them."""
+    out = torch.zeros(seqs.shape, dtype=torch.float32)
+    for t, step in enumerate(logits):
+        out[:, t] = step.float().log_softmax(-1).gather(-1, seqs[:, t:t + 1].to(step.device)).squeeze(-1).cpu()
+    return out
 
 
 class RowSeededSampler(LogitsProcessor):

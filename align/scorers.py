@@ -1,7 +1,8 @@
-"""The PPO job's rewards, by kind (``reward.kind``, ``judge.kind``): a user's Python function, or
-an adapter on the policy's own base -- an `align rm` reward model (``classifier``: LoRA + score
-head, scored at the conversation's last token as in its training) or a DPO adapter
-(``dpo``: the implicit reward beta * (log pi_dpo - log pi_ref) summed over the answer).
+"""Reward kinds (``reward.kind``, ``judge.kind``): a user's Python function, or an adapter on the
+shared base (:class:`align.roles.Roles`) -- an `align rm` reward model (``classifier``: LoRA +
+score head, scored at the conversation's last token as in its training) or a DPO adapter
+(``dpo``: the implicit reward beta * (log pi_dpo - log pi_ref) summed over the answer). PPO
+rewards and judges its policy with these; `align eval` judges answers with them.
 
 Adapter rewards are callables of the reward API's shape, ``(prompts, completions, **info) ->
 list[float]``, so the loop calls every kind the same way (validated, bounded in time, handed the
@@ -16,31 +17,31 @@ import torch
 
 from reward.api import load_reward_fn
 
-from ..chat import answer_ids
-from ..rollout.base import Completion
-from .experience import collate
+from .batch import rows_batch
+from .chat import answer_ids
+from .rollout.base import Completion
 
 
-def make_reward(section, ac, tok, role: str, base_name: str):
+def make_reward(section, roles, tok, role: str, base_name: str):
     """The callable for a ``reward``/``judge`` config section (``role`` names its adapter)."""
     if section.kind == "function":
         return load_reward_fn(section.function)
     path = find_adapter(section.adapter, role, base_name)
-    has_head = ac.add_scorer(role, path)
+    has_head = roles.add_scorer(role, path)
     if has_head != (section.kind == "classifier"):
-        from ..config import ConfigError
+        from .config import ConfigError
 
         raise ConfigError(f"key '{role}.adapter': '{path}' is {'a reward model (score head)' if has_head else 'a causal-LM adapter (no score head)'}, "
                           f"so {role}.kind should be {'classifier' if has_head else 'dpo'}, not {section.kind}")
     beta = (section.beta or _dpo_beta(path)) if section.kind == "dpo" else 0.0
-    return AdapterReward(ac, tok, role, section.kind, beta, path)
+    return AdapterReward(roles, tok, role, section.kind, beta, path)
 
 
 def find_adapter(path_text: str, key: str, base_name: str) -> Path:
     """A run folder (its ``adapter/``) or an adapter folder, trained on the policy's base."""
-    from ..adapters import read_base_name
-    from ..assets import resolve_model
-    from ..config import ConfigError
+    from .adapters import read_base_name
+    from .assets import resolve_model
+    from .config import ConfigError
 
     if not path_text:
         raise ConfigError(f"key '{key}.adapter' is empty: name the `align rm` / `align dpo` run or adapter folder")
@@ -77,47 +78,34 @@ def template_suffix(tok) -> list[int]:
 
 
 class AdapterReward:
-    """A frozen adapter role on the policy's base, called like a reward function."""
+    """A frozen adapter role on the shared base, called like a reward function."""
 
-    def __init__(self, ac, tok, role: str, kind: str, beta: float, source: Path, batch_size: int = 16):
-        self.ac, self.tok, self.role, self.kind, self.beta = ac, tok, role, kind, beta
+    def __init__(self, roles, tok, role: str, kind: str, beta: float, source: Path, batch_size: int = 16):
+        self.roles, self.tok, self.role, self.kind, self.beta = roles, tok, role, kind, beta
         self.batch_size, self.suffix = batch_size, template_suffix(tok)
         self.__qualname__ = f"{role} adapter ({kind}, {source})"
         self.__module__ = __name__
 
     @torch.no_grad()
     def __call__(self, prompts, completions, *, prompt_ids, completion_ids, truncated, **info) -> list[float]:
+        was_training = self.roles.training
+        self.roles.eval()
         out = []
         for s in range(0, len(completions), self.batch_size):
             sl = slice(s, s + self.batch_size)
             if self.kind == "classifier":
-                out += self._classify(prompt_ids[sl], completion_ids[sl], truncated[sl])
+                # A finished answer is scored where training scored it: after the template's closing tokens.
+                rows = [Completion(p, c + ([] if cut else self.suffix), not cut)
+                        for p, c, cut in zip(prompt_ids[sl], completion_ids[sl], truncated[sl])]
+                out += self.roles.last_token_scores(rows_batch(rows, self.tok.pad_token_id, self.roles.device),
+                                                    self.role).tolist()
             else:
-                out += self._implicit(prompt_ids[sl], completion_ids[sl])
+                tb = rows_batch([Completion(p, c, True) for p, c in zip(prompt_ids[sl], completion_ids[sl])],
+                                self.tok.pad_token_id, self.roles.device)
+                with self.roles.role(self.role):
+                    logp, _ = self.roles.token_logprobs(tb)
+                with self.roles.role("reference"):
+                    ref, _ = self.roles.token_logprobs(tb)
+                out += (self.beta * ((logp - ref) * tb.mask).sum(1)).tolist()
+        self.roles.train(was_training)
         return out
-
-    def _classify(self, prompt_ids, completion_ids, truncated) -> list[float]:
-        # A finished answer is scored where training scored it: after the template's closing tokens.
-        rows = [Completion(p, c + ([] if cut else self.suffix), not cut)
-                for p, c, cut in zip(prompt_ids, completion_ids, truncated)]
-        ids, attn, _, _, _ = collate(rows, self.tok.pad_token_id, self.ac.device)
-        last = attn.sum(1) - 1
-        was_training = self.ac.training
-        self.ac.eval()
-        with self.ac.role(self.role):
-            hidden = self.ac.lm().base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        self.ac.train(was_training)
-        h = hidden[torch.arange(len(rows), device=hidden.device), last]
-        return self.ac.score_heads[self.role](h.float()).squeeze(-1).tolist()
-
-    def _implicit(self, prompt_ids, completion_ids) -> list[float]:
-        rows = [Completion(p, c, True) for p, c in zip(prompt_ids, completion_ids)]
-        ids, attn, pred_pos, targets, mask = collate(rows, self.tok.pad_token_id, self.ac.device)
-        was_training = self.ac.training
-        self.ac.eval()
-        with self.ac.role(self.role):
-            logp, _ = self.ac.token_logprobs(ids, attn, pred_pos, targets)
-        with self.ac.role("reference"):
-            ref, _ = self.ac.token_logprobs(ids, attn, pred_pos, targets)
-        self.ac.train(was_training)
-        return (self.beta * ((logp - ref) * mask).sum(1)).tolist()
