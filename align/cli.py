@@ -25,6 +25,39 @@ def _add_config_args(p: argparse.ArgumentParser, recipe: str, job: bool = True) 
                        help="resolve and check the config, print it, and write nothing")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="base and adapters side by side: preference metrics, answers, a report")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="run folders, adapter folders or exported models")
+    p.add_argument("--data", help="preference pairs: a Hub id / mirror name (Anthropic/hh-rlhf), a file or a folder")
+    p.add_argument("--subsets", default="", help="HH-RLHF subsets of --data, comma-separated (e.g. helpful-base)")
+    p.add_argument("--split", default="train", help="split / file-name prefix of --data (default: train)")
+    p.add_argument("--pairs", type=int, default=500, help="at most this many pairs (seeded sample; 0 = all)")
+    p.add_argument("--max-length", type=int, default=0, help="truncate pairs to this many tokens (default: untruncated)")
+    p.add_argument("--generate", action="store_true", help="answer --prompts with the base and every adapter, judge them")
+    p.add_argument("--prompts", help="prompt dataset (as for align ppo's data.dataset)")
+    p.add_argument("--prompt-subsets", default="", help="HH-RLHF subsets for --prompts, comma-separated")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--judge", help="classifier:PATH (an align rm run), dpo:PATH (a DPO run) or function:FILE.py:FN")
+    p.add_argument("--base", help="the base the adapters sit on (default: theirs)")
+    p.add_argument("--out", default="eval-report", help="output folder (must be empty): eval.json, report.html")
+    p.add_argument("--no-vllm", dest="use_vllm", action="store_false", help="generate with transformers instead")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible vLLM server: the base and adapters by name")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="adapter folders or run folders (named after the folder)")
+    p.add_argument("--name", action="append", default=[], metavar="NAME=PATH", help="an adapter under a name of your choice")
+    p.add_argument("--base", help="the base (default: the adapters')")
+    p.add_argument("--host", default="127.0.0.1", help="where to listen (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key (needed with a --host other than loopback)")
+    p.add_argument("--max-lora-rank", type=int, default=0, help="the largest adapter rank to accept (default: the adapters')")
+    p.add_argument("--max-model-len", type=int, default=0, help="default: the model's own")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="align",
@@ -53,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
     p.add_argument("--no-vllm-check", dest="vllm_check", action="store_false",
                    help="skip the vLLM load-and-decode check (it starts an engine, ~30 s on CPU)")
+
+    _add_eval(sub)
+    _add_serve(sub)
 
     p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
     p.add_argument("job", choices=["dpo", "ppo", "rm"])
@@ -94,7 +130,13 @@ def _check_sources(cfg, job: str) -> None:
     if job == "ppo":
         from reward.api import load_reward_fn
 
-        load_reward_fn(cfg.reward.function)
+        from .scorers import find_adapter
+
+        for key, section in (("reward", cfg.reward), ("judge", cfg.judge)):
+            if section.kind == "function":
+                load_reward_fn(section.function)
+            elif section.kind != "none":
+                find_adapter(section.adapter, key, cfg.model.name)
 
 
 def _run_job(args) -> None:
@@ -143,6 +185,21 @@ def main(argv: list[str] | None = None) -> int:
 
             export(args.source, args.out, merge=args.merge, dtype=args.dtype, checkpoint=args.checkpoint,
                    verify=args.verify, force=args.force, base=args.base, vllm_check=args.vllm_check)
+        elif args.command == "eval":
+            from .evaluation import run_eval
+
+            split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+            run_eval(args.targets, data=args.data, subsets=split(args.subsets), split=args.split, pairs=args.pairs,
+                     max_length=args.max_length, generate=args.generate, prompts=args.prompts,
+                     prompt_subsets=split(args.prompt_subsets), num_prompts=args.num_prompts,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
+                     out=args.out, base=args.base, use_vllm=args.use_vllm)
+        elif args.command == "serve":
+            from .serve import serve
+
+            return serve(args.adapters, args.name, base=args.base, host=args.host, port=args.port,
+                         api_key=args.api_key, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+                         dtype=args.dtype)
         elif args.command == "config":
             from .config import dump_yaml
 

@@ -80,9 +80,10 @@ def test_sampled_logprobs_match_trainer(engine, tiny_ac):
                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
            for p in PROMPTS]
     comps = engine.generate(ids, SamplingConfig(12, temperature=1.0, seed=0))
-    x, attn, pos, tgt, mask = collate(comps, tok.pad_token_id)
+    tb = collate(comps, tok.pad_token_id)
+    mask = tb.mask
     with torch.no_grad(), ac.role("policy"):
-        logp, _ = ac.token_logprobs(x, attn, pos, tgt)
+        logp, _ = ac.token_logprobs(tb)
     eng = torch.zeros_like(logp)
     for i, c in enumerate(comps):
         eng[i, :len(c.logprobs)] = torch.tensor(c.logprobs)

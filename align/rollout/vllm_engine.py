@@ -91,7 +91,7 @@ class VLLMEngine(RolloutEngine):
         self.base_name = base_name or base_path
         lora_kwargs = {}
         if sync == "lora":  # a merged engine has no LoRA layers, so its weights load by HF name
-            lora_kwargs = dict(enable_lora=True, max_lora_rank=max(8, max_lora_rank), max_loras=2)
+            lora_kwargs = dict(enable_lora=True, max_lora_rank=_lora_rank_slot(max_lora_rank), max_loras=2)
         try:
             self.llm = LLM(model=base_path, dtype=dtype, enforce_eager=True, seed=seed,
                            max_model_len=max_model_len, gpu_memory_utilization=0.25, **lora_kwargs)
@@ -209,31 +209,12 @@ class VLLMEngine(RolloutEngine):
 
     # -- generate ----------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[Completion]:
-        from vllm import SamplingParams
-
         t0 = time.perf_counter()
-        sp = SamplingParams(
-            n=1, max_tokens=params.max_new_tokens, seed=params.seed, logprobs=0,
-            temperature=0.0 if params.greedy else params.temperature,
-            top_p=1.0 if params.greedy else params.top_p, top_k=-1 if not params.greedy else -1,
-            stop_token_ids=[self.tok.eos_token_id], skip_special_tokens=True,
-        )
-        if params.row_seeds is not None and not params.greedy:
-            sp = [sp.clone() for _ in prompt_ids]
-            for one, seed in zip(sp, params.row_seeds):
-                one.seed = int(seed)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp,
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
+                                 sampling_params(params, len(prompt_ids), self.tok.eos_token_id),
                                  lora_request=self._lora if self.sync_mode != "merged" else None,
                                  use_tqdm=False)
-        result = []
-        for p, o in zip(prompt_ids, outs):
-            c = o.outputs[0]
-            ids = list(c.token_ids)
-            finished = c.finish_reason == "stop"
-            lps = None
-            if c.logprobs is not None:
-                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-            result.append(Completion(p, ids, finished, lps, text=self.tok.decode(ids, skip_special_tokens=True)))
+        result = completions(prompt_ids, outs, self.tok)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in result)
         self.stats.seconds += time.perf_counter() - t0
         return result
@@ -244,6 +225,104 @@ class VLLMEngine(RolloutEngine):
         shutil.rmtree(self._dir, ignore_errors=True)
         self.llm = None
         gc.collect()
+
+
+def sampling_params(params: SamplingConfig, n: int, eos_id: int):
+    """vLLM's SamplingParams for ``params`` (one per prompt when rows carry their own seeds)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(
+        n=1, max_tokens=params.max_new_tokens, seed=params.seed, logprobs=0,
+        temperature=0.0 if params.greedy else params.temperature, top_p=1.0 if params.greedy else params.top_p,
+        top_k=-1, stop_token_ids=[eos_id], skip_special_tokens=True)
+    if params.row_seeds is None or params.greedy:
+        return sp
+    out = [sp.clone() for _ in range(n)]
+    for one, seed in zip(out, params.row_seeds):
+        one.seed = int(seed)
+    return out
+
+
+def completions(prompt_ids: list[list[int]], outs, tok) -> list[Completion]:
+    result = []
+    for p, o in zip(prompt_ids, outs):
+        c = o.outputs[0]
+        ids = list(c.token_ids)
+        lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)] if c.logprobs is not None else None
+        result.append(Completion(p, ids, c.finish_reason == "stop", lps, text=tok.decode(ids, skip_special_tokens=True)))
+    return result
+
+
+class MultiAdapterEngine:
+    """ONE vLLM engine holding the base once and any number of LoRA adapters by name: the base
+    (no LoRA request) and every adapter answer the same prompts in one batch -- what many
+    adapters on one base are for (Punica/S-LoRA batching in vLLM)."""
+
+    def __init__(self, base_path: str, tokenizer, adapters: dict[str, str], *, max_model_len: int = 2048,
+                 dtype: str = "float32", seed: int = 0):
+        import json
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        _refuse_transformers_fallback(base_path, "lora")
+        ranks = [json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in adapters.values()]
+        print(f"starting one vLLM engine for the base + {len(adapters)} adapter(s) (~10-30 s on a CPU)", flush=True)
+        try:
+            self.llm = LLM(model=base_path, dtype=dtype, enforce_eager=True, seed=seed, max_model_len=max_model_len,
+                           gpu_memory_utilization=0.25, enable_lora=True, max_loras=len(adapters) + 1,
+                           max_lora_rank=_lora_rank_slot(max(ranks, default=8)))
+        except Exception as e:
+            raise EngineStartError(f"vLLM {_vllm_version()} could not start for '{base_path}' with "
+                                   f"{len(adapters)} adapters: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        self.tok = tokenizer
+        self.requests = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())}
+        if adapters:  # the base as an all-zero adapter: see zero_adapter
+            self._zero_dir = tempfile.TemporaryDirectory(prefix="align-base-as-lora-")
+            self.requests[None] = LoRARequest("base", len(adapters) + 1,
+                                              zero_adapter(next(iter(adapters.values())), self._zero_dir.name))
+
+    def generate_mixed(self, requests: list[tuple[str | None, list[int]]], params: SamplingConfig) -> list[Completion]:
+        """One batched call for (adapter name or None for the base, prompt ids) requests."""
+        outs = self.llm.generate([{"prompt_token_ids": p} for _, p in requests],
+                                 sampling_params(params, len(requests), self.tok.eos_token_id),
+                                 lora_request=[self.requests.get(name) for name, _ in requests], use_tqdm=False)
+        return completions([p for _, p in requests], outs, self.tok)
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingConfig, names: list[str | None]) -> dict:
+        """{name (None = the base): completions of every prompt}, from one batched call."""
+        result = self.generate_mixed([(name, p) for name in names for p in prompt_ids], params)
+        n = len(prompt_ids)
+        return {name: result[i * n:(i + 1) * n] for i, name in enumerate(names)}
+
+    def close(self) -> None:
+        import gc
+
+        self.llm = None
+        gc.collect()
+
+
+def zero_adapter(like: str, out: str) -> str:
+    """An adapter whose every weight is zero, shaped like ``like``: it answers exactly as the base.
+    vLLM 0.32's CPU build applies an adapter to the no-LoRA rows of a batch that mixes them with
+    LoRA rows (measured: the base's rows answered as the batch's last adapter), so in a mixed
+    batch the base must be a LoRA request too."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy(Path(like) / "adapter_config.json", Path(out) / "adapter_config.json")
+    weights = load_file(str(Path(like) / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(Path(out) / "adapter_model.safetensors"))
+    return out
+
+
+def _lora_rank_slot(rank: int) -> int:
+    """The smallest LoRA rank vLLM accepts as max_lora_rank that holds ``rank``."""
+    for slot in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= slot:
+            return slot
+    raise EngineStartError(f"a LoRA rank of {rank} is above vLLM's largest max_lora_rank (512)")
 
 
 @torch.no_grad()

@@ -45,10 +45,12 @@ class ServerProcess:
     LAUNCHER = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
 
     def __init__(self, model: str, extra_args: list[str], *, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str = "", log_path: str | Path | None = None, devices: str | None = None,
+                 api_key: str | None = "", log_path: str | Path | None = None, devices: str | None = None,
                  env: dict | None = None, startup_timeout: float = 300, request_timeout: float = 300,
                  launcher: tuple[str, ...] = LAUNCHER):
-        self.host, self.api_key = host, api_key or secrets.token_urlsafe(24)
+        # "" = a random key for this start; None = no key (a server that exposes no runtime
+        # adapter loading, on loopback: `align serve` without --api-key)
+        self.host, self.api_key = host, (api_key or secrets.token_urlsafe(24)) if api_key is not None else None
         self.request_timeout = request_timeout
         self._tmp = Path(tempfile.mkdtemp(prefix="align-server-"))
         self.log_path = Path(log_path) if log_path else self._tmp / "server.log"
@@ -61,7 +63,7 @@ class ServerProcess:
             self.port = port or free_port(host)
             self.url = f"http://{host}:{self.port}"
             self._start([*launcher, "--model", model, "--host", host, "--port", str(self.port),
-                         "--api-key", self.api_key, *extra_args])
+                         *(["--api-key", self.api_key] if self.api_key else []), *extra_args])
             try:
                 self._wait_healthy(startup_timeout)
                 return
@@ -104,9 +106,10 @@ class ServerProcess:
         """POST JSON with the API key; HTTP errors become :class:`ServerError` with vLLM's text."""
         if self.proc.poll() is not None:
             raise ServerError(f"vLLM server died (exit {self.proc.returncode}); log {self.log_path}:\n{self.tail()}")
-        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {self.api_key}"})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(payload).encode(), headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.request_timeout) as r:
                 body = r.read().decode()

@@ -1,0 +1,348 @@
+"""`align eval`: what did alignment change? Base and adapters side by side, on ONE base.
+
+Targets are run folders, adapter folders or exported (adapter or merged) models. Every adapter
+goes onto one copy of the base as a role (:class:`align.roles.Roles`); a merged export is a
+model of its own.
+
+- **Preferences** (``--data``): through the packed scorer, at full length unless ``--max-length``
+  says otherwise (and then the cut is reported): a causal adapter's implicit-reward accuracy and
+  margin, beta * (log pi - log pi_base); a reward model's pairwise accuracy; anyone's
+  reference-free accuracy (mean per-token log-prob of chosen vs rejected). Ties count 1/2.
+- **Generation** (``--generate``): the same held-out prompts answered by the base and every
+  adapter from one vLLM engine (the base as no LoRA request, the adapters as LoRA requests in
+  the same batch), each answer scored by a judge (any reward kind), KL to the base per answer
+  (trainer-side), answer lengths, and win rates against the base with 95% CIs -- also with the
+  judge's dependence on length taken out (a longer answer is not a better one).
+
+Writes ``eval.json`` and a self-contained ``report.html`` (:mod:`align.report`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+NO_LIMIT = 1 << 30
+
+
+class EvalError(ValueError):
+    """A target or option `align eval` cannot use; the message names it."""
+
+
+@dataclass
+class Target:
+    name: str
+    path: Path            # adapter folder, or merged model folder
+    kind: str             # "adapter" (causal LM: DPO/PPO policy), "reward" (`align rm`), "merged"
+    base: str             # the base it sits on (a merged model: itself)
+    beta: float = 0.1     # implicit reward's beta (a DPO run's train.beta)
+    job: str = ""         # dpo | ppo | rm | "" (unknown)
+    metrics: dict = field(default_factory=dict)
+
+
+def resolve_target(text: str) -> Target:
+    """A run folder (``adapter/`` + ``config.yaml``), an adapter folder, or a merged model."""
+    import yaml
+
+    from .adapters import read_adapter_config
+
+    p = Path(text)
+    if not p.exists():
+        raise EvalError(f"target '{text}' does not exist (a run folder, an adapter folder or an exported model)")
+    cfg, adapter = {}, p
+    if (p / "config.yaml").is_file() and (p / "adapter").is_dir():
+        cfg, adapter = yaml.safe_load((p / "config.yaml").read_text()) or {}, p / "adapter"
+    elif (p / "training_config.yaml").is_file():  # an export carries its run's config
+        cfg = yaml.safe_load((p / "training_config.yaml").read_text()) or {}
+    if (adapter / "adapter_config.json").is_file():
+        acfg = read_adapter_config(adapter)
+        base = (cfg.get("model") or {}).get("name") or acfg.get("base_model_name_or_path")
+        if not base:
+            raise EvalError(f"target '{text}': its adapter names no base (base_model_name_or_path)")
+        job = "ppo" if "ppo" in cfg else "rm" if "center_coef" in cfg.get("train", {}) else \
+            "dpo" if "beta" in cfg.get("train", {}) else ""
+        kind = "reward" if acfg.get("task_type") == "SEQ_CLS" else "adapter"
+        beta = float(cfg.get("train", {}).get("beta", 0.1)) if job == "dpo" else 0.1
+        return Target(p.name, adapter, kind, base, beta, job)
+    if (p / "config.json").is_file():
+        return Target(p.name, p, "merged", str(p), job=(cfg.get("ppo") and "ppo") or "")
+    raise EvalError(f"target '{text}' is neither a run folder, an adapter folder nor a model folder")
+
+
+def load_targets(texts: list[str], base_override: str | None):
+    """(targets, Roles on their common base with every adapter loaded by target name, tokenizer)."""
+    from .assets import resolve_model
+    from .config import LoraConfig, ModelConfig
+    from .models import load_base
+    from .roles import Roles
+
+    targets = [resolve_target(t) for t in texts]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        for i, t in enumerate(targets):
+            t.name = f"{i}:{t.name}"
+    adapters = [t for t in targets if t.kind != "merged"]
+    bases = {resolve_model(base_override or t.base) for t in adapters}
+    if len(bases) > 1:
+        raise EvalError(f"the adapters sit on different bases ({', '.join(sorted(bases))}); evaluate them separately")
+    base_name = base_override or (adapters[0].base if adapters else targets[0].base)
+    base, tok = load_base(ModelConfig(name=base_name, dtype="float32"))
+    roles = Roles(base, LoraConfig(r=1, alpha=1))
+    for t in adapters:
+        roles.add_scorer(t.name, t.path)
+    return targets, roles, tok, base_name
+
+
+# -- preferences ------------------------------------------------------------------------
+
+
+def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, batch_size: int = 8) -> dict:
+    """Per target (and the base): accuracies on tokenized ``pairs`` through the packed scorer."""
+    from .dpo.evaluate import implicit_reward_metrics, reference_free_accuracy, score_pairs
+    from .dpo.packing import PackedPairCollator, install_packed_forward, truncation_report
+    from .models import load_base
+    from .config import ModelConfig
+    from .rm import pair_scores, pairwise_metrics
+
+    limit = max_length or NO_LIMIT  # truncated as DPO trains: the prompt at most half, its last tokens
+    collator = PackedPairCollator(tok.pad_token_id, limit, max(1, limit // 2) if max_length else NO_LIMIT - 1)
+    cut = truncation_report(_columns(pairs), limit, collator.max_prompt_length)
+    install_packed_forward(roles.lm())
+    with roles.role("reference"):
+        ref = score_pairs(roles.model, pairs, collator, batch_size, desc="base")
+    table = {"base": {"kind": "base", "reference_free_accuracy": reference_free_accuracy(ref)}}
+    for t in targets:
+        if t.kind == "reward":
+            scorer = _RewardPairs(roles, t.name)
+            table[t.name] = {"kind": "reward model", **pairwise_metrics(pair_scores(scorer, pairs, collator, batch_size))}
+            continue
+        if t.kind == "merged":
+            merged, _ = load_base(ModelConfig(name=str(t.path), dtype="float32"))
+            install_packed_forward(merged)
+            scores = score_pairs(merged, pairs, collator, batch_size, desc=t.name)
+            table[t.name] = {"kind": "merged model", "reference_free_accuracy": reference_free_accuracy(scores)}
+            continue
+        with roles.role(t.name):
+            scores = score_pairs(roles.model, pairs, collator, batch_size, desc=t.name)
+        table[t.name] = {"kind": f"{t.job or 'causal'} adapter", "beta": t.beta,
+                         **implicit_reward_metrics(scores, ref, t.beta),
+                         "reference_free_accuracy": reference_free_accuracy(scores)}
+    return {"pairs": len(pairs), "max_length": max_length or "untruncated",
+            "truncated": {k: cut[k] for k in ("prompt_truncated", "answer_truncated")}, "table": table}
+
+
+def _columns(pairs):
+    return {k: [p[k] for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+class _RewardPairs(torch.nn.Module):
+    """A reward-model role, called the way :func:`align.rm.pair_scores` calls a classifier."""
+
+    def __init__(self, roles, name: str):
+        super().__init__()
+        self.roles, self.name = roles, name
+
+    @property
+    def device(self):
+        return self.roles.device
+
+    def forward(self, **batch):
+        from .dpo.packing import answer_end_states
+
+        with self.roles.role(self.name):
+            states = answer_end_states(self.roles.lm(), batch)
+        return self.roles.score_heads[self.name](states.float()).squeeze(-1)
+
+
+# -- generation -------------------------------------------------------------------------
+
+
+def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], max_new_tokens: int,
+                     temperature: float, use_vllm: bool, seed: int = 0) -> dict:
+    """{"base" | target name: completions}: the base and the causal adapters from one vLLM engine
+    (or transformers when vLLM is off/unavailable, said so), merged models with transformers."""
+    from .assets import resolve_model
+    from .rollout import vllm_available
+    from .rollout.base import SamplingConfig
+    from .rollout.hf import HFEngine
+
+    params = SamplingConfig(max_new_tokens, temperature if temperature > 0 else 1.0, 1.0, seed=seed,
+                            greedy=temperature == 0)
+    ids = [p["ids"] for p in prompts]
+    gen = [t for t in targets if t.kind == "adapter"]
+    out, how = {}, "transformers"
+    if use_vllm and vllm_available():
+        from .rollout.vllm_engine import EngineStartError, MultiAdapterEngine
+
+        try:
+            engine = MultiAdapterEngine(resolve_model(base_name), tok, {t.name: str(t.path) for t in gen},
+                                        max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed)
+            try:
+                res = engine.generate(ids, params, [None] + [t.name for t in gen])
+            finally:
+                engine.close()
+            out = {("base" if k is None else k): v for k, v in res.items()}
+            how = "one vLLM engine: the base and every adapter in one batch"
+        except EngineStartError as e:
+            print(f"notice: {e}; generating with transformers instead")
+    if not out:
+        engine = HFEngine(roles.model, tok)
+        with roles.role("reference"):
+            out["base"] = engine.generate(ids, params)
+        for t in gen:
+            with roles.role(t.name):
+                out[t.name] = engine.generate(ids, params)
+    for t in targets:
+        if t.kind == "merged":
+            from .config import ModelConfig
+            from .models import load_base
+
+            merged, _ = load_base(ModelConfig(name=str(t.path), dtype="float32"))
+            out[t.name] = HFEngine(merged, tok).generate(ids, params)
+    return {"answers": out, "how": how}
+
+
+@torch.no_grad()
+def kl_to_base(roles, tok, name: str, comps) -> list[float]:
+    """Per answer: sum over its tokens of log pi_adapter - log pi_base (the answers are the
+    adapter's own samples, so the mean estimates KL(adapter || base))."""
+    from .batch import rows_batch
+
+    tb = rows_batch(comps, tok.pad_token_id, roles.device)
+    with roles.role(name):
+        lp, _ = roles.token_logprobs(tb)
+    with roles.role("reference"):
+        lr, _ = roles.token_logprobs(tb)
+    return ((lp - lr) * tb.mask).sum(1).tolist()
+
+
+def compare(answers: dict, judge_scores: dict, kls: dict) -> dict:
+    """Per target against the base: win rate (ties 1/2) with a 95% CI, mean judge score, mean
+    KL, mean length, and the win rate once the judge's linear dependence on answer length (fit
+    on every answer of the base and the targets) is taken out."""
+    from .ppo.evaluate import mean_ci95
+
+    lengths = {k: [len(c.token_ids) for c in v] for k, v in answers.items()}
+    xs = [n for k in answers for n in lengths[k]]
+    ys = [s for k in answers for s in judge_scores[k]]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    adjusted = {k: [s - slope * (n - mx) for s, n in zip(judge_scores[k], lengths[k])] for k in answers}
+
+    def win(a, b):
+        return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+    out = {"base": {"judge_mean": sum(judge_scores["base"]) / len(judge_scores["base"]),
+                    "length_mean": sum(lengths["base"]) / len(lengths["base"])},
+           "judge_per_token_of_length": slope}
+    for k in answers:
+        if k == "base":
+            continue
+        m, lo, hi = mean_ci95(win(judge_scores[k], judge_scores["base"]))
+        lm, llo, lhi = mean_ci95(win(adjusted[k], adjusted["base"]))
+        out[k] = {"win_rate": m, "win_rate_ci95": [lo, hi], "length_controlled_win_rate": lm,
+                  "length_controlled_ci95": [llo, lhi], "judge_mean": sum(judge_scores[k]) / len(judge_scores[k]),
+                  "length_mean": sum(lengths[k]) / len(lengths[k]),
+                  "kl_to_base_mean": (sum(kls[k]) / len(kls[k])) if k in kls else None}
+    return out
+
+
+def judge_section(spec: str):
+    """``--judge`` as a reward-kind section: ``classifier:PATH``, ``dpo:PATH``, ``function:SPEC``
+    or a bare path (a reward model run or adapter)."""
+    from .config import JudgeConfig
+
+    kind, _, rest = spec.partition(":")
+    if kind not in ("classifier", "dpo", "function"):
+        kind, rest = "classifier", spec
+    if kind == "function":
+        return JudgeConfig(kind="function", function=rest)
+    return JudgeConfig(kind=kind, adapter=rest)
+
+
+def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] = (), split: str = "train",
+             pairs: int = 500, max_length: int = 0, generate: bool = False, prompts: str | None = None,
+             prompt_subsets: list[str] = (), num_prompts: int = 64, max_new_tokens: int = 64,
+             temperature: float = 0.0, judge: str | None = None, out: str = "eval-report", base: str | None = None,
+             use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print) -> dict:
+    from .atomic import atomic_dir
+    from .chat import tokenize_pair
+    from .report import write_report
+
+    if not data and not generate:
+        raise EvalError("nothing to evaluate: give --data (preference pairs) and/or --generate --prompts")
+    if generate and not ((prompts or prompt_list) and judge):
+        raise EvalError("--generate needs --prompts (a prompt dataset) and --judge (a reward model, DPO adapter or function)")
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise EvalError(f"output folder '{out_dir}' exists and is not empty")
+    t0 = time.time()
+    tlist, roles, tok, base_name = load_targets(targets, base)
+    roles.eval()
+    result = {"targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}
+                          for t in tlist], "base": base_name}
+    if data:
+        from .data import load_preference_split
+
+        rows, report = load_preference_split(data, list(subsets), split, pairs, False, seed)
+        log(f"pairs: {report.summary()}")
+        te = time.time()
+        result["preferences"] = preference_metrics(tlist, roles, tok, [tokenize_pair(tok, r) for r in rows], max_length)
+        result["preferences"].update(data=data, subsets=list(subsets), seconds=round(time.time() - te, 1))
+    if generate:
+        result["generation"] = _generation(tlist, roles, tok, base_name, prompts, list(prompt_subsets), num_prompts,
+                                           max_new_tokens, temperature, judge, use_vllm, seed, prompt_list)
+    result["seconds"] = round(time.time() - t0, 1)
+    with atomic_dir(out_dir) as tmp:
+        samples = result.get("generation", {}).pop("samples", [])
+        (tmp / "eval.json").write_text(json.dumps(result, indent=2))
+        write_report(result, samples, tmp / "report.html")
+        if samples:
+            (tmp / "answers.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    log(f"eval: {out_dir / 'eval.json'}, {out_dir / 'report.html'} ({result['seconds']:.0f} s)")
+    return result
+
+
+def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_prompts, max_new_tokens, temperature,
+                judge, use_vllm, seed, prompt_list=None) -> dict:
+    from .chat import encode_prompts
+    from .config import PromptDataConfig, RewardConfig
+    from .data.prompts import load_prompts
+    from .ppo.experience import score_completions
+    from .scorers import make_reward
+
+    te = time.time()
+    if prompt_list is None:
+        prompt_list, _ = load_prompts(PromptDataConfig(dataset=prompts, subsets=prompt_subsets, eval_prompts=0, seed=seed))
+    plist = [{"messages": p["messages"], "source": p.get("source", "")} for p in prompt_list[:num_prompts]]
+    encode_prompts(tok, plist, 1024)
+    gen = generate_answers(tlist, roles, tok, base_name, plist, max_new_tokens, temperature, use_vllm, seed)
+    judge_fn = make_reward(judge_section(judge), roles, tok, "judge", base_name)
+    scores, kls = {}, {}
+    for name, comps in gen["answers"].items():
+        scores[name] = score_completions(judge_fn, plist, comps, RewardConfig(kind="function"), penalize=False).tolist()
+        if name != "base" and any(t.name == name and t.kind == "adapter" for t in tlist):
+            kls[name] = kl_to_base(roles, tok, name, comps)
+    samples = [{"prompt": p["messages"], **{name: {"answer": gen["answers"][name][i].text,
+                                                  "judge": scores[name][i], "tokens": len(gen["answers"][name][i].token_ids)}
+                                            for name in gen["answers"]}} for i, p in enumerate(plist)]
+    return {"prompts": prompts, "prompt_subsets": prompt_subsets, "n": len(plist), "judge": judge,
+            "engine": gen["how"], "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "comparison": compare(gen["answers"], scores, kls), "seconds": round(time.time() - te, 1),
+            "samples": samples}
+
+
+def report_after_job(cfg, run_path: Path, dataset: str, held_out_subsets: list[str], held_out=None) -> str:
+    """``eval.generate``: the job's adapter against its base on held-out prompts (``eval.prompts``,
+    else the job's own: ``held_out`` prompts, or ``dataset``'s held-out subsets); the report's path."""
+    ev = cfg.eval
+    out = run_path / "eval-report"
+    run_eval([str(run_path)], generate=True, prompts=ev.prompts or dataset,
+             prompt_subsets=ev.prompt_subsets or held_out_subsets, num_prompts=ev.num_prompts,
+             max_new_tokens=ev.max_new_tokens, judge=ev.judge, out=str(out), seed=cfg.run.seed,
+             prompt_list=None if ev.prompts else held_out)
+    return str(out / "report.html")

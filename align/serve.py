@@ -1,0 +1,124 @@
+"""`align serve`: an OpenAI-compatible vLLM server hosting the base and any number of exported
+adapters by name, on one copy of the base (chat and completion endpoints).
+
+A request names ``model``: the base by its name, or an adapter by the name it was given
+(``--name N=PATH``, else its folder's name); an unknown name is vLLM's 404, never the base's
+answer. Loopback unless ``--host`` says otherwise, and a host other than loopback needs
+``--api-key``. Adapters are checked before anything starts: a different base, a reward model
+(it does not generate), or a rank above ``--max-lora-rank`` is an error naming the adapter.
+SIGTERM or Ctrl-C stops the server cleanly.
+"""
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# vLLM's own name for the base without any LoRA: not for requests mixed with adapters' ones
+UNBATCHED_BASE = "base-without-lora"
+
+
+class ServeError(ValueError):
+    """An adapter or option `align serve` cannot use; the message names it."""
+
+
+@dataclass
+class Served:
+    name: str
+    path: Path
+    rank: int
+
+
+def plan(adapters: list[str], names: list[str], base: str | None, max_lora_rank: int = 0) -> tuple[str, list[Served], int]:
+    """(the base, the adapters to serve, vLLM's max LoRA rank) -- or a ServeError before anything starts."""
+    from .assets import resolve_model
+    from .evaluation import EvalError, resolve_target
+    from .rollout.vllm_engine import EngineStartError, _lora_rank_slot
+
+    named = []
+    for spec in names:
+        if "=" not in spec:
+            raise ServeError(f"--name '{spec}': expected NAME=PATH")
+        named.append(tuple(spec.split("=", 1)))
+    served, bases = [], {}
+    for name, text in [(Path(a).name, a) for a in adapters] + named:
+        try:
+            t = resolve_target(text)
+        except EvalError as e:
+            raise ServeError(str(e)) from e
+        if t.kind != "adapter":
+            raise ServeError(f"'{text}' is a {'reward model' if t.kind == 'reward' else 'merged model'}: "
+                             "`align serve` hosts LoRA adapters of a causal LM (serve a merged model with `vllm serve`)")
+        import json
+
+        rank = json.loads((t.path / "adapter_config.json").read_text())["r"]
+        served.append(Served(name, t.path, rank))
+        bases[resolve_model(base or t.base)] = t.base
+    if len({s.name for s in served}) != len(served):
+        raise ServeError(f"two adapters are named alike ({', '.join(s.name for s in served)}); use --name NAME=PATH")
+    if len(bases) > 1:
+        raise ServeError(f"the adapters sit on different bases ({', '.join(bases.values())}); one server hosts one base")
+    top = max((s.rank for s in served), default=8)
+    if max_lora_rank and top > max_lora_rank:
+        worst = max(served, key=lambda s: s.rank)
+        raise ServeError(f"adapter '{worst.name}' ({worst.path}) has rank {worst.rank}, above --max-lora-rank {max_lora_rank}")
+    try:
+        slot = _lora_rank_slot(max_lora_rank or top)
+    except EngineStartError as e:
+        raise ServeError(str(e)) from e
+    return (base or (next(iter(bases.values())) if bases else "")), served, slot
+
+
+def start(adapters: list[str], names: list[str] = (), *, base: str | None = None, host: str = "127.0.0.1",
+          port: int = 0, api_key: str | None = None, max_lora_rank: int = 0, max_model_len: int = 0,
+          dtype: str = "float32", log_path=None):
+    """Check everything, then start the server (a :class:`ServerProcess`); the caller stops it."""
+    from .assets import resolve_model
+    from .rollout.vllm_engine import zero_adapter
+    from .rollout.vllm_server import ServerProcess
+
+    if host not in LOOPBACK and not api_key:
+        raise ServeError(f"--host {host} exposes the server beyond this machine: give --api-key")
+    base_name, served, slot = plan(adapters, list(names), base, max_lora_rank)
+    if not base_name:
+        raise ServeError("nothing to serve: name at least one adapter (or --base)")
+    args = ["--dtype", dtype, "--enforce-eager"] + (["--max-model-len", str(max_model_len)] if max_model_len else [])
+    zero = None
+    if served:  # the base's name goes to an all-zero adapter: vLLM's CPU build answers no-LoRA
+        # requests batched with LoRA ones through an adapter (see vllm_engine.zero_adapter)
+        zero = tempfile.TemporaryDirectory(prefix="align-serve-base-")
+        args += ["--served-model-name", UNBATCHED_BASE, "--enable-lora", "--max-lora-rank", str(slot),
+                 "--max-loras", str(len(served) + 1), "--lora-modules",
+                 f"{base_name}={zero_adapter(str(served[0].path), zero.name)}", *[f"{s.name}={s.path}" for s in served]]
+    else:
+        args += ["--served-model-name", base_name]
+    server = ServerProcess(resolve_model(base_name), args, host=host, port=port, api_key=api_key, log_path=log_path)
+    server.keep = zero  # removed with the server object
+    return server, base_name, served
+
+
+def serve(adapters: list[str], names: list[str] = (), log=print, **kwargs) -> int:
+    server, base_name, served = start(adapters, names, **kwargs)
+    stop = {"signum": None}
+
+    def handle(signum, frame):
+        stop["signum"] = signum
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log(f"serving on {server.url}/v1 (OpenAI API): model names "
+            + ", ".join([repr(base_name)] + [repr(s.name) for s in served]) +
+            f"; log {server.log_path}; Ctrl-C or SIGTERM stops it")
+        while stop["signum"] is None and server.proc.poll() is None:
+            time.sleep(0.5)
+        if server.proc.poll() is not None and stop["signum"] is None:
+            log(f"the server exited with code {server.proc.returncode}; log {server.log_path}:\n{server.tail()}")
+            return 1
+        return 0
+    finally:
+        server.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
