@@ -5,6 +5,7 @@ blocks headed ``# name.py``) are created first, in a scratch folder that stands 
 project folder next to a checkout of this repository."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -25,7 +26,7 @@ def _blocks(lang: str) -> list[str]:
 def _commands() -> list[str]:
     out = []
     for block in _blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a command continued with \ is one line
             line = line.strip()
             words = shlex.split(line, comments=True)
             if words and " ".join(words) not in SETUP and words[0] != "source":
@@ -54,6 +55,12 @@ def _cheap_form(line: str) -> list[str] | None:
     return None
 
 
+def _listing(root: Path) -> list[str]:
+    import os
+
+    return sorted(os.path.join(d, f) for d, dirs, files in os.walk(root) for f in dirs + files)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """The user's folder: the repo's configs/ and scripts/ beside the files the README creates."""
@@ -67,6 +74,13 @@ def workdir(tmp_path_factory):
     for line in COMMANDS:
         if _cheap_form(line) is None:  # e.g. printf ... > my_prompts.jsonl
             subprocess.run(line, shell=True, cwd=wd, check=True)
+    # what earlier README commands leave behind (`align rm run.name=rm-hh`, `align dpo run.name=dpo-hh`)
+    from align.assets import DEFAULT_MODEL_ID
+
+    for run in ("rm-hh", "dpo-hh"):
+        (wd / "runs" / run / "adapter").mkdir(parents=True)
+        (wd / "runs" / run / "adapter" / "adapter_config.json").write_text(
+            json.dumps({"r": 8, "lora_alpha": 16, "base_model_name_or_path": DEFAULT_MODEL_ID}))
     return wd
 
 
@@ -77,10 +91,10 @@ def test_readme_lists_the_jobs():
 
 @pytest.mark.parametrize("line", [c for c in COMMANDS if _cheap_form(c) is not None])
 def test_readme_command_runs(line, workdir):
-    before = sorted(p.name for p in workdir.iterdir())
+    before = _listing(workdir)
     out = subprocess.run(_cheap_form(line), cwd=workdir, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
-    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written
+    assert _listing(workdir) == before  # nothing written
 
 
 def test_readme_python_loading_snippet_runs(real_model, tmp_path, monkeypatch):
