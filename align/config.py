@@ -270,6 +270,9 @@ class PPOTrainConfig:
     value_learning_rate: float = _pos(5e-4)
     ppo_epochs: int = _num(2, 1)
     minibatch_size: int = _num(16, 1)
+    # 0 = each minibatch in one pass; else gradients accumulated over chunks of this many answers
+    # (the same update, a fraction of the activation memory)
+    micro_batch_size: int = _num(0, 0)
     clip_range: float = _pos(0.2)
     value_clip_range: float = _pos(0.2)
     vf_coef: float = _nonneg(0.5)
@@ -546,6 +549,10 @@ def validate(cfg, where: str = "config") -> None:
         if batch % ppo.minibatch_size:
             bad("ppo.minibatch_size", f"must divide the batch of prompts_per_iteration x "
                 f"samples_per_prompt = {batch}, got {ppo.minibatch_size}")
+        micro = ppo.micro_batch_size
+        if micro and (ppo.minibatch_size % micro or micro % ppo.samples_per_prompt):
+            bad("ppo.micro_batch_size", f"must divide ppo.minibatch_size ({ppo.minibatch_size}) and be a "
+                f"multiple of ppo.samples_per_prompt ({ppo.samples_per_prompt}), got {micro}")
     rollout = getattr(cfg, "rollout", None)
     if rollout is not None:
         from .rollout import ENGINES  # names only: no engine is imported

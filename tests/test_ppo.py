@@ -213,3 +213,47 @@ def test_update_on_packed_rows_equals_the_update_on_separate_rows(ac, tiny_model
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+def test_micro_batches_make_the_same_update(ac, tiny_model):
+    """ppo.micro_batch_size accumulates gradients over chunks of a minibatch: the step's
+    gradients (policy, critic, value head) and logged losses equal one pass over it."""
+
+    from align.batch import packed_batch
+    from align.ppo.experience import Experience
+    from align.ppo.update import ppo_update
+
+    ac, _ = ac
+    _, tok = tiny_model
+    comps = _groups(tok)
+    tb = packed_batch(comps, 3, tok.pad_token_id)
+    torch.manual_seed(0)
+    old = (torch.randn(tb.mask.shape) * 0.1 - 3) * tb.mask
+    exp = Experience(tb, old, old, torch.zeros(tb.mask.shape), torch.zeros(6), torch.zeros(tb.mask.shape),
+                     torch.randn(tb.mask.shape) * tb.mask, torch.randn(tb.mask.shape) * tb.mask,
+                     [""] * 6, [""] * 6, [True] * 6, group_size=3)
+
+    class Recorder:  # an optimizer that keeps the gradients it was asked to apply
+        def zero_grad(self, set_to_none=True):
+            ac.zero_grad(set_to_none=True)
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in ac.policy_parameters() + ac.value_parameters()]
+
+    runs = []
+    for micro in (0, 3):
+        cfg = load_config("ppo", None, ["ppo.samples_per_prompt=3", "ppo.prompts_per_iteration=2",
+                                        "ppo.minibatch_size=6", "ppo.ppo_epochs=1", f"ppo.micro_batch_size={micro}",
+                                        "ppo.entropy_coef=0.01"])
+        opt = Recorder()
+        torch.manual_seed(1)
+        stats = ppo_update(ac, exp, opt, cfg)
+        runs.append((opt.grads, stats))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in runs[0][0])
+    for key in ("policy_loss", "value_loss", "approx_kl"):
+        assert runs[0][1][key] == pytest.approx(runs[1][1][key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(Exception, match="ppo.micro_batch_size"):
+        load_config("ppo", None, ["ppo.samples_per_prompt=3", "ppo.prompts_per_iteration=2",
+                                  "ppo.minibatch_size=6", "ppo.micro_batch_size=2"])

@@ -34,20 +34,20 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
     for epoch in range(p.ppo_epochs):
         epoch_kl = []
         for n_mb, idx in enumerate(exp.minibatches(mb_size)):
-            mb = exp.select(idx)
-            tokens = mb.mask.sum()
             t_mb = time.perf_counter()
-            scale = float(tokens * world / distributed.all_sum(tokens).clamp(min=1))
-            logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True)
-            pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, p.clip_range)
-            ent = losses.masked_mean(entropy, mb.mask)
-            loss = pl - p.entropy_coef * ent
-            if v is not None:
-                vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
-                loss = loss + p.vf_coef * vl
-                stats["value_loss"].append(float(vl.detach()) * scale)
             optimizer.zero_grad(set_to_none=True)
-            (loss * scale).backward()  # a NaN loss gives NaN gradients: caught below, on every rank
+            mb_tokens = exp.mask[idx].sum()
+            total = distributed.all_sum(mb_tokens).clamp(min=1)
+            got, read = {}, 0
+            for micro in _micro_chunks(idx, p.micro_batch_size):
+                mb = exp.select(micro)
+                # token-mean over the global minibatch: each chunk's mean weighted by its tokens
+                scale = float(mb.mask.sum() * world / total)
+                loss, parts = _losses(ac, mb, p)
+                (loss * scale).backward()  # a NaN loss gives NaN gradients: caught below, on every rank
+                read += mb.batch.tokens
+                for k, v in parts.items():
+                    got[k] = got.get(k, 0.0) + v * scale
             distributed.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             if not grads_finite(params):
@@ -55,13 +55,10 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
                     params, f"iteration {it}, epoch {epoch}, minibatch {n_mb}")
                 continue
             optimizer.step()
-            meter.add("update", time.perf_counter() - t_mb,
-                      forward_gflop(meter.counts, mb.batch.tokens * passes, int(tokens) * 2))
-            stats["policy_loss"].append(float(pl.detach()) * scale)
-            stats["entropy"].append(float(ent.detach()) * scale)
-            stats["clipfrac"].append(float(info["clipfrac"]) * scale)
-            stats["approx_kl"].append(float(info["approx_kl"]) * scale)
-            epoch_kl.append(float(info["approx_kl"]) * scale)
+            meter.add("update", time.perf_counter() - t_mb, forward_gflop(meter.counts, read * passes, int(mb_tokens) * 2))
+            for k, v in got.items():
+                stats[k].append(v)
+            epoch_kl.append(got["approx_kl"])
         epochs_done += 1
         mean_kl = distributed.all_mean(sum(epoch_kl) / len(epoch_kl)) if epoch_kl else 0.0
         if p.target_approx_kl and mean_kl > p.target_approx_kl:  # the same decision on every rank
@@ -69,6 +66,27 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
     out = {k: distributed.all_mean(sum(v) / len(v)) for k, v in stats.items() if v}
     out["ppo_epochs_done"] = epochs_done
     return out
+
+
+def _micro_chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The minibatch's sample indices in chunks of ``size`` (0: one chunk); chunks keep each
+    prompt's answers together since ``size`` is a multiple of the group size (config check)."""
+    return [idx] if not size or size >= len(idx) else list(idx.split(size))
+
+
+def _losses(ac, mb, p) -> tuple[torch.Tensor, dict]:
+    """The minibatch loss (token means) and its parts as floats."""
+    logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True)
+    pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, p.clip_range)
+    ent = losses.masked_mean(entropy, mb.mask)
+    loss = pl - p.entropy_coef * ent
+    parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
+             "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
+    if v is not None:
+        vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
+        loss = loss + p.vf_coef * vl
+        parts["value_loss"] = float(vl.detach())
+    return loss, parts
 
 
 def make_optimizer(ac, cfg):
