@@ -67,8 +67,17 @@ def run_align(name: str, extra: list[str], minutes: float, out: str) -> dict:
             "answers_per_s": answers / iter_seconds,
             "seconds_per_iteration": iter_seconds / len(its), "split_seconds_per_iteration": split,
             "eval_initial": summary["eval_initial"], "eval_final": summary["eval_final"],
-            "curve": [(r.get("iteration_seconds", 0.0), r["reward_mean"], r["kl_per_answer"]) for r in its],
+            "curve": _cumulative([(r.get("iteration_seconds", 0.0), r["reward_mean"], r["kl_per_answer"]) for r in its]),
             "compute": summary.get("compute"), "wall_seconds": time.time() - t0, "peak_rss_gib": peak_rss_gib()}
+
+
+def _cumulative(points):
+    """(seconds of each iteration, reward, kl) -> (seconds since the start, reward, kl)."""
+    out, t = [], 0.0
+    for dt, r, kl in points:
+        t += dt
+        out.append((round(t, 1), r, kl))
+    return out
 
 
 def _heldout(ac, engine, tok, cfg, held) -> dict:
@@ -107,6 +116,7 @@ def run_trl(minutes: float, out: str) -> dict:
         return sentiment(prompts, [c[-1]["content"] if isinstance(c, list) else c for c in completions])
 
     times = {"generate": 0.0, "prepare": 0.0, "step": 0.0}
+    curve = []  # (seconds, training reward, kl) at each of TRL's logging steps
 
     class Timed(GRPOTrainer):
         def _generate(self, *a, **k):
@@ -134,6 +144,10 @@ def run_trl(minutes: float, out: str) -> dict:
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.time()
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                curve.append((round(time.time() - self.t0, 1), logs["reward"], logs.get("kl", 0.0)))
+
         def on_step_end(self, args, state, control, **kw):
             if time.time() - self.t0 > 60 * minutes:
                 control.should_training_stop = True
@@ -152,7 +166,6 @@ def run_trl(minutes: float, out: str) -> dict:
     train_seconds = time.time() - t0
     steps = trainer.state.global_step
     generations = steps // 4  # 2 steps per generation batch x 2 iterations over it
-    curve = [(0.0, r["reward"], r.get("kl", 0.0)) for r in trainer.state.log_history if "reward" in r]
     # held-out: TRL's adapter into align's evaluation (same prompts, seed, reward, KL)
     state = get_peft_model_state_dict(trainer.model)
     fresh, _ = load_base(cfg.model)
@@ -223,8 +236,12 @@ def plot(results: dict, png: Path) -> None:
         ev = [rows[n]["eval_initial"], rows[n]["eval_final"]]
         axes[1].plot([0, rows[n]["train_seconds"]], [e["reward_mean"] for e in ev], marker="o", label=n)
         axes[2].plot([e["kl_per_answer"] for e in ev], [e["reward_mean"] for e in ev], marker="o", label=n)
-    axes[1].set(title="held-out reward vs wall-clock", xlabel="seconds of training")
-    axes[2].set(title="held-out reward vs KL per answer", xlabel="KL (nats per answer)")
+        curve = rows[n].get("curve") or []
+        if curve:
+            axes[1].plot([c[0] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.5)
+            axes[2].plot([c[2] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.5)
+    axes[1].set(title="held-out reward (dots) and training reward (thin) vs wall-clock", xlabel="seconds of training")
+    axes[2].set(title="reward vs KL per answer (held-out dots, training thin)", xlabel="KL (nats per answer)")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
