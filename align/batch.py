@@ -61,6 +61,19 @@ class TokenBatch:
                              self.pred_pos, self.targets, self.mask)), row_tokens=self.row_tokens)
 
 
+def in_chunks(fn, tb: TokenBatch, size: int, group: int = 1):
+    """``fn(sub_batch)`` -> a tuple of (b, T) tensors (or None), run over contiguous chunks of
+    ``size`` samples (whole groups of ``group``) and concatenated: the same numbers as one pass,
+    with the activations and LM-head logits of one chunk alive at a time (no-grad scoring's
+    peak memory). ``size`` 0 = one pass."""
+    if not size or size >= len(tb):
+        return fn(tb)
+    step = max(group, size // group * group)
+    outs = [fn(tb.select(torch.arange(s, min(s + step, len(tb)), device=tb.row.device)))
+            for s in range(0, len(tb), step)]
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
+
+
 def _answers(completions, pad_id: int):
     T = max(1, max(len(c.token_ids) for c in completions))
     targets = torch.full((len(completions), T), pad_id, dtype=torch.long)

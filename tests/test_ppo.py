@@ -190,6 +190,24 @@ def test_packed_answers_score_like_separate_rows(ac, tiny_model):
                                    ac.token_logprobs(rows.select(idx))[0] * rows.mask[idx], atol=1e-5, rtol=1e-5)
 
 
+def test_scoring_in_chunks_equals_one_pass(ac, tiny_model):
+    """in_chunks (no-grad scoring under ppo.micro_batch_size) gives one pass's numbers, in
+    both layouts, including a chunk size that is not a multiple of the group."""
+    from align.batch import in_chunks, packed_batch, rows_batch
+
+    ac, _ = ac
+    _, tok = tiny_model
+    comps = _groups(tok)
+    with torch.no_grad():
+        for tb, group in ((rows_batch(comps, tok.pad_token_id), 1), (packed_batch(comps, 3, tok.pad_token_id), 3)):
+            whole = ac.policy_pass(tb)
+            for size in (1, 2, 4):
+                parts = in_chunks(ac.policy_pass, tb, size, group)
+                assert parts[1] is None and parts[0].shape == whole[0].shape
+                for a, b in ((whole[0], parts[0]), (whole[2], parts[2])):
+                    torch.testing.assert_close(a * tb.mask, b * tb.mask, atol=1e-5, rtol=1e-5)
+
+
 def test_update_on_packed_rows_equals_the_update_on_separate_rows(ac, tiny_model):
     """The PPO loss's gradients (policy, critic, value head) are the same in both layouts."""
     from align.ppo import losses

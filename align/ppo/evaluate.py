@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..batch import in_chunks
 from ..rollout.base import SamplingConfig
 from .experience import collate, score_completions
 
@@ -25,9 +26,9 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
     mask = tb.mask
     ac.eval()
     with ac.role("policy"):
-        logp, _ = ac.token_logprobs(tb)
+        logp, _ = in_chunks(ac.token_logprobs, tb, cfg.ppo.micro_batch_size)
     with ac.role("reference"):
-        ref, _ = ac.token_logprobs(tb)
+        ref, _ = in_chunks(ac.token_logprobs, tb, cfg.ppo.micro_batch_size)
     ac.train()
     kl = ((logp - ref) * mask).sum(1)
     out = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),

@@ -12,7 +12,7 @@ from reward.api import call_reward
 from .. import distributed
 from ..compute import NullMeter, forward_gflop
 from ..rollout.base import Completion, SamplingConfig
-from ..batch import TokenBatch, make_batch, rows_batch
+from ..batch import TokenBatch, in_chunks, make_batch, rows_batch
 from . import losses
 
 
@@ -93,15 +93,16 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
     engine_logp = _engine_logprobs(completions, mask)
     from_engine = cfg.ppo.old_logprobs == "engine" and engine_logp is not None and not estimator.needs_critic
     scored = int(mask.sum())
+    chunk = cfg.ppo.micro_batch_size  # scoring's peak memory bounded like the update's
     if from_engine:
         old_logp, values = engine_logp, None  # exact up to float rounding: no policy pass needed
     else:
         passes = 2 if ac.with_critic and not ac.shared_critic else 1  # policy (+ a separate critic's)
         with meter.time("score", tb.tokens * passes, scored):
-            old_logp, _, values = ac.policy_pass(tb)
+            old_logp, _, values = in_chunks(ac.policy_pass, tb, chunk, k)
         values = values * mask if values is not None else None
     with meter.time("score", tb.tokens, scored), ac.role("reference"):
-        ref_logp, _ = ac.token_logprobs(tb)
+        ref_logp, _ = in_chunks(ac.token_logprobs, tb, chunk, k)
     ac.train(was_training)
     old_logp, ref_logp = old_logp * mask, ref_logp * mask
     kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
