@@ -3,7 +3,8 @@ adapters as LoRA requests, all requests in one batch, against (b) K merged model
 after another (each adapter merged into the base, an engine started on it, its requests
 answered, the engine closed). The same mixed requests (round-robin over the adapters), greedy,
 SmolLM2-135M fp32 on this CPU. One process per variant: tokens/s (generation only, and with
-engine start-ups) and peak RSS.
+engine start-ups), peak RSS (b serves one model at a time), and the weights each way must hold
+to serve all K at once.
 
     python scripts/bench_serve.py --adapters 4 --requests 64 --tokens 64 --out results/bench_serve.json
 """
@@ -33,6 +34,7 @@ def _setup(k: int, n: int, folder: Path):
     from align.data.prompts import load_prompts
     from align.models import add_policy_adapter, load_base
 
+    torch.manual_seed(0)  # the same K adapters (lora_A's init too) in every variant's process
     base, tok = load_base(ModelConfig(name=DEFAULT_MODEL_ID, dtype="float32"))
     model, paths = add_policy_adapter(base, LoraConfig(r=8)), []
     for i in range(k):
@@ -60,9 +62,12 @@ def child(variant: str, k: int, n: int, tokens: int) -> dict:
     tok, adapters, prompts = _setup(k, n, folder)
     params = SamplingConfig(tokens, greedy=True)
     per = {i: [p for j, p in enumerate(prompts) if j % k == i] for i in range(k)}  # request j -> adapter j % k
-    t0, gen_seconds, generated, merged_bytes = time.perf_counter(), 0.0, 0, 0
+    t0, gen_seconds, generated, weights_bytes = time.perf_counter(), 0.0, 0, 0
     if variant == "one_engine":
-        engine = MultiAdapterEngine(resolve_model(DEFAULT_MODEL_ID), tok, {f"a{i}": p for i, p in enumerate(adapters)})
+        base_path = resolve_model(DEFAULT_MODEL_ID)
+        weights_bytes = sum(f.stat().st_size for f in Path(base_path).glob("*.safetensors")) + \
+            sum(f.stat().st_size for p in adapters for f in Path(p).glob("*.safetensors"))
+        engine = MultiAdapterEngine(base_path, tok, {f"a{i}": p for i, p in enumerate(adapters)})
         t = time.perf_counter()  # the mixed requests in one batch, each with its own adapter
         res = engine.generate_mixed([(f"a{j % k}", p) for j, p in enumerate(prompts)], params)
         gen_seconds = time.perf_counter() - t
@@ -77,7 +82,7 @@ def child(variant: str, k: int, n: int, tokens: int) -> dict:
             out = folder / f"merged{i}"
             merged.merge_and_unload().save_pretrained(out)
             tok.save_pretrained(out)
-            merged_bytes += sum(f.stat().st_size for f in out.glob("*.safetensors"))
+            weights_bytes += sum(f.stat().st_size for f in out.glob("*.safetensors"))
             del merged
             engine = VLLMEngine(str(out), tok, sync="merged")
             t = time.perf_counter()
@@ -90,8 +95,9 @@ def child(variant: str, k: int, n: int, tokens: int) -> dict:
             "generate_seconds": round(gen_seconds, 2), "tokens_per_s": generated / gen_seconds,
             "seconds_with_startups": round(total, 2), "tokens_per_s_with_startups": generated / total,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            # what (b) would hold resident to serve the K models at once rather than one by one
-            "merged_weights_gib_all_k": merged_bytes / 2**30}
+            # the weights each way needs to serve all K at once: (a) the base once + K adapters,
+            # (b) K merged models (served here one at a time, so its peak RSS holds only one)
+            "weights_gib_all_k": weights_bytes / 2**30}
 
 
 def main() -> None:
@@ -118,7 +124,8 @@ def main() -> None:
     one, many = results["one_engine"], results["merged_one_after_another"]
     results["ratios"] = {"tokens_per_s_one_vs_many": round(one["tokens_per_s"] / many["tokens_per_s"], 3),
                          "tokens_per_s_with_startups_one_vs_many": round(one["tokens_per_s_with_startups"] / many["tokens_per_s_with_startups"], 3),
-                         "peak_rss_many_vs_one": round(many["peak_rss_gib"] / one["peak_rss_gib"], 3)}
+                         "peak_rss_many_vs_one": round(many["peak_rss_gib"] / one["peak_rss_gib"], 3),
+                         "weights_all_k_many_vs_one": round(many["weights_gib_all_k"] / one["weights_gib_all_k"], 3)}
     Path(a.out).write_text(json.dumps(results, indent=2))
     plot(results, Path(a.out).with_suffix(".png"))
     print(results["ratios"])
@@ -131,9 +138,10 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = ["one_engine", "merged_one_after_another"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, key, title in zip(axes, ("tokens_per_s", "tokens_per_s_with_startups", "peak_rss_gib"),
-                              ("tokens/s (generation)", "tokens/s (with engine starts)", "peak RSS (GiB)")):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, key, title in zip(axes, ("tokens_per_s", "tokens_per_s_with_startups", "peak_rss_gib", "weights_gib_all_k"),
+                              ("tokens/s (generation)", "tokens/s (with engine starts)", "peak RSS (GiB, one at a time)",
+                               "weights to serve all K at once (GiB)")):
         ax.bar(["one engine\n+K LoRA", "K merged\none by one"], [results[n][key] for n in names])
         ax.set_title(title)
     fig.tight_layout()
