@@ -321,18 +321,24 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
     plist = [{"messages": p["messages"], "source": p.get("source", "")} for p in prompt_list[:num_prompts]]
     encode_prompts(tok, plist, 1024)
     gen = generate_answers(tlist, roles, tok, base_name, plist, max_new_tokens, temperature, use_vllm, seed)
+    phases = {"generate": time.time() - te, "judge": 0.0, "kl": 0.0}  # where the time goes (prompt loading and engine start in "generate")
     judge_fn = make_reward(judge_section(judge), roles, tok, "judge", base_name)
     scores, kls = {}, {}
     for name, comps in gen["answers"].items():
+        t1 = time.time()
         scores[name] = score_completions(judge_fn, plist, comps, RewardConfig(kind="function"), penalize=False).tolist()
+        phases["judge"] += time.time() - t1
         if name != "base" and any(t.name == name and t.kind == "adapter" for t in tlist):
+            t1 = time.time()
             kls[name] = kl_to_base(roles, tok, name, comps)
+            phases["kl"] += time.time() - t1
     samples = [{"prompt": p["messages"], **{name: {"answer": gen["answers"][name][i].text,
                                                   "judge": scores[name][i], "tokens": len(gen["answers"][name][i].token_ids)}
                                             for name in gen["answers"]}} for i, p in enumerate(plist)]
     return {"prompts": prompts, "prompt_subsets": prompt_subsets, "n": len(plist), "judge": judge,
             "engine": gen["how"], "max_new_tokens": max_new_tokens, "temperature": temperature,
             "comparison": compare(gen["answers"], scores, kls), "seconds": round(time.time() - te, 1),
+            "seconds_by_phase": {k: round(v, 1) for k, v in phases.items()},
             "samples": samples}
 
 
