@@ -46,7 +46,9 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
             loop.record(it, exp, upd, gen_seconds, sync_seconds, time.time() - t0, parity)
             out_of_time = loop.out_of_time()
             ev = None
-            if p.eval_every and (it % p.eval_every == 0 or it == p.iterations or out_of_time):
+            # the last iteration is always evaluated (eval_every=0 only drops the periodic ones):
+            # without it the summary would compare the initial evaluation with itself
+            if (p.eval_every and it % p.eval_every == 0) or it == p.iterations or out_of_time:
                 ev = loop.evaluate(it)
             if cfg.run.save_every and it % cfg.run.save_every == 0:
                 loop.checkpoint(it, ev)
