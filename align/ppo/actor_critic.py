@@ -62,13 +62,14 @@ class ActorCritic(Roles):
             h = self.hidden_at(tb)
         return self.value_head(h.float()).squeeze(-1)
 
-    def policy_pass(self, tb, with_entropy: bool = False):
+    def policy_pass(self, tb, with_entropy: bool = False, with_values: bool = True):
         """(log-probs, entropy, values or None) of the policy; with a shared critic the values
-        come from the same forward pass, else the critic needs a pass of its own."""
+        come from the same forward pass, else the critic needs a pass of its own (skipped when
+        not ``with_values``)."""
         with self.role("policy"):
             h = self.hidden_at(tb)
             logp, ent = token_logprobs(self.lm().get_output_embeddings()(h), tb.targets, with_entropy)
-        if not self.with_critic:
+        if not self.with_critic or not (with_values or self.shared_critic):
             return logp, ent, None
         return logp, ent, (self.value_head(h.float()).squeeze(-1) if self.shared_critic else self.values(tb))
 

@@ -43,8 +43,7 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
                 mb = exp.select(micro)
                 # token-mean over the global minibatch: each chunk's mean weighted by its tokens
                 scale = float(mb.mask.sum() * world / total)
-                loss, parts = _losses(ac, mb, p)
-                (loss * scale).backward()  # a NaN loss gives NaN gradients: caught below, on every rank
+                parts = _backward(ac, mb, p, scale)  # a NaN loss gives NaN gradients: caught below, on every rank
                 read += mb.batch.tokens
                 for k, v in parts.items():
                     got[k] = got.get(k, 0.0) + v * scale
@@ -74,19 +73,28 @@ def _micro_chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [idx] if not size or size >= len(idx) else list(idx.split(size))
 
 
-def _losses(ac, mb, p) -> tuple[torch.Tensor, dict]:
-    """The minibatch loss (token means) and its parts as floats."""
-    logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True)
+def _backward(ac, mb, p, scale: float) -> dict:
+    """Back-propagate ``scale`` x the minibatch loss (token means); its parts as floats. A
+    separate critic's pass is run and back-propagated after the policy's graph is freed (the
+    two share no trained weight, so the gradients are the same): one pass's activations alive
+    at a time, not two."""
+    separate = ac.with_critic and not ac.shared_critic
+    logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True, with_values=not separate)
     pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, p.clip_range)
     ent = losses.masked_mean(entropy, mb.mask)
     loss = pl - p.entropy_coef * ent
     parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
              "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
+    if separate:
+        (loss * scale).backward()
+        loss, v = 0.0, ac.values(mb.batch)
     if v is not None:
         vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
         loss = loss + p.vf_coef * vl
         parts["value_loss"] = float(vl.detach())
-    return loss, parts
+    if torch.is_tensor(loss):
+        (loss * scale).backward()
+    return parts
 
 
 def make_optimizer(ac, cfg):
