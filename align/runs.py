@@ -297,3 +297,36 @@ def plot_metrics(records: list[dict], keys: list[str], out: Path, title: str = "
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_heldout_vs_kl(records: list[dict], out: Path, title: str = "") -> Path | None:
+    """The held-out reward -- and the judge, when there is one -- against the held-out KL per
+    answer, each in units of its own initial standard deviation so they share an axis: a reward
+    that climbs while the judge stays flat or falls is reward over-optimisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in records if "eval/reward_mean" in r and "eval/kl_per_answer" in r]
+    if len(ev) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, label in (("reward", "reward (trained on)"), ("judge", "judge (never trained on)")):
+        if f"eval/{key}_mean" not in ev[0]:
+            continue
+        m0, s0 = ev[0][f"eval/{key}_mean"], max(ev[0][f"eval/{key}_std"], 1e-9)
+        ax.plot([r["eval/kl_per_answer"] for r in ev], [(r[f"eval/{key}_mean"] - m0) / s0 for r in ev],
+                marker="o", label=label)
+        for r in ev:
+            ax.annotate(str(r["step"]), (r["eval/kl_per_answer"], (r[f"eval/{key}_mean"] - m0) / s0), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="held-out KL to the reference (nats per answer)", ylabel="gain (initial std)",
+           title=title or "held-out score vs KL (labels: iteration)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+

@@ -107,7 +107,7 @@ def test_tiny_ppo_job_end_to_end(tmp_path, tiny_model_path):
         assert summary["eval_final"]["kl_per_answer"] != 0.0  # the trained policy, not iteration 0 again
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
         assert (run / "samples.jsonl").read_text().count("\n") >= 4
-        assert (run / "plots.png").is_file()
+        assert (run / "plots.png").is_file() and (run / "heldout_vs_kl.png").is_file()
         assert [d.name for d in (run / "checkpoints").iterdir()] == ["step-2", "step-1"] or \
             sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
         assert "reward_gain_in_initial_std" in summary

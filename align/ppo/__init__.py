@@ -88,9 +88,10 @@ def _check_divisible(cfg, world: int) -> None:
 
 
 def _report(cfg, run, summary: dict) -> None:
-    from ..runs import plot_metrics
+    from ..runs import plot_heldout_vs_kl, plot_metrics
 
     if cfg.run.plot:
+        plot_heldout_vs_kl(run.read_metrics(), run.path / "heldout_vs_kl.png")
         plot_metrics(run.read_metrics(), ["reward_mean", "eval/reward_mean", "kl_per_answer",
                                           "eval/kl_per_answer", "entropy", "clipfrac"],
                      run.path / "plots.png", title=f"PPO {cfg.model.name} ({cfg.ppo.advantage})")
@@ -99,4 +100,10 @@ def _report(cfg, run, summary: dict) -> None:
         i, f = summary["eval_initial"], summary["eval_final"]
         print(f"held-out reward {i['reward_mean']:.3f} ± {i['reward_std']:.3f} -> {f['reward_mean']:.3f} "
               f"({summary['reward_gain_in_initial_std']:+.2f} initial std), KL/answer {f['kl_per_answer']:.2f}")
+    sbs = summary.get("side_by_side") or {}
+    for who in ("reward", "judge"):
+        if f"{who}_win_rate" in sbs:
+            lo, hi = sbs[f"{who}_win_rate_ci95"]
+            print(f"{who} prefers the policy's answer to the base's on {100 * sbs[f'{who}_win_rate']:.1f} % "
+                  f"[{100 * lo:.1f}, {100 * hi:.1f}] of {sbs['prompts']} held-out prompts")
     print(f"{summary['iterations']} iterations in {summary['train_seconds']:.0f}s; adapter: {summary['adapter']}")
