@@ -90,25 +90,55 @@ def _heldout(ac, engine, tok, cfg, held) -> dict:
     return ev
 
 
+def heldout_of_policy(cfg, lora_state: dict) -> tuple[dict, dict]:
+    """(initial, final) held-out numbers of align's evaluation -- the same 64 prompts, sampling
+    seed, reward and KL -- for the untrained policy and for one whose LoRA weights are ``lora_state``."""
+    from peft import set_peft_model_state_dict
+
+    from align.chat import encode_prompts
+    from align.data.prompts import load_prompts
+    from align.models import load_base
+    from align.ppo.actor_critic import ActorCritic
+    from align.rollout.hf import HFEngine
+
+    _, held = load_prompts(cfg.data)
+    out = []
+    for state in (None, lora_state):
+        base, tok = load_base(cfg.model)
+        ac = ActorCritic(base, cfg.lora, with_critic=False)
+        if state is not None:
+            set_peft_model_state_dict(ac.model, state)
+        encode_prompts(tok, held, cfg.rollout.max_prompt_tokens)
+        out.append(_heldout(ac, HFEngine(ac.model, tok), tok, cfg, held))
+    return out[0], out[1]
+
+
+def heldout_of_saved_adapter(name: str, out: str) -> dict:
+    """An align variant's held-out numbers from the adapter its run saved (for a run whose own
+    final evaluation is missing: before 2026-11-24, ``ppo.eval_every=0`` skipped it)."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(VARIANTS[name], out, name)
+    saved = load_file(str(Path(out) / name / "adapter" / "adapter_model.safetensors"))
+    initial, final = heldout_of_policy(cfg, saved)
+    return {"eval_initial": initial, "eval_final": final}
+
+
 def run_trl(minutes: float, out: str) -> dict:
     """TRL GRPOTrainer + PEFT LoRA at align's settings, stopped after the same wall time."""
     import datasets
     import torch
-    from peft import set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from align.chat import encode_prompts
     from align.data.prompts import load_prompts
     from align.models import load_base, lora_peft_config
-    from align.ppo.actor_critic import ActorCritic
-    from align.rollout.hf import HFEngine
     from reward.api import load_reward_fn
 
     cfg = _cfg([], out, "trl_grpo")
     torch.manual_seed(cfg.run.seed)
-    train, held = load_prompts(cfg.data)
+    train, _ = load_prompts(cfg.data)
     base, tok = load_base(cfg.model)
     sentiment = load_reward_fn(cfg.reward.function)
 
@@ -167,15 +197,7 @@ def run_trl(minutes: float, out: str) -> dict:
     steps = trainer.state.global_step
     generations = steps // 4  # 2 steps per generation batch x 2 iterations over it
     # held-out: TRL's adapter into align's evaluation (same prompts, seed, reward, KL)
-    state = get_peft_model_state_dict(trainer.model)
-    fresh, _ = load_base(cfg.model)
-    ac = ActorCritic(fresh, cfg.lora, with_critic=False)
-    set_peft_model_state_dict(ac.model, state)
-    encode_prompts(tok, held, cfg.rollout.max_prompt_tokens)
-    engine = HFEngine(ac.model, tok)
-    with_initial = ActorCritic(load_base(cfg.model)[0], cfg.lora, with_critic=False)
-    initial = _heldout(with_initial, HFEngine(with_initial.model, tok), tok, cfg, held)
-    final = _heldout(ac, engine, tok, cfg, held)
+    initial, final = heldout_of_policy(cfg, get_peft_model_state_dict(trainer.model))
     answers = generations * 32
     prep = times["prepare"]
     return {"variant": "trl_grpo", "iterations": generations, "optimizer_steps": steps, "answers": answers,
@@ -210,8 +232,10 @@ def run_base_only(out: str) -> dict:
     return {"variant": "base_only", "peak_rss_gib": peak_rss_gib()}
 
 
-def child(name: str, minutes: float, out: str) -> None:
-    if name == "trl_grpo":
+def child(name: str, minutes: float, out: str, heldout_only: bool = False) -> None:
+    if heldout_only:
+        res = heldout_of_saved_adapter(name, out)
+    elif name == "trl_grpo":
         res = run_trl(minutes, out)
     elif name == "base_only":
         res = run_base_only(out)
@@ -253,21 +277,42 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="results/bench_rl.json")
     ap.add_argument("--runs", default="runs/bench_rl")
+    ap.add_argument("--heldout-only", action="store_true",
+                    help="no training: re-evaluate the align variants' saved adapters (under --runs) and "
+                         "put their held-out numbers into the existing --out JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child, a.minutes, a.runs)
+        return child(a.child, a.minutes, a.runs, a.heldout_only)
     out, results = Path(a.out), {}
+    if a.heldout_only:
+        return fill_heldout(a, out)
     for name in a.variants.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--minutes", str(a.minutes),
-                               "--runs", a.runs], capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
-        if proc.returncode or not line:
-            results[name] = {"variant": name, "error": proc.stderr[-3000:]}
-        else:
-            results[name] = json.loads(line[-1][len("BENCH_RESULT "):])
+        results[name] = _child(a, name)
         print(name, {k: v for k, v in results[name].items() if k in ("answers_per_s", "peak_rss_gib", "error")}, flush=True)
         out.write_text(json.dumps(_with_ratios(results), indent=2))
+    plot(results, out.with_suffix(".png"))
+
+
+def _child(a, name: str, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--minutes", str(a.minutes), "--runs", a.runs,
+                           *extra], capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
+    if proc.returncode or not line:
+        return {"variant": name, "error": proc.stderr[-3000:]}
+    return json.loads(line[-1][len("BENCH_RESULT "):])
+
+
+def fill_heldout(a, out: Path) -> None:
+    results = json.loads(out.read_text())["results"]
+    for name, r in results.items():
+        if name.startswith("align_") and "eval_final" in r:
+            got = _child(a, name, "--heldout-only")
+            if "error" in got:
+                raise SystemExit(f"{name}: {got['error']}")
+            r.update(got, eval_final_source="the run's saved adapter, evaluated after the run (bench_rl --heldout-only)")
+            print(name, {k: round(got["eval_final"][k], 3) for k in ("reward_mean", "kl_per_answer")}, flush=True)
+    out.write_text(json.dumps(_with_ratios(results), indent=2))
     plot(results, out.with_suffix(".png"))
 
 
