@@ -253,17 +253,18 @@ def plot(results: dict, png: Path) -> None:
     rows = {k: v for k, v in results.items() if "answers_per_s" in v}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     names = list(rows)
-    axes[0].bar(names, [rows[n]["answers_per_s"] for n in names])
+    axes[0].bar(names, [rows[n]["answers_per_s"] for n in names], color=[plt.get_cmap("tab10")(i) for i in range(len(names))])
     axes[0].set_title("answers per second (higher is better)")
     axes[0].tick_params(axis="x", rotation=30)
-    for n in names:
+    for i, n in enumerate(names):
+        color = plt.get_cmap("tab10")(i)  # one colour per variant in every panel
         ev = [rows[n]["eval_initial"], rows[n]["eval_final"]]
-        axes[1].plot([0, rows[n]["train_seconds"]], [e["reward_mean"] for e in ev], marker="o", label=n)
-        axes[2].plot([e["kl_per_answer"] for e in ev], [e["reward_mean"] for e in ev], marker="o", label=n)
+        axes[1].plot([0, rows[n]["train_seconds"]], [e["reward_mean"] for e in ev], marker="o", label=n, color=color)
+        axes[2].plot([e["kl_per_answer"] for e in ev], [e["reward_mean"] for e in ev], marker="o", label=n, color=color)
         curve = rows[n].get("curve") or []
         if curve:
-            axes[1].plot([c[0] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.5)
-            axes[2].plot([c[2] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.5)
+            axes[1].plot([c[0] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.5, color=color)
+            axes[2].plot([c[2] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.5, color=color)
     axes[1].set(title="held-out reward (dots) and training reward (thin) vs wall-clock", xlabel="seconds of training")
     axes[2].set(title="reward vs KL per answer (held-out dots, training thin)", xlabel="KL (nats per answer)")
     axes[2].legend(fontsize=8)
