@@ -102,15 +102,13 @@ def heldout_of_policy(cfg, lora_state: dict) -> tuple[dict, dict]:
     from align.rollout.hf import HFEngine
 
     _, held = load_prompts(cfg.data)
-    out = []
-    for state in (None, lora_state):
-        base, tok = load_base(cfg.model)
-        ac = ActorCritic(base, cfg.lora, with_critic=False)
-        if state is not None:
-            set_peft_model_state_dict(ac.model, state)
-        encode_prompts(tok, held, cfg.rollout.max_prompt_tokens)
-        out.append(_heldout(ac, HFEngine(ac.model, tok), tok, cfg, held))
-    return out[0], out[1]
+    base, tok = load_base(cfg.model)
+    encode_prompts(tok, held, cfg.rollout.max_prompt_tokens)
+    ac = ActorCritic(base, cfg.lora, with_critic=False)  # a fresh LoRA (B = 0) answers as the base
+    engine = HFEngine(ac.model, tok)
+    initial = _heldout(ac, engine, tok, cfg, held)
+    set_peft_model_state_dict(ac.model, lora_state)
+    return initial, _heldout(ac, engine, tok, cfg, held)
 
 
 def heldout_of_saved_adapter(name: str, out: str) -> dict:

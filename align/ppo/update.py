@@ -85,15 +85,14 @@ def _backward(ac, mb, p, scale: float) -> dict:
     loss = pl - p.entropy_coef * ent
     parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
              "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
-    if separate:
+    if separate:  # the policy's graph is freed before the critic's pass
         (loss * scale).backward()
-        loss, v = 0.0, ac.values(mb.batch)
+        loss, v = torch.zeros(()), ac.values(mb.batch)
     if v is not None:
         vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
         loss = loss + p.vf_coef * vl
         parts["value_loss"] = float(vl.detach())
-    if torch.is_tensor(loss):
-        (loss * scale).backward()
+    (loss * scale).backward()
     return parts
 
 
