@@ -32,6 +32,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--subsets", default="", help="HH-RLHF subsets of --data, comma-separated (e.g. helpful-base)")
     p.add_argument("--split", default="train", help="split / file-name prefix of --data (default: train)")
     p.add_argument("--pairs", type=int, default=500, help="at most this many pairs (seeded sample; 0 = all)")
+    p.add_argument("--rows", default="all", choices=["all", "half-a", "half-b"],
+                   help="only this half of --data's rows (the half a run with data.train_rows=the other one never saw)")
     p.add_argument("--max-length", type=int, default=0, help="truncate pairs to this many tokens (default: untruncated)")
     p.add_argument("--generate", action="store_true", help="answer --prompts with the base and every adapter, judge them")
     p.add_argument("--prompts", help="prompt dataset (as for align ppo's data.dataset)")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
             split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
             run_eval(args.targets, data=args.data, subsets=split(args.subsets), split=args.split, pairs=args.pairs,
-                     max_length=args.max_length, generate=args.generate, prompts=args.prompts,
+                     rows=args.rows, max_length=args.max_length, generate=args.generate, prompts=args.prompts,
                      prompt_subsets=split(args.prompt_subsets), num_prompts=args.num_prompts,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
                      out=args.out, base=args.base, use_vllm=args.use_vllm)

@@ -173,13 +173,15 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
                             greedy=temperature == 0)
     ids = [p["ids"] for p in prompts]
     gen = [t for t in targets if t.kind == "adapter"]
-    out, how = {}, "transformers"
+    out, how, start = {}, "transformers", 0.0
     if use_vllm and vllm_available():
         from .rollout.vllm_engine import EngineStartError, MultiAdapterEngine
 
         try:
+            t0 = time.time()
             engine = MultiAdapterEngine(resolve_model(base_name), tok, {t.name: str(t.path) for t in gen},
                                         max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed)
+            start = time.time() - t0
             try:
                 res = engine.generate(ids, params, [None] + [t.name for t in gen])
             finally:
@@ -202,7 +204,7 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
 
             merged, _ = load_base(ModelConfig(name=str(t.path), dtype="float32"))
             out[t.name] = HFEngine(merged, tok).generate(ids, params)
-    return {"answers": out, "how": how}
+    return {"answers": out, "how": how, "engine_start_seconds": start}
 
 
 @torch.no_grad()
@@ -265,7 +267,7 @@ def judge_section(spec: str):
 
 
 def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] = (), split: str = "train",
-             pairs: int = 500, max_length: int = 0, generate: bool = False, prompts: str | None = None,
+             pairs: int = 500, rows: str = "all", max_length: int = 0, generate: bool = False, prompts: str | None = None,
              prompt_subsets: list[str] = (), num_prompts: int = 64, max_new_tokens: int = 64,
              temperature: float = 0.0, judge: str | None = None, out: str = "eval-report", base: str | None = None,
              use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print) -> dict:
@@ -288,11 +290,11 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
     if data:
         from .data import load_preference_split
 
-        rows, report = load_preference_split(data, list(subsets), split, pairs, False, seed)
-        log(f"pairs: {report.summary()}")
+        kept, report = load_preference_split(data, list(subsets), split, pairs, False, seed, rows)
+        log(f"pairs: {report.summary()}" + (f"; {len(kept)} of {rows}" if rows != "all" else ""))
         te = time.time()
-        result["preferences"] = preference_metrics(tlist, roles, tok, [tokenize_pair(tok, r) for r in rows], max_length)
-        result["preferences"].update(data=data, subsets=list(subsets), seconds=round(time.time() - te, 1))
+        result["preferences"] = preference_metrics(tlist, roles, tok, [tokenize_pair(tok, r) for r in kept], max_length)
+        result["preferences"].update(data=data, subsets=list(subsets), rows=rows, seconds=round(time.time() - te, 1))
     if generate:
         result["generation"] = _generation(tlist, roles, tok, base_name, prompts, list(prompt_subsets), num_prompts,
                                            max_new_tokens, temperature, judge, use_vllm, seed, prompt_list)
@@ -320,8 +322,10 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
         prompt_list, _ = load_prompts(PromptDataConfig(dataset=prompts, subsets=prompt_subsets, eval_prompts=0, seed=seed))
     plist = [{"messages": p["messages"], "source": p.get("source", "")} for p in prompt_list[:num_prompts]]
     encode_prompts(tok, plist, 1024)
+    phases = {"prompts": time.time() - te}
     gen = generate_answers(tlist, roles, tok, base_name, plist, max_new_tokens, temperature, use_vllm, seed)
-    phases = {"generate": time.time() - te, "judge": 0.0, "kl": 0.0}  # where the time goes (prompt loading and engine start in "generate")
+    phases.update(engine_start=gen["engine_start_seconds"], judge=0.0, kl=0.0)
+    phases["generate"] = time.time() - te - phases["prompts"] - phases["engine_start"]
     judge_fn = make_reward(judge_section(judge), roles, tok, "judge", base_name)
     scores, kls = {}, {}
     for name, comps in gen["answers"].items():

@@ -102,6 +102,25 @@ def test_eval_targets_side_by_side_with_a_report(folders, tmp_path):
     assert saved["generation"]["comparison"] == json.loads(json.dumps(cmp))
 
 
+def test_eval_rows_keeps_only_the_half_a_run_never_saw(folders, tmp_path):
+    """``--rows half-b`` scores exactly the rows :func:`row_half` puts in half-b (what a run
+    trained with ``data.train_rows=half-a`` never saw), and the two halves split the file."""
+    from align.data import load_preference_split, row_half
+    from align.evaluation import run_eval
+
+    root, run = folders
+    data = str(root / "pairs.jsonl")
+    all_rows, _ = load_preference_split(data, [], "", 0)
+    halves = [row_half(r["source"]) for r in all_rows]
+    assert set(halves) == {"half-a", "half-b"}, "the fixture's rows should fall in both halves"
+    got = {}
+    for half in ("half-a", "half-b"):
+        res = run_eval([str(run)], data=data, split="", pairs=0, rows=half, out=str(tmp_path / half))
+        got[half] = res["preferences"]["pairs"]
+        assert res["preferences"]["rows"] == half
+    assert got == {h: halves.count(h) for h in ("half-a", "half-b")}
+
+
 def test_eval_vllm_answers_equal_transformers(folders, tmp_path):
     """The engine's greedy answers are the ones transformers gives for base and adapters."""
     from align.evaluation import generate_answers, load_targets
