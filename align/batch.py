@@ -74,6 +74,14 @@ def in_chunks(fn, tb: TokenBatch, size: int, group: int = 1):
     return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
 
 
+def length_sorted_chunks(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices in chunks of ``size``, longest first: a chunk's rows pad to similar lengths.
+    Scoring rows of very different lengths (HH dialogues run from ~40 to ~700 tokens) in input
+    order pads every row to its chunk's longest: 3x the positions on HH prompts."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + size] for s in range(0, len(order), max(1, size))]
+
+
 def _answers(completions, pad_id: int):
     T = max(1, max(len(c.token_ids) for c in completions))
     targets = torch.full((len(completions), T), pad_id, dtype=torch.long)

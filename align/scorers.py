@@ -17,7 +17,7 @@ import torch
 
 from reward.api import load_reward_fn
 
-from .batch import rows_batch
+from .batch import length_sorted_chunks, rows_batch
 from .chat import answer_ids
 from .rollout.base import Completion
 
@@ -90,22 +90,23 @@ class AdapterReward:
     def __call__(self, prompts, completions, *, prompt_ids, completion_ids, truncated, **info) -> list[float]:
         was_training = self.roles.training
         self.roles.eval()
-        out = []
-        for s in range(0, len(completions), self.batch_size):
-            sl = slice(s, s + self.batch_size)
+        out = [0.0] * len(completions)
+        for idx in length_sorted_chunks([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], self.batch_size):
             if self.kind == "classifier":
                 # A finished answer is scored where training scored it: after the template's closing tokens.
-                rows = [Completion(p, c + ([] if cut else self.suffix), not cut)
-                        for p, c, cut in zip(prompt_ids[sl], completion_ids[sl], truncated[sl])]
-                out += self.roles.last_token_scores(rows_batch(rows, self.tok.pad_token_id, self.roles.device),
-                                                    self.role).tolist()
+                rows = [Completion(prompt_ids[i], completion_ids[i] + ([] if truncated[i] else self.suffix),
+                                   not truncated[i]) for i in idx]
+                scores = self.roles.last_token_scores(rows_batch(rows, self.tok.pad_token_id, self.roles.device),
+                                                      self.role).tolist()
             else:
-                tb = rows_batch([Completion(p, c, True) for p, c in zip(prompt_ids[sl], completion_ids[sl])],
+                tb = rows_batch([Completion(prompt_ids[i], completion_ids[i], True) for i in idx],
                                 self.tok.pad_token_id, self.roles.device)
                 with self.roles.role(self.role):
                     logp, _ = self.roles.token_logprobs(tb)
                 with self.roles.role("reference"):
                     ref, _ = self.roles.token_logprobs(tb)
-                out += (self.beta * ((logp - ref) * tb.mask).sum(1)).tolist()
+                scores = (self.beta * ((logp - ref) * tb.mask).sum(1)).tolist()
+            for i, v in zip(idx, scores):
+                out[i] = v
         self.roles.train(was_training)
         return out

@@ -210,6 +210,17 @@ def test_scoring_in_chunks_equals_one_pass(ac, tiny_model):
                     torch.testing.assert_close(a * tb.mask, b * tb.mask, atol=1e-5, rtol=1e-5)
 
 
+def test_length_sorted_chunks_cover_every_index_once_longest_first():
+    from align.batch import length_sorted_chunks
+
+    lengths = [5, 40, 7, 40, 1, 12, 30]
+    chunks = length_sorted_chunks(lengths, 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    flat = [lengths[i] for c in chunks for i in c]
+    assert flat == sorted(lengths, reverse=True)  # rows of similar length share a chunk
+
+
 def test_update_on_packed_rows_equals_the_update_on_separate_rows(ac, tiny_model):
     """The PPO loss's gradients (policy, critic, value head) are the same in both layouts."""
     from align.ppo import losses

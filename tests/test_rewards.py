@@ -80,6 +80,11 @@ def test_reward_model_on_the_policy_base_scores_like_the_model_loaded_alone(tiny
                                    add_special_tokens=False)).logits[0, 0]) for m, a in zip(PROMPTS, ANSWERS)]
     assert got == pytest.approx(want, abs=1e-4)
     assert abs(got[0] - got[1]) > 1e-3  # the scores are not trivially equal
+    # scored one row at a time (longest first), each score still lands on its own answer
+    assert len(p[0]) + len(c[0]) != len(p[1]) + len(c[1])
+    one_by_one = AdapterReward(ac, tok, "reward", "classifier", 0.0, rm_adapter, batch_size=1)(
+        ["x", "y"], ANSWERS, prompt_ids=p, completion_ids=c, truncated=[False, False])
+    assert one_by_one == pytest.approx(got, abs=1e-5)
     # the scorer is frozen and stays out of what training changes and checkpoints hold
     assert not any(p.requires_grad for n, p in ac.named_parameters() if ".reward." in n or "score_heads" in n)
     assert not any(".reward." in n for n in ac.trained_state())
