@@ -90,7 +90,8 @@ def plot(cells: dict, png: Path) -> None:
         ax.bar(xs, accs, width=0.38, color=colour, label=f"{col} (held-out rows)")
         for x, v in zip(xs, accs):
             ax.text(x, v + 0.005, f"{v:.3f}", ha="center", fontsize=8)
-    ax.set_xticks(range(len(names)), [f"{n}\ntrained on {cells[n]['trained_on']}" for n in names], fontsize=8)
+    short = {HRS: "h-rejection-sampled", HB: "h-base"}
+    ax.set_xticks(range(len(names)), [f"{n}\non {short[cells[n]['trained_on']]}" for n in names], fontsize=8)
     ax.axhline(0.5, color="grey", ls="--", lw=1)
     ax.set_ylim(0.4, 0.75)
     ax.set_ylabel("pairwise accuracy (ties 1/2)")
