@@ -82,6 +82,16 @@ def length_sorted_chunks(lengths: list[int], size: int) -> list[list[int]]:
     return [order[s:s + size] for s in range(0, len(order), max(1, size))]
 
 
+def score_by_length(score_chunk, lengths: list[int], size: int) -> list[float]:
+    """``score_chunk(indices)`` -> one float per index, run over :func:`length_sorted_chunks`;
+    the scores come back in input order."""
+    out = [0.0] * len(lengths)
+    for idx in length_sorted_chunks(lengths, size):
+        for i, v in zip(idx, score_chunk(idx)):
+            out[i] = v
+    return out
+
+
 def _answers(completions, pad_id: int):
     T = max(1, max(len(c.token_ids) for c in completions))
     targets = torch.full((len(completions), T), pad_id, dtype=torch.long)

@@ -211,19 +211,18 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
 def kl_to_base(roles, tok, name: str, comps, batch_size: int = 8) -> list[float]:
     """Per answer: sum over its tokens of log pi_adapter - log pi_base (the answers are the
     adapter's own samples, so the mean estimates KL(adapter || base)). Rows of similar length
-    go together (:func:`align.batch.length_sorted_chunks`)."""
-    from .batch import length_sorted_chunks, rows_batch
+    go together (:func:`align.batch.score_by_length`)."""
+    from .batch import rows_batch, score_by_length
 
-    out = [0.0] * len(comps)
-    for idx in length_sorted_chunks([len(c.prompt_ids) + len(c.token_ids) for c in comps], batch_size):
+    def kl(idx):
         tb = rows_batch([comps[i] for i in idx], tok.pad_token_id, roles.device)
         with roles.role(name):
             lp, _ = roles.token_logprobs(tb)
         with roles.role("reference"):
             lr, _ = roles.token_logprobs(tb)
-        for i, v in zip(idx, ((lp - lr) * tb.mask).sum(1).tolist()):
-            out[i] = v
-    return out
+        return ((lp - lr) * tb.mask).sum(1).tolist()
+
+    return score_by_length(kl, [len(c.prompt_ids) + len(c.token_ids) for c in comps], batch_size)
 
 
 def compare(answers: dict, judge_scores: dict, kls: dict) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from reward.api import load_reward_fn
 
-from .batch import length_sorted_chunks, rows_batch
+from .batch import rows_batch, score_by_length
 from .chat import answer_ids
 from .rollout.base import Completion
 
@@ -90,23 +90,22 @@ class AdapterReward:
     def __call__(self, prompts, completions, *, prompt_ids, completion_ids, truncated, **info) -> list[float]:
         was_training = self.roles.training
         self.roles.eval()
-        out = [0.0] * len(completions)
-        for idx in length_sorted_chunks([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], self.batch_size):
+
+        def score(idx):
             if self.kind == "classifier":
                 # A finished answer is scored where training scored it: after the template's closing tokens.
                 rows = [Completion(prompt_ids[i], completion_ids[i] + ([] if truncated[i] else self.suffix),
                                    not truncated[i]) for i in idx]
-                scores = self.roles.last_token_scores(rows_batch(rows, self.tok.pad_token_id, self.roles.device),
-                                                      self.role).tolist()
-            else:
-                tb = rows_batch([Completion(prompt_ids[i], completion_ids[i], True) for i in idx],
-                                self.tok.pad_token_id, self.roles.device)
-                with self.roles.role(self.role):
-                    logp, _ = self.roles.token_logprobs(tb)
-                with self.roles.role("reference"):
-                    ref, _ = self.roles.token_logprobs(tb)
-                scores = (self.beta * ((logp - ref) * tb.mask).sum(1)).tolist()
-            for i, v in zip(idx, scores):
-                out[i] = v
+                return self.roles.last_token_scores(rows_batch(rows, self.tok.pad_token_id, self.roles.device),
+                                                    self.role).tolist()
+            tb = rows_batch([Completion(prompt_ids[i], completion_ids[i], True) for i in idx],
+                            self.tok.pad_token_id, self.roles.device)
+            with self.roles.role(self.role):
+                logp, _ = self.roles.token_logprobs(tb)
+            with self.roles.role("reference"):
+                ref, _ = self.roles.token_logprobs(tb)
+            return (self.beta * ((logp - ref) * tb.mask).sum(1)).tolist()
+
+        out = score_by_length(score, [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], self.batch_size)
         self.roles.train(was_training)
         return out
