@@ -207,22 +207,15 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
     return {"answers": out, "how": how, "engine_start_seconds": start}
 
 
-@torch.no_grad()
 def kl_to_base(roles, tok, name: str, comps, batch_size: int = 8) -> list[float]:
     """Per answer: sum over its tokens of log pi_adapter - log pi_base (the answers are the
-    adapter's own samples, so the mean estimates KL(adapter || base)). Rows of similar length
-    go together (:func:`align.batch.score_by_length`)."""
-    from .batch import rows_batch, score_by_length
+    adapter's own samples, so the mean estimates KL(adapter || base)) -- the adapter's implicit
+    reward at beta = 1, so the same scorer as a ``dpo`` judge."""
+    from .scorers import AdapterReward
 
-    def kl(idx):
-        tb = rows_batch([comps[i] for i in idx], tok.pad_token_id, roles.device)
-        with roles.role(name):
-            lp, _ = roles.token_logprobs(tb)
-        with roles.role("reference"):
-            lr, _ = roles.token_logprobs(tb)
-        return ((lp - lr) * tb.mask).sum(1).tolist()
-
-    return score_by_length(kl, [len(c.prompt_ids) + len(c.token_ids) for c in comps], batch_size)
+    return AdapterReward(roles, tok, name, "dpo", 1.0, Path(name), batch_size)(
+        None, None, prompt_ids=[c.prompt_ids for c in comps], completion_ids=[c.token_ids for c in comps],
+        truncated=[not c.finished for c in comps])
 
 
 def compare(answers: dict, judge_scores: dict, kls: dict) -> dict:
