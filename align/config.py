@@ -281,7 +281,13 @@ class PPOTrainConfig:
     lam: float = _num(0.95, 0.0, 1.0)
     # KL(policy || reference) penalty per token; adaptive control when kl_target > 0.
     kl_coef: float = _nonneg(0.05)
-    kl_estimator: str = _choice("k1", "k1", "k3")
+    # reward: -kl_coef * KL is folded into each answer's score before its advantage (RLHF's
+    # classic; the sampled KL adds noise to the advantages). loss: the score alone makes the
+    # advantage and kl_coef * token-mean KL is added to the policy's loss, its gradient taken
+    # directly (GRPO's; kl_coef is then in units of the normalised advantages, not the reward's).
+    kl_penalty: str = _choice("reward", "reward", "loss")
+    # k1 = log(pi/ref); k2 = k1^2 / 2 (its gradient is KL's, on-policy); k3 = (r - 1) - log r.
+    kl_estimator: str = _choice("k1", "k1", "k2", "k3")
     kl_target: float = _nonneg(0.0)
     kl_horizon: int = _num(10000, 1)
     whiten_advantages: bool = True
@@ -549,6 +555,9 @@ def validate(cfg, where: str = "config") -> None:
         if batch % ppo.minibatch_size:
             bad("ppo.minibatch_size", f"must divide the batch of prompts_per_iteration x "
                 f"samples_per_prompt = {batch}, got {ppo.minibatch_size}")
+        if ppo.kl_penalty == "loss" and ppo.kl_estimator == "k1":
+            bad("ppo.kl_estimator", "must be k2 or k3 with ppo.kl_penalty=loss (the gradient of k1 "
+                "is zero in expectation: it would not pull towards the reference), got k1")
         micro = ppo.micro_batch_size
         if micro and (ppo.minibatch_size % micro or micro % ppo.samples_per_prompt):
             bad("ppo.micro_batch_size", f"must divide ppo.minibatch_size ({ppo.minibatch_size}) and be a "

@@ -246,6 +246,69 @@ def test_update_on_packed_rows_equals_the_update_on_separate_rows(ac, tiny_model
     assert any(g.abs().sum() > 0 for g in grads[0])
 
 
+def test_kl_penalty_in_the_loss(tiny_model):
+    """ppo.kl_penalty=loss: the update's gradient is the policy loss's plus kl_coef x the
+    token-mean KL to the reference (the adapter-off model), the score alone makes the
+    advantage, and the KL logged is k1. k1 in the loss is a config error naming the key."""
+    from align.batch import packed_batch
+    from align.config import ConfigError
+    from align.ppo import losses
+    from align.ppo.advantages import get_estimator
+    from align.ppo.experience import Experience, advantages_of
+    from align.ppo.update import ppo_update
+
+    base, tok = tiny_model
+    ac = ActorCritic(copy.deepcopy(base), LoraConfig(r=4), with_critic=False)
+    torch.manual_seed(0)
+    for n, w in ac.model.named_parameters():
+        if "lora_B" in n:
+            w.data.normal_(0, 0.2)
+    tb = packed_batch(_groups(tok), 3, tok.pad_token_id)
+    with torch.no_grad():
+        old, _, _ = ac.policy_pass(tb)
+        with ac.role("reference"):
+            ref, _ = ac.token_logprobs(tb)
+    old, ref = old * tb.mask, ref * tb.mask
+    overrides = ["ppo.samples_per_prompt=3", "ppo.prompts_per_iteration=2", "ppo.minibatch_size=6",
+                 "ppo.ppo_epochs=1", "ppo.advantage=rloo", "ppo.kl_penalty=loss"]
+    with pytest.raises(ConfigError, match="ppo.kl_estimator"):
+        load_config("ppo", None, overrides)
+    cfg = load_config("ppo", None, overrides + ["ppo.kl_estimator=k2"])
+
+    # the advantages see the score alone; the KL kept is the log-ratio
+    est, scores = get_estimator(cfg.ppo), torch.tensor([1.0, 0.0, 2.0, 0.5, 0.5, 3.0])
+    kl, adv, _ = advantages_of(est, scores, old, ref, tb.mask, None, 0.3, cfg.ppo)
+    torch.testing.assert_close(kl, (old - ref) * tb.mask)
+    _, adv_no_kl, _ = advantages_of(est, scores, old, old, tb.mask, None, 0.3, cfg.ppo)
+    torch.testing.assert_close(adv, adv_no_kl)
+    reward_cfg = load_config("ppo", None, overrides[:-1]).ppo
+    _, adv_in_reward, _ = advantages_of(est, scores, old, ref, tb.mask, None, 0.3, reward_cfg)
+    assert not torch.allclose(adv_in_reward, adv)  # (with the KL in the score it would differ)
+
+    exp = Experience(tb, old, ref, None, scores, kl, adv, None, [""] * 6, [""] * 6, [True] * 6, group_size=3)
+
+    class Recorder:
+        def zero_grad(self, set_to_none=True):
+            ac.zero_grad(set_to_none=True)
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in ac.policy_parameters()]
+
+    opt = Recorder()
+    stats = ppo_update(ac, exp, opt, cfg, kl_coef=0.3)
+    ac.zero_grad(set_to_none=True)
+    logp, _, _ = ac.policy_pass(tb)
+    pl, _ = losses.policy_loss(logp, old, adv, tb.mask, 0.2)
+    kl_term = losses.masked_mean(0.5 * (logp - ref) ** 2, tb.mask)
+    (pl + 0.3 * kl_term).backward()
+    params = ac.policy_parameters()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for a, b in zip(opt.grads, [p.grad for p in params]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert stats["kl_loss"] == pytest.approx(float(kl_term.detach()), rel=1e-4)
+    assert float(kl_term.detach()) > 0.01  # the adapter moved the policy: there is a pull to undo
+
+
 def test_micro_batches_make_the_same_update(ac, tiny_model):
     """ppo.micro_batch_size accumulates gradients over chunks of a minibatch: the step's
     gradients (policy, critic, value head) and logged losses equal one pass over it."""

@@ -38,6 +38,23 @@ def test_kl_sign_conventions():
     assert (k3 >= 0).all()
     assert k3[0] == pytest.approx(math.exp(-1) - 1 + 1)
     assert float(losses.kl_per_token(ref, ref, "k3").abs().max()) == 0.0
+    torch.testing.assert_close(losses.kl_per_token(logp, ref, "k2"), torch.tensor([0.5, 0.5]))
+
+
+def test_kl_loss_token_mean_and_its_gradient():
+    """kl_penalty=loss: token mean over real tokens; k2's gradient w.r.t. log pi is the
+    log-ratio itself (KL's gradient on-policy), spread over the real tokens; k1 is refused."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -2.0, -1.0], [-1.0, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss = losses.kl_loss(logp, ref, mask, "k2")
+    assert float(loss) == pytest.approx((0.5 * (1 + 0 + 4) + 0.5 * (0.25 + 0.25)) / 5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, (logp.detach() - ref) * mask / 5)
+    k3 = losses.kl_loss(logp.detach(), ref, mask, "k3")
+    assert float(k3) == pytest.approx(float(((torch.expm1(ref - logp.detach()) - (ref - logp.detach())) * mask).sum() / 5))
+    with pytest.raises(ValueError, match="k2 or k3"):
+        losses.kl_loss(logp, ref, mask, "k1")
 
 
 @pytest.mark.parametrize("adv, ratio, clipped", [

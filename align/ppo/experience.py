@@ -105,12 +105,21 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
         ref_logp, _ = in_chunks(ac.token_logprobs, tb, chunk, k)
     ac.train(was_training)
     old_logp, ref_logp = old_logp * mask, ref_logp * mask
-    kl = losses.kl_per_token(old_logp, ref_logp, cfg.ppo.kl_estimator) * mask
-    advantages, returns = estimator.compute(scores, kl, mask, values, kl_coef, cfg.ppo)
-    if cfg.ppo.whiten_advantages:
-        advantages = estimator.normalize(advantages, mask, all_sum=distributed.all_sum)
+    kl, advantages, returns = advantages_of(estimator, scores, old_logp, ref_logp, mask, values, kl_coef, cfg.ppo)
     return Experience(tb, old_logp, ref_logp, values, scores, kl, advantages, returns, prompt_text, comp_text,
                       finished, k, None if from_engine else engine_logprob_gap(completions, old_logp, mask))
+
+
+def advantages_of(estimator, scores, old_logp, ref_logp, mask, values, kl_coef: float, p):
+    """Per-token KL, advantages and returns of a scored batch. With ``ppo.kl_penalty=loss`` the
+    KL is the update's loss term, not part of the score, and the KL kept (logged; the adaptive
+    controller's input) is the plain log-ratio k1."""
+    in_reward = p.kl_penalty == "reward"
+    kl = losses.kl_per_token(old_logp, ref_logp, p.kl_estimator if in_reward else "k1") * mask
+    advantages, returns = estimator.compute(scores, kl, mask, values, kl_coef if in_reward else 0.0, p)
+    if p.whiten_advantages:
+        advantages = estimator.normalize(advantages, mask, all_sum=distributed.all_sum)
+    return kl, advantages, returns
 
 
 def score_completions(reward_fn, prompts: list[dict], completions: list[Completion], reward_cfg,

@@ -48,15 +48,28 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -
     """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
 
     k1 = log pi - log ref (unbiased, can be negative per token; the sum over an answer is the
-    usual "KL per answer"); k3 = (r - 1) - log r with r = ref/pi (non-negative, low variance).
+    usual "KL per answer"); k2 = k1^2 / 2 (non-negative; as a loss its gradient k1 * grad log pi
+    is KL's own gradient on the policy's samples); k3 = (r - 1) - log r with r = ref/pi
+    (unbiased, non-negative, low variance).
     Positive means the policy put more mass on its own sample than the reference did.
     """
     log_ratio = logp - ref_logp
     if kind == "k1":
         return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
     if kind == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator '{kind}' (k1 or k3)")
+    raise ValueError(f"unknown KL estimator '{kind}' (k1, k2 or k3)")
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """KL(policy || reference) as a loss term (``ppo.kl_penalty=loss``), token mean -- the same
+    reduction as :func:`policy_loss`, so its coefficient weighs it against the advantages
+    directly. Differentiated through ``logp``; k2 or k3 (k1's gradient is zero in expectation)."""
+    if kind == "k1":
+        raise ValueError("kl_loss needs k2 or k3: the gradient of k1 is zero in expectation")
+    return masked_mean(kl_per_token(logp, ref_logp, kind), mask)
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,

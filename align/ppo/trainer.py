@@ -135,7 +135,8 @@ class PPOLoop:
     def update(self, exp, it: int) -> dict:
         self.progress(" update ...")
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
-            return ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter)
+            return ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter,
+                              kl_coef=self.kl.beta)
         # e.g. a critic that diverged: no update from this batch
         self.guard.skip(self.ac.policy_parameters() + self.ac.value_parameters(), f"iteration {it} (advantages)")
         return {}

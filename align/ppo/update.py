@@ -14,9 +14,11 @@ from . import losses
 from .experience import Experience
 
 
-def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, meter=None) -> dict:
+def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, meter=None,
+               kl_coef: float = 0.0) -> dict:
     """Several epochs of minibatch updates on one batch; stops early on approx-KL. A minibatch
-    with a NaN/inf loss or gradient makes no update (``guard`` counts it).
+    with a NaN/inf loss or gradient makes no update (``guard`` counts it). With
+    ``ppo.kl_penalty=loss``, ``kl_coef`` weighs the KL-to-reference loss term.
 
     With N data-parallel ranks each holds 1/N of the batch and of every minibatch; each local
     token-mean loss is scaled by (local tokens / global tokens) x N, so the averaged gradient
@@ -25,7 +27,7 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
     world = distributed.world_size()
     mb_size = p.minibatch_size // world
     stats: dict[str, list[float]] = {k: [] for k in
-                                     ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
+                                     ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "kl_loss")}
     params = ac.policy_parameters() + ac.value_parameters()
     ac.train()
     meter = meter or NullMeter()
@@ -43,7 +45,7 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
                 mb = exp.select(micro)
                 # token-mean over the global minibatch: each chunk's mean weighted by its tokens
                 scale = float(mb.mask.sum() * world / total)
-                parts = _backward(ac, mb, p, scale)  # a NaN loss gives NaN gradients: caught below, on every rank
+                parts = _backward(ac, mb, p, scale, kl_coef)  # a NaN loss gives NaN gradients: caught below, on every rank
                 read += mb.batch.tokens
                 for k, v in parts.items():
                     got[k] = got.get(k, 0.0) + v * scale
@@ -73,7 +75,7 @@ def _micro_chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [idx] if not size or size >= len(idx) else list(idx.split(size))
 
 
-def _backward(ac, mb, p, scale: float) -> dict:
+def _backward(ac, mb, p, scale: float, kl_coef: float = 0.0) -> dict:
     """Back-propagate ``scale`` x the minibatch loss (token means); its parts as floats. A
     separate critic's pass is run and back-propagated after the policy's graph is freed (the
     two share no trained weight, so the gradients are the same): one pass's activations alive
@@ -85,6 +87,10 @@ def _backward(ac, mb, p, scale: float) -> dict:
     loss = pl - p.entropy_coef * ent
     parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
              "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
+    if p.kl_penalty == "loss":
+        kl = losses.kl_loss(logp, mb.ref_logp, mb.mask, p.kl_estimator)
+        loss = loss + kl_coef * kl
+        parts["kl_loss"] = float(kl.detach())
     if separate:  # the policy's graph is freed before the critic's pass
         (loss * scale).backward()
         loss, v = torch.zeros(()), ac.values(mb.batch)
