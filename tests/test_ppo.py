@@ -10,15 +10,20 @@ from align.models import count_base_copies
 from align.ppo.actor_critic import ActorCritic
 
 
-@pytest.fixture()
-def ac(tiny_model):
-    base, tok = tiny_model
-    ac = ActorCritic(copy.deepcopy(base), LoraConfig(r=4), with_critic=True)
+def _moved_actor(base, with_critic: bool) -> ActorCritic:
+    """An actor(-critic) whose LoRA B matrices are non-zero: the policy differs from the reference."""
+    ac = ActorCritic(copy.deepcopy(base), LoraConfig(r=4), with_critic=with_critic)
     torch.manual_seed(0)
     for n, w in ac.model.named_parameters():
         if "lora_B" in n:
             w.data.normal_(0, 0.2)
-    return ac, base
+    return ac
+
+
+@pytest.fixture()
+def ac(tiny_model):
+    base, _ = tiny_model
+    return _moved_actor(base, with_critic=True), base
 
 
 def _batch(ids, pred_pos, targets):
@@ -258,11 +263,7 @@ def test_kl_penalty_in_the_loss(tiny_model):
     from align.ppo.update import ppo_update
 
     base, tok = tiny_model
-    ac = ActorCritic(copy.deepcopy(base), LoraConfig(r=4), with_critic=False)
-    torch.manual_seed(0)
-    for n, w in ac.model.named_parameters():
-        if "lora_B" in n:
-            w.data.normal_(0, 0.2)
+    ac = _moved_actor(base, with_critic=False)
     tb = packed_batch(_groups(tok), 3, tok.pad_token_id)
     with torch.no_grad():
         old, _, _ = ac.policy_pass(tb)
