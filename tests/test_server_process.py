@@ -12,9 +12,14 @@ from align.rollout import vllm_server
 from align.rollout.vllm_server import ServerError, ServerProcess
 
 FAKE = r'''
-import json, sys
+import argparse, json, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
-args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+ap = argparse.ArgumentParser()  # parsed as vLLM's server parses them
+for name in ("--model", "--host", "--port"):
+    ap.add_argument(name)
+ap.add_argument("--api-key", nargs="+")
+a = ap.parse_known_args()[0]
+args = {"--model": a.model, "--host": a.host, "--port": a.port, "--api-key": (a.api_key or [None])[0]}
 if args["--model"] == "broken":
     sys.exit("model 'broken' could not be loaded")
 class H(BaseHTTPRequestHandler):
@@ -52,6 +57,16 @@ def test_port_taken_meanwhile_is_retried_and_requests_carry_the_key(fake, monkey
         server.close()
         taken.close()
     assert server.proc.poll() is not None
+
+
+def test_a_key_that_starts_with_a_dash_reaches_the_server(fake):
+    """secrets.token_urlsafe can start with "-": passed as a separate argument, vLLM's parser
+    took it for an option and the server exited at start-up (seen once in CI)."""
+    server = ServerProcess("m", [], api_key="-starts-with-a-dash", launcher=fake, startup_timeout=30)
+    try:
+        assert server.post("/v1/completions", {}) == {"auth": True}
+    finally:
+        server.close()
 
 
 def test_start_up_failure_names_the_log(fake):

@@ -63,7 +63,9 @@ class ServerProcess:
             self.port = port or free_port(host)
             self.url = f"http://{host}:{self.port}"
             self._start([*launcher, "--model", model, "--host", host, "--port", str(self.port),
-                         *(["--api-key", self.api_key] if self.api_key else []), *extra_args])
+                         # "--api-key=KEY": a key that starts with "-" (token_urlsafe's alphabet
+                         # has it) would read as an option and stop vLLM's argument parser
+                         *([f"--api-key={self.api_key}"] if self.api_key else []), *extra_args])
             try:
                 self._wait_healthy(startup_timeout)
                 return
