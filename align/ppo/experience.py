@@ -11,6 +11,7 @@ from reward.api import call_reward
 
 from .. import distributed
 from ..compute import NullMeter, forward_gflop
+from ..memory import release_freed_memory
 from ..rollout.base import Completion, SamplingConfig
 from ..batch import TokenBatch, in_chunks, make_batch, rows_batch
 from . import losses
@@ -75,6 +76,7 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
     meter = meter or NullMeter()
     t = time.perf_counter()
     completions = engine.generate([p["ids"] for p in prompts for _ in range(k)], sampling)
+    release_freed_memory()  # generation's KV cache and logits, before the scoring passes
     generated = sum(len(c.token_ids) for c in completions)
     meter.add("generate", time.perf_counter() - t,  # each sample's prompt, then its tokens one by one
               forward_gflop(meter.counts, sum(len(c.prompt_ids) for c in completions) + generated, generated))

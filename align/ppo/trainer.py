@@ -19,6 +19,7 @@ from reward.api import RewardCancelled
 from .. import checkpoints, distributed
 from ..compute import ComputeMeter
 from ..adapters import save_adapter
+from ..memory import release_freed_memory
 from ..guards import GracefulStop, Interrupted, NonFiniteGuard
 from ..rollout.base import SamplingConfig
 from ..rollout.parity import guard_parity
@@ -118,6 +119,7 @@ class PPOLoop:
             exp = make_experience(self.ac, self.engine, self.tok, batch, self.reward_fn, self.cfg,
                                   self.estimator, self.kl.beta, sampling, cancelled=self._cancelled,
                                   meter=self.meter)
+        release_freed_memory()  # the scoring passes' leftovers, before the update's activations
         return exp, self.engine.stats.seconds - gen_before
 
     def _cancelled(self) -> bool:
@@ -135,8 +137,10 @@ class PPOLoop:
     def update(self, exp, it: int) -> dict:
         self.progress(" update ...")
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
-            return ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter,
-                              kl_coef=self.kl.beta)
+            out = ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter,
+                             kl_coef=self.kl.beta)
+            release_freed_memory()  # the update's activations, before the next generation
+            return out
         # e.g. a critic that diverged: no update from this batch
         self.guard.skip(self.ac.policy_parameters() + self.ac.value_parameters(), f"iteration {it} (advantages)")
         return {}
@@ -188,6 +192,7 @@ class PPOLoop:
         with self._reward_interruptible(), self.meter.time("evaluate"):
             ev = evaluate_prompts(self.ac, self.engine, self.tok, self.eval_prompts, self.reward_fn, self.cfg,
                                   self.cfg.run.seed + 12345, cancelled=self._cancelled, judge_fn=self.judge_fn)
+        release_freed_memory()
         with open(self.samples_path, "a") as f:
             for s in ev.pop("answers"):
                 f.write(json.dumps({"iteration": it, "split": "eval", **s}) + "\n")

@@ -1,0 +1,34 @@
+"""Give freed heap memory back to the operating system between phases of a run.
+
+PyTorch's CPU tensors come from glibc's malloc. Tensors under malloc's mmap threshold (which
+grows to 32 MiB as large blocks are freed) live on the heap, and a heap fragmented by one
+phase's activations stays resident after they are freed: measured on PPO (2-core CPU,
+SmolLM2-135M, GAE with a separate critic), the update's leftovers were still resident when the
+next generation started, and the process peaked at 2.4 GiB while no phase needed more than
+2.0. ``malloc_trim(0)`` at phase boundaries returns those pages (~0.1 s per PPO iteration).
+Trimming inside a phase, or a fixed low mmap threshold, lowers the peak further but costs
+10-45 % of the step time in page faults (measured), so neither is done.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the OS; False where the C library cannot (not glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
