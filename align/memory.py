@@ -4,10 +4,10 @@ PyTorch's CPU tensors come from glibc's malloc. Tensors under malloc's mmap thre
 grows to 32 MiB as large blocks are freed) live on the heap, and a heap fragmented by one
 phase's activations stays resident after they are freed: measured on PPO (2-core CPU,
 SmolLM2-135M, GAE with a separate critic), the update's leftovers were still resident when the
-next generation started, and the process peaked at 2.4 GiB while no phase needed more than
-2.0. ``malloc_trim(0)`` at phase boundaries returns those pages (~0.1 s per PPO iteration).
-Trimming inside a phase, or a fixed low mmap threshold, lowers the peak further but costs
-10-45 % of the step time in page faults (measured), so neither is done.
+next generation started, and the process peaked at 2.37-2.42 GiB; trimmed at phase boundaries,
+2.02-2.08. ``malloc_trim(0)`` there returns those pages (~0.1 s per PPO iteration). Trimming
+inside a phase, or a fixed mmap threshold of 128 KiB-4 MiB, lowers the peak further but costs
+5-45 % of the answers per second in page faults (measured), so neither is done.
 """
 from __future__ import annotations
 
