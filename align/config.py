@@ -240,6 +240,12 @@ class RewardConfig:
     adapter: str = ""
     # kind dpo: beta of the implicit reward (0 = the DPO run's train.beta, else 0.1).
     beta: float = _nonneg(0.0)
+    # More terms added to the score, each `kind:source` as for `align eval --judge`
+    # (classifier:RUN, dpo:RUN, function:FILE.py:FN), e.g. [classifier:runs/rm-b]: preference
+    # models that err differently average out some of each other's errors. Each term is
+    # multiplied by its entry of also_weights (empty = 1 each).
+    also: list[str] = field(default_factory=list)
+    also_weights: list[float] = field(default_factory=list)
     # Added to the score of answers cut at max_new_tokens without an EOS (0 = no penalty).
     truncation_penalty: float = _num(0.0)
     # A reward call that takes longer stops the run with an error naming the function.
@@ -555,6 +561,20 @@ def validate(cfg, where: str = "config") -> None:
         if batch % ppo.minibatch_size:
             bad("ppo.minibatch_size", f"must divide the batch of prompts_per_iteration x "
                 f"samples_per_prompt = {batch}, got {ppo.minibatch_size}")
+        rw = cfg.reward
+        for i, spec in enumerate(rw.also):
+            if spec.partition(":")[0] not in ("classifier", "dpo", "function") or not spec.partition(":")[2]:
+                bad(f"reward.also[{i}]", f"must be classifier:PATH, dpo:PATH or function:FILE.py:FN, got {spec!r}")
+        if rw.also_weights and len(rw.also_weights) != len(rw.also):
+            bad("reward.also_weights", f"must give one weight per reward.also term ({len(rw.also)}), "
+                f"got {len(rw.also_weights)}")
+        if not all(math.isfinite(w) for w in rw.also_weights):
+            bad("reward.also_weights", f"must be finite numbers, got {rw.also_weights}")
+        used = [rw.adapter] * (rw.kind != "function") + [t.partition(":")[2] for t in rw.also]
+        if cfg.judge.kind in ("classifier", "dpo") and any(
+                Path(u).resolve() == Path(cfg.judge.adapter).resolve() for u in used if u):
+            bad("judge.adapter", f"is a term of the reward ({cfg.judge.adapter}): the judge must be a "
+                "preference model the policy never trains against")
         if ppo.kl_penalty == "loss" and ppo.kl_estimator == "k1":
             bad("ppo.kl_estimator", "must be k2 or k3 with ppo.kl_penalty=loss (the gradient of k1 "
                 "is zero in expectation: it would not pull towards the reference), got k1")

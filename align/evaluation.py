@@ -44,7 +44,8 @@ class Target:
 
 
 def resolve_target(text: str) -> Target:
-    """A run folder (``adapter/`` + ``config.yaml``), an adapter folder, or a merged model."""
+    """A run folder (``adapter/`` + ``config.yaml``), one of its checkpoints
+    (``RUN/checkpoints/step-N``, named ``RUN@step-N``), an adapter folder, or a merged model."""
     import yaml
 
     from .adapters import read_adapter_config
@@ -52,9 +53,11 @@ def resolve_target(text: str) -> Target:
     p = Path(text)
     if not p.exists():
         raise EvalError(f"target '{text}' does not exist (a run folder, an adapter folder or an exported model)")
-    cfg, adapter = {}, p
-    if (p / "config.yaml").is_file() and (p / "adapter").is_dir():
-        cfg, adapter = yaml.safe_load((p / "config.yaml").read_text()) or {}, p / "adapter"
+    cfg, adapter, name = {}, p, p.name
+    run = p.parent.parent if p.parent.name == "checkpoints" else p
+    if (run / "config.yaml").is_file() and (p / "adapter").is_dir():
+        cfg, adapter = yaml.safe_load((run / "config.yaml").read_text()) or {}, p / "adapter"
+        name = p.name if run == p else f"{run.name}@{p.name}"
     elif (p / "training_config.yaml").is_file():  # an export carries its run's config
         cfg = yaml.safe_load((p / "training_config.yaml").read_text()) or {}
     if (adapter / "adapter_config.json").is_file():
@@ -66,7 +69,7 @@ def resolve_target(text: str) -> Target:
             "dpo" if "beta" in cfg.get("train", {}) else ""
         kind = "reward" if acfg.get("task_type") == "SEQ_CLS" else "adapter"
         beta = float(cfg.get("train", {}).get("beta", 0.1)) if job == "dpo" else 0.1
-        return Target(p.name, adapter, kind, base, beta, job)
+        return Target(name, adapter, kind, base, beta, job)
     if (p / "config.json").is_file():
         return Target(p.name, p, "merged", str(p), job=(cfg.get("ppo") and "ppo") or "")
     raise EvalError(f"target '{text}' is neither a run folder, an adapter folder nor a model folder")
@@ -250,19 +253,6 @@ def compare(answers: dict, judge_scores: dict, kls: dict) -> dict:
     return out
 
 
-def judge_section(spec: str):
-    """``--judge`` as a reward-kind section: ``classifier:PATH``, ``dpo:PATH``, ``function:SPEC``
-    or a bare path (a reward model run or adapter)."""
-    from .config import JudgeConfig
-
-    kind, _, rest = spec.partition(":")
-    if kind not in ("classifier", "dpo", "function"):
-        kind, rest = "classifier", spec
-    if kind == "function":
-        return JudgeConfig(kind="function", function=rest)
-    return JudgeConfig(kind=kind, adapter=rest)
-
-
 def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] = (), split: str = "train",
              pairs: int = 500, rows: str = "all", max_length: int = 0, generate: bool = False, prompts: str | None = None,
              prompt_subsets: list[str] = (), num_prompts: int = 64, max_new_tokens: int = 64,
@@ -312,7 +302,7 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
     from .config import PromptDataConfig, RewardConfig
     from .data.prompts import load_prompts
     from .ppo.experience import score_completions
-    from .scorers import make_reward
+    from .scorers import make_reward, section_of
 
     te = time.time()
     if prompt_list is None:
@@ -323,7 +313,7 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
     gen = generate_answers(tlist, roles, tok, base_name, plist, max_new_tokens, temperature, use_vllm, seed)
     phases.update(engine_start=gen["engine_start_seconds"], judge=0.0, kl=0.0)
     phases["generate"] = time.time() - te - phases["prompts"] - phases["engine_start"]
-    judge_fn = make_reward(judge_section(judge), roles, tok, "judge", base_name)
+    judge_fn = make_reward(section_of(judge), roles, tok, "judge", base_name)
     scores, kls = {}, {}
     for name, comps in gen["answers"].items():
         t1 = time.time()

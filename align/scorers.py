@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from reward.api import load_reward_fn
+from reward.api import call_reward, load_reward_fn
 
 from .batch import rows_batch, score_by_length
 from .chat import answer_ids
@@ -23,37 +23,67 @@ from .rollout.base import Completion
 
 
 def make_reward(section, roles, tok, role: str, base_name: str):
-    """The callable for a ``reward``/``judge`` config section (``role`` names its adapter)."""
+    """The callable for a ``reward``/``judge`` config section (``role`` names its adapter); with
+    ``reward.also``, the weighted sum of its terms (each an adapter role ``reward_1``...)."""
+    also = getattr(section, "also", [])
+    if not also:
+        return _make_term(section, roles, tok, role, base_name)
+    weights = list(getattr(section, "also_weights", [])) or [1.0] * len(also)
+    terms = [(role, 1.0, _make_term(section, roles, tok, role, base_name))]
+    for i, (spec, w) in enumerate(zip(also, weights), 1):
+        terms.append((f"{role}_{i}", w, _make_term(section_of(spec), roles, tok, f"{role}_{i}", base_name,
+                                                   key=f"{role}.also[{i - 1}]")))
+    return SumReward(terms)
+
+
+def _make_term(section, roles, tok, role: str, base_name: str, key: str | None = None):
+    key = key or role
     if section.kind == "function":
         return load_reward_fn(section.function)
-    path = find_adapter(section.adapter, role, base_name)
+    where = f"{key}.adapter" if key == role else key
+    path = find_adapter(section.adapter, where, base_name)
     has_head = roles.add_scorer(role, path)
     if has_head != (section.kind == "classifier"):
         from .config import ConfigError
 
-        raise ConfigError(f"key '{role}.adapter': '{path}' is {'a reward model (score head)' if has_head else 'a causal-LM adapter (no score head)'}, "
-                          f"so {role}.kind should be {'classifier' if has_head else 'dpo'}, not {section.kind}")
+        raise ConfigError(f"key '{where}': '{path}' is {'a reward model (score head)' if has_head else 'a causal-LM adapter (no score head)'}, "
+                          f"so {role + '.kind' if key == role else 'the kind'} should be "
+                          f"{'classifier' if has_head else 'dpo'}, not {section.kind}")
     beta = (section.beta or _dpo_beta(path)) if section.kind == "dpo" else 0.0
     return AdapterReward(roles, tok, role, section.kind, beta, path)
 
 
+def section_of(spec: str):
+    """A reward term written as one string (``align eval --judge``, ``reward.also``):
+    ``classifier:PATH``, ``dpo:PATH``, ``function:SPEC``, or a bare path (a reward model)."""
+    from .config import JudgeConfig
+
+    kind, _, rest = spec.partition(":")
+    if kind not in ("classifier", "dpo", "function"):
+        kind, rest = "classifier", spec
+    if kind == "function":
+        return JudgeConfig(kind="function", function=rest)
+    return JudgeConfig(kind=kind, adapter=rest)
+
+
 def find_adapter(path_text: str, key: str, base_name: str) -> Path:
-    """A run folder (its ``adapter/``) or an adapter folder, trained on the policy's base."""
+    """A run folder (its ``adapter/``) or an adapter folder, trained on the policy's base; ``key``
+    (``reward.adapter``, ``reward.also[0]``...) is named in errors."""
     from .adapters import read_base_name
     from .assets import resolve_model
     from .config import ConfigError
 
     if not path_text:
-        raise ConfigError(f"key '{key}.adapter' is empty: name the `align rm` / `align dpo` run or adapter folder")
+        raise ConfigError(f"key '{key}' is empty: name the `align rm` / `align dpo` run or adapter folder")
     path = Path(path_text)
     if (path / "adapter" / "adapter_config.json").is_file():
         path = path / "adapter"
     if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"key '{key}.adapter': '{path_text}' is neither an adapter folder nor a run folder "
+        raise ConfigError(f"key '{key}': '{path_text}' is neither an adapter folder nor a run folder "
                           "with adapter/ (train one with `align rm` or `align dpo`)")
     trained_on = read_base_name(path) or ""
     if trained_on and resolve_model(trained_on) != resolve_model(base_name):
-        raise ConfigError(f"key '{key}.adapter': '{path}' was trained on '{trained_on}', the policy's base is "
+        raise ConfigError(f"key '{key}': '{path}' was trained on '{trained_on}', the policy's base is "
                           f"'{base_name}': a reward adapter must sit on the same base")
     return path
 
@@ -109,3 +139,23 @@ class AdapterReward:
         out = score_by_length(score, [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)], self.batch_size)
         self.roles.train(was_training)
         return out
+
+
+class SumReward:
+    """``reward`` plus its ``reward.also`` terms, each times its weight: one reward to the loop.
+    Each term is validated as a reward function on its own (a bad term is named), and the
+    last call's mean of each term is kept (``last_means``) so a run can show which one moved."""
+
+    def __init__(self, terms: list[tuple[str, float, object]]):
+        self.terms = terms
+        self.last_means: dict[str, float] = {}
+        self.__qualname__ = "reward sum (" + " + ".join(f"{w:g} x {name}" for name, w, _ in terms) + ")"
+        self.__module__ = __name__
+
+    def __call__(self, prompts, completions, **info) -> list[float]:
+        total = [0.0] * len(completions)
+        for name, weight, fn in self.terms:
+            values = call_reward(fn, prompts, completions, **info)
+            self.last_means[name] = sum(values) / max(len(values), 1)
+            total = [t + weight * v for t, v in zip(total, values)]
+        return total

@@ -214,3 +214,18 @@ def test_ppo_job_ends_with_the_report_when_asked(tmp_path, tiny_model_path):
     report = tmp_path / "r" / "eval-report" / "report.html"
     assert summary["eval_report"] == str(report) and report.is_file()
     assert json.loads((tmp_path / "r" / "eval-report" / "eval.json").read_text())["generation"]["n"] == 3
+
+
+def test_a_checkpoint_of_a_run_is_a_target_named_after_its_run(folders):
+    """`align eval RUN/checkpoints/step-N`: the checkpoint's adapter, the run's config, a name
+    that says which run and step it is."""
+    import shutil
+
+    from align.evaluation import resolve_target
+
+    root, run = folders
+    ckpt = run / "checkpoints" / "step-10"
+    shutil.copytree(run / "adapter", ckpt / "adapter")
+    t = resolve_target(str(ckpt))
+    assert (t.name, t.path, t.kind, t.job, t.beta) == ("dpo-run@step-10", ckpt / "adapter", "adapter", "dpo", 0.2)
+    assert resolve_target(str(run)).name == "dpo-run"

@@ -74,10 +74,10 @@ def workdir(tmp_path_factory):
     for line in COMMANDS:
         if _cheap_form(line) is None:  # e.g. printf ... > my_prompts.jsonl
             subprocess.run(line, shell=True, cwd=wd, check=True)
-    # what earlier README commands leave behind (`align rm run.name=rm-hh`, `align dpo run.name=dpo-hh`)
+    # what earlier README commands leave behind (`align rm run.name=rm-hh`, `align dpo run.name=dpo-hh`...)
     from align.assets import DEFAULT_MODEL_ID
 
-    for run in ("rm-hh", "dpo-hh"):
+    for run in ("rm-hh", "rm-hh-b", "dpo-hh"):
         (wd / "runs" / run / "adapter").mkdir(parents=True)
         (wd / "runs" / run / "adapter" / "adapter_config.json").write_text(
             json.dumps({"r": 8, "lora_alpha": 16, "base_model_name_or_path": DEFAULT_MODEL_ID}))

@@ -173,3 +173,59 @@ def test_ppo_with_reward_model_and_judge_adapters_end_to_end(tmp_path, tiny_mode
     evals = [json.loads(line) for line in (tmp_path / "rj" / "metrics.jsonl").read_text().splitlines()
              if "eval/judge_mean" in line]
     assert [e["step"] for e in evals] == [0, 2]
+
+
+def test_reward_of_several_terms_is_their_weighted_sum_on_one_base(tiny_model_path, rm_adapter, dpo_adapter):
+    """reward.also: a DPO adapter's implicit reward + 0.5 x a reward model, both roles on the
+    policy's base, equals the two scored separately and added by hand."""
+    from align.scorers import make_reward
+
+    base, tok = load_base(ModelConfig(name=tiny_model_path))
+    ac = ActorCritic(base, LoraConfig(r=4), with_critic=False)
+    cfg = load_config("ppo", None, ["reward.kind=dpo", f"reward.adapter={dpo_adapter[0]}", "reward.beta=0.1",
+                                    f"reward.also=[classifier:{rm_adapter}]", "reward.also_weights=[0.5]",
+                                    f"model.name={tiny_model_path}"])
+    fn = make_reward(cfg.reward, ac, tok, "reward", tiny_model_path)
+    assert count_base_copies(ac.model) == 1
+    p, c = _rollouts(tok)
+    info = dict(prompt_ids=p, completion_ids=c, truncated=[False, False])
+    got = fn(["x", "y"], ANSWERS, **info)
+    dpo = AdapterReward(ac, tok, "reward", "dpo", 0.1, dpo_adapter[0])(["x", "y"], ANSWERS, **info)
+    rm = AdapterReward(ac, tok, "reward_1", "classifier", 0.0, rm_adapter)(["x", "y"], ANSWERS, **info)
+    assert got == pytest.approx([d + 0.5 * r for d, r in zip(dpo, rm)], abs=1e-5)
+    assert min(abs(x) for x in rm) > 1e-3 and min(abs(x) for x in dpo) > 1e-4  # both terms count
+    assert fn.last_means == pytest.approx({"reward": sum(dpo) / 2, "reward_1": sum(rm) / 2}, abs=1e-5)
+
+
+def test_reward_terms_are_checked_before_anything_loads(tiny_model_path, rm_adapter, dpo_adapter):
+    from align.config import ConfigError
+
+    common = ["reward.kind=dpo", f"reward.adapter={dpo_adapter[0]}"]
+    with pytest.raises(ConfigError, match=r"reward.also\[0\]' must be classifier:PATH"):
+        load_config("ppo", None, [*common, f"reward.also=[{rm_adapter}]"])
+    with pytest.raises(ConfigError, match="reward.also_weights' must give one weight per reward.also term"):
+        load_config("ppo", None, [*common, f"reward.also=[classifier:{rm_adapter}]", "reward.also_weights=[1, 2]"])
+    with pytest.raises(ConfigError, match="judge.adapter' is a term of the reward"):
+        load_config("ppo", None, [*common, f"reward.also=[classifier:{rm_adapter}]", "judge.kind=classifier",
+                                  f"judge.adapter={rm_adapter}"])
+    with pytest.raises(ConfigError, match="judge.adapter' is a term of the reward"):
+        load_config("ppo", None, [*common, "judge.kind=dpo", f"judge.adapter={dpo_adapter[0]}"])
+
+
+def test_ppo_with_a_reward_of_two_terms_logs_each_term(tmp_path, tiny_model_path, rm_adapter):
+    from align.ppo import run_ppo
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": m}) for m in PROMPTS * 3))
+    (tmp_path / "r.py").write_text(MESSAGES_SEEN)
+    run_ppo(load_config("ppo", None, [
+        f"model.name={tiny_model_path}", f"data.dataset={prompts}", "data.eval_prompts=2",
+        "rollout.max_new_tokens=4", "ppo.iterations=1", "ppo.prompts_per_iteration=2", "ppo.minibatch_size=4",
+        "ppo.advantage=rloo", f"reward.function={tmp_path / 'r.py'}:plain", f"reward.also=[classifier:{rm_adapter}]",
+        "reward.also_weights=[2.0]", f"run.output_dir={tmp_path}", "run.name=sum", "run.plot=false"]))
+    evals = [json.loads(line) for line in (tmp_path / "sum" / "metrics.jsonl").read_text().splitlines()
+             if "eval/reward_mean" in line]
+    assert evals and all(e["eval/reward_mean"] == pytest.approx(e["eval/reward_mean_reward"]
+                                                                + 2.0 * e["eval/reward_mean_reward_1"], abs=1e-5)
+                         for e in evals)
+    assert all(e["eval/reward_mean_reward"] == 1.0 for e in evals)  # `plain` scores every answer 1

@@ -35,6 +35,8 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
            "kl_per_answer": float(kl.mean()), "length": float(mask.sum(1).mean())}
     if judged is not None:
         out.update(judge_mean=float(judged.mean()), judge_std=float(judged.std()))
+    for name, mean in getattr(reward_fn, "last_means", {}).items():  # a reward of several terms
+        out[f"reward_mean_{name}"] = mean
     out["answers"] = [{"prompt": p["messages"][-1]["content"], "source": p.get("source", ""), "completion": c.text,
                        "tokens": len(c.token_ids), "reward": float(s), "kl": float(k),
                        **({"judge": float(judged[i])} if judged is not None else {})}
