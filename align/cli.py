@@ -132,21 +132,15 @@ def _check_sources(cfg, job: str) -> None:
     if job == "ppo":
         from reward.api import load_reward_fn
 
-        from .scorers import find_adapter
+        from .scorers import find_adapter, section_of
 
-        for key, section in (("reward", cfg.reward), ("judge", cfg.judge)):
+        terms = [("reward.adapter", cfg.reward), ("judge.adapter", cfg.judge)] + \
+            [(f"reward.also[{i}]", section_of(spec)) for i, spec in enumerate(cfg.reward.also)]
+        for key, section in terms:
             if section.kind == "function":
                 load_reward_fn(section.function)
             elif section.kind != "none":
-                find_adapter(section.adapter, f"{key}.adapter", cfg.model.name)
-        from .scorers import section_of
-
-        for i, spec in enumerate(cfg.reward.also):
-            term = section_of(spec)
-            if term.kind == "function":
-                load_reward_fn(term.function)
-            else:
-                find_adapter(term.adapter, f"reward.also[{i}]", cfg.model.name)
+                find_adapter(section.adapter, key, cfg.model.name)
 
 
 def _run_job(args) -> None:

@@ -570,7 +570,8 @@ def validate(cfg, where: str = "config") -> None:
                 f"got {len(rw.also_weights)}")
         if not all(math.isfinite(w) for w in rw.also_weights):
             bad("reward.also_weights", f"must be finite numbers, got {rw.also_weights}")
-        used = [rw.adapter] * (rw.kind != "function") + [t.partition(":")[2] for t in rw.also]
+        used = [rw.adapter] * (rw.kind != "function") + \
+            [t.partition(":")[2] for t in rw.also if not t.startswith("function:")]
         if cfg.judge.kind in ("classifier", "dpo") and any(
                 Path(u).resolve() == Path(cfg.judge.adapter).resolve() for u in used if u):
             bad("judge.adapter", f"is a term of the reward ({cfg.judge.adapter}): the judge must be a "

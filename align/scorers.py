@@ -36,19 +36,19 @@ def make_reward(section, roles, tok, role: str, base_name: str):
     return SumReward(terms)
 
 
-def _make_term(section, roles, tok, role: str, base_name: str, key: str | None = None):
-    key = key or role
+def _make_term(section, roles, tok, role: str, base_name: str, key: str = ""):
+    """One term as the adapter role ``role``; ``key`` (default ``ROLE.adapter``) is named in errors."""
     if section.kind == "function":
         return load_reward_fn(section.function)
-    where = f"{key}.adapter" if key == role else key
-    path = find_adapter(section.adapter, where, base_name)
+    key = key or f"{role}.adapter"
+    path = find_adapter(section.adapter, key, base_name)
     has_head = roles.add_scorer(role, path)
     if has_head != (section.kind == "classifier"):
         from .config import ConfigError
 
-        raise ConfigError(f"key '{where}': '{path}' is {'a reward model (score head)' if has_head else 'a causal-LM adapter (no score head)'}, "
-                          f"so {role + '.kind' if key == role else 'the kind'} should be "
-                          f"{'classifier' if has_head else 'dpo'}, not {section.kind}")
+        kind_key = f"{role}.kind" if key == f"{role}.adapter" else "the kind"
+        raise ConfigError(f"key '{key}': '{path}' is {'a reward model (score head)' if has_head else 'a causal-LM adapter (no score head)'}, "
+                          f"so {kind_key} should be {'classifier' if has_head else 'dpo'}, not {section.kind}")
     beta = (section.beta or _dpo_beta(path)) if section.kind == "dpo" else 0.0
     return AdapterReward(roles, tok, role, section.kind, beta, path)
 
