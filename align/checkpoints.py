@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_write_text, replace_dir
+from .atomic import atomic_write_text, follow_umask, replace_dir
 from .config import ConfigError, to_dict
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -31,6 +31,13 @@ RESUME_MAY_CHANGE = {"run.resume", "run.save_every", "run.keep_last", "run.plot"
                      "model.threads", "ppo.iterations", "ppo.time_budget_minutes",
                      "run.max_nonfinite_steps", "run.report_to", "reward.timeout_seconds",
                      "rollout.server_host", "rollout.server_api_key"}
+
+
+def hf_warmup(ratio: float) -> float:
+    """``warmup_steps`` for transformers' TrainingArguments that means ``ratio`` of the total
+    steps for every ratio in [0, 1]: transformers reads a value below 1 as a ratio but 1.0 as
+    *one step*. Just below 1, ceil(n * x) is still n for any n below 10^9 steps."""
+    return ratio if ratio < 1 else 1 - 1e-9
 
 
 def checkpoint_root(run_path: Path) -> Path:
@@ -72,9 +79,10 @@ def stage_dir(run_path: Path, step: int) -> Path:
 def publish(stage: Path, run_path: Path, step: int, keep_last: int) -> Path:
     """Rename a fully written ``stage`` to ``step-N`` (one atomic rename), then keep the last K."""
     final = checkpoint_root(run_path) / f"step-{step}"
+    follow_umask(stage)  # some writers (safetensors) make their files private
     _fsync_tree(stage)
     # the same step may be saved again (e.g. a signal right after a periodic save)
-    replace_dir(stage, final, final.with_name(f".old-step-{step}"))
+    replace_dir(stage, final)
     rotate(run_path, keep_last)
     return final
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .guards import Stopped
 
 
 def _add_config_args(p: argparse.ArgumentParser, recipe: str, job: bool = True) -> None:
@@ -45,6 +46,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--base", help="the base the adapters sit on (default: theirs)")
     p.add_argument("--out", default="eval-report", help="output folder (must be empty): eval.json, report.html")
     p.add_argument("--no-vllm", dest="use_vllm", action="store_false", help="generate with transformers instead")
+    p.add_argument("--dry-run", action="store_true", help="check the targets, data, prompts and judge; load and write nothing")
 
 
 def _add_serve(sub) -> None:
@@ -54,10 +56,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--base", help="the base (default: the adapters')")
     p.add_argument("--host", default="127.0.0.1", help="where to listen (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this key (needed with a --host other than loopback)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="require the key in FILE (mode 600; needed with a --host other than loopback). "
+                        "The environment variable VLLM_API_KEY works too")
+    p.add_argument("--api-key", help="require this key -- visible to every user of this machine in `ps` "
+                                     "while the server runs: prefer --api-key-file or VLLM_API_KEY")
     p.add_argument("--max-lora-rank", type=int, default=0, help="the largest adapter rank to accept (default: the adapters')")
     p.add_argument("--max-model-len", type=int, default=0, help="default: the model's own")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dry-run", action="store_true", help="check the adapters, port and key; start nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity checks")
     p.add_argument("--no-vllm-check", dest="vllm_check", action="store_false",
                    help="skip the vLLM load-and-decode check (it starts an engine, ~30 s on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="check the source and --out; load and write nothing")
 
     _add_eval(sub)
     _add_serve(sub)
+    # each command's own parser, by name: align.notices reads their defaults
+    parser.align_commands = dict(sub.choices)
 
     p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
     p.add_argument("job", choices=["dpo", "ppo", "rm"])
@@ -103,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse(argv):
+def _parse(argv, parser=None):
     """argparse, but ``key=value`` overrides may also follow options (``config dpo --config F
     lora.r=4``), which plain argparse refuses after the positionals were consumed."""
-    parser = build_parser()
+    parser = parser or build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra):
@@ -146,6 +156,9 @@ def _check_sources(cfg, job: str) -> None:
 def _run_job(args) -> None:
     overrides = list(args.overrides) + (["run.resume=must"] if args.resume else [])
     cfg = load_config(args.command, args.config, overrides)
+    from .notices import say
+
+    say(args.command, cfg)
     if args.command in JOB_CHECKS:
         import importlib
 
@@ -177,7 +190,12 @@ def _run_job(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    parser = build_parser()
+    args = _parse(argv, parser)
+    if args.command in ("eval", "export", "serve"):
+        from .notices import say
+
+        say(args.command, args, parser.align_commands[args.command])
     try:
         if args.command == "prepare-assets":
             from .assets import prepare_assets
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             from .export import export
 
             export(args.source, args.out, merge=args.merge, dtype=args.dtype, checkpoint=args.checkpoint,
-                   verify=args.verify, force=args.force, base=args.base, vllm_check=args.vllm_check)
+                   verify=args.verify, force=args.force, base=args.base, vllm_check=args.vllm_check,
+                   dry_run=args.dry_run)
         elif args.command == "eval":
             from .evaluation import run_eval
 
@@ -197,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                      rows=args.rows, max_length=args.max_length, generate=args.generate, prompts=args.prompts,
                      prompt_subsets=split(args.prompt_subsets), num_prompts=args.num_prompts,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
-                     out=args.out, base=args.base, use_vllm=args.use_vllm)
+                     out=args.out, base=args.base, use_vllm=args.use_vllm, dry_run=args.dry_run)
         elif args.command == "serve":
-            from .serve import serve
+            from .serve import read_api_key, serve
 
             return serve(args.adapters, args.name, base=args.base, host=args.host, port=args.port,
-                         api_key=args.api_key, max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-                         dtype=args.dtype)
+                         api_key=read_api_key(args.api_key_file, args.api_key), max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+                         dtype=args.dtype, dry_run=args.dry_run)
         elif args.command == "config":
             from .config import dump_yaml
 
@@ -220,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a job's own signal handling is in place (e.g. loading)
         print("align: interrupted; nothing to save yet", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"align: {e}", file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:
         from .guards import Interrupted
 

@@ -32,12 +32,19 @@ def _num(default, lo=None, hi=None, *, lo_open=False, hi_open=False):
     return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
 
 
-def _pos(default):
-    return _num(default, 0, lo_open=True)
+# Upper bounds: plausible, not merely finite. A value past them is a typo (1e10 for 1e-4), and
+# one that trains anyway leaves a garbage adapter with a clean exit.
+BIG = 10_000_000          # counts: pairs, steps, prompts
+HUGE = 1_000_000_000      # row indices, horizons
+MAX_TOKENS = 1 << 20      # token lengths
+SEED_MAX = 2**32 - 1      # numpy's seeds
 
 
-def _nonneg(default):
-    return _num(default, 0)
+def _lr(default):
+    """A learning rate: LoRA's best are ~1e-5..1e-2; above 1 every optimizer step moves weights
+    by more than their own size. (A rate in range can still diverge: the runs' divergence guard
+    stops those.)"""
+    return _num(default, 0, 1.0, lo_open=True)
 
 
 def _choice(default, *choices):
@@ -64,7 +71,7 @@ class ModelConfig:
     # flash_attention_2 / flex_attention take no custom mask, so pairs become two rows there.
     attention: str = _choice("auto", "auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
     # CPU threads for torch; 0 = leave torch's default.
-    threads: int = _nonneg(0)
+    threads: int = _num(0, 0, 1024)
 
 
 @dataclass
@@ -72,7 +79,7 @@ class LoraConfig:
     # "LoRA Without Regret": rank 1-8 suffices for RL and preference tuning; all linear
     # layers (attention + MLP) matter more than the rank.
     r: int = _num(8, 0, 1024, lo_open=True)
-    alpha: int = _pos(16)
+    alpha: int = _num(16, 0, 4096, lo_open=True)
     dropout: float = _num(0.0, 0.0, 1.0, hi_open=True)
     target_modules: str | list[str] = "all-linear"
 
@@ -89,18 +96,18 @@ class DataConfig:
     # For non-HH datasets: file/split names for train and eval (empty = all / none).
     train_split: str = "train"
     eval_split: str = ""
-    max_train_pairs: int = _nonneg(1000)  # 0 = all
-    max_eval_pairs: int = _nonneg(500)
+    max_train_pairs: int = _num(1000, 0, BIG)  # 0 = all
+    max_eval_pairs: int = _num(500, 0, BIG)
     # Which training rows: all, or one of two fixed halves (a stable hash of each row's file and
     # line): models trained on half-a and half-b never saw each other's pairs (e.g. a PPO reward
     # model and the independent judge of its policy).
     train_rows: str = _choice("all", "all", "half-a", "half-b")
     # Hold out this many of the training pairs (seeded) as a validation split: tune on these,
     # never on the evaluation subsets.
-    validation_pairs: int = _nonneg(0)
+    validation_pairs: int = _num(0, 0, BIG)
     # Raise on the first bad row instead of counting and skipping it.
     strict: bool = False
-    seed: int = 0
+    seed: int = _num(0, 0, SEED_MAX)
 
 
 @dataclass
@@ -108,20 +115,20 @@ class RunConfig:
     # Each run gets ``<output_dir>/<name or timestamp>``.
     output_dir: str = "runs"
     name: str = ""
-    seed: int = 0
+    seed: int = _num(0, 0, SEED_MAX)
     # Write a checkpoint every N optimizer steps / PPO iterations (0 = none); keep the last K.
     # A checkpoint holds everything to continue exactly: adapters, optimizer, scheduler, RNG
     # states, data position, PPO's KL controller.
-    save_every: int = _nonneg(0)
-    keep_last: int = _num(2, 1)
+    save_every: int = _num(0, 0, BIG)
+    keep_last: int = _num(2, 1, 1000)
     # off | auto (continue the latest complete checkpoint if there is one) | must (the same,
     # but fail if there is none; `--resume` on the command line). The run folder is run.name's,
     # or the newest <job>-* folder in output_dir.
     resume: str = _choice("off", "off", "auto", "must")
     # Steps whose loss or gradients are NaN/inf are skipped (no update) and counted; after this
     # many the run stops with an error, its last checkpoint intact.
-    max_nonfinite_steps: int = _nonneg(10)
-    log_every: int = _num(1, 1)
+    max_nonfinite_steps: int = _num(10, 0, BIG)
+    log_every: int = _num(1, 1, BIG)
     plot: bool = True
     # Experiment trackers that also get the metrics (tensorboard, wandb); none by default, and
     # neither is a dependency of align: install the one you name.
@@ -130,22 +137,22 @@ class RunConfig:
 
 @dataclass
 class DPOTrainConfig:
-    beta: float = _pos(0.1)
+    beta: float = _num(0.1, 0, 100, lo_open=True)
     # LoRA's best LR is ~10x full fine-tuning's (LoRA Without Regret). Measured on this CPU
     # (SmolLM2-135M, r=8): 5e-5 left the loss at 0.693 for 75 steps; 5e-4 moved it.
-    learning_rate: float = _pos(5e-4)
-    batch_size: int = _num(8, 1)
-    grad_accum: int = _num(1, 1)
-    epochs: int = _num(1, 1)
-    max_steps: int = _nonneg(0)  # 0 = as many as epochs give
+    learning_rate: float = _lr(5e-4)
+    batch_size: int = _num(8, 1, 65536)
+    grad_accum: int = _num(1, 1, 65536)
+    epochs: int = _num(1, 1, 1000)
+    max_steps: int = _num(0, 0, BIG)  # 0 = as many as epochs give
     warmup_ratio: float = _num(0.05, 0.0, 1.0)
-    weight_decay: float = _nonneg(0.0)
-    max_grad_norm: float = _pos(1.0)
+    weight_decay: float = _num(0.0, 0.0, 10.0)
+    max_grad_norm: float = _num(1.0, 0, 1e4, lo_open=True)
     # Truncation: the prompt keeps its *last* tokens (latest turns), answers their first. Sized
     # for a 2-core CPU: 128/64 packs 163k tokens for 1,000 HH pairs (192/96: 214k; none: 349k),
     # and compute is ~linear in tokens.
-    max_length: int = _num(128, 2)
-    max_prompt_length: int = _num(64, 1)
+    max_length: int = _num(128, 2, MAX_TOKENS)
+    max_prompt_length: int = _num(64, 1, MAX_TOKENS)
     loss_type: str = _choice("sigmoid", "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
                              "nca_pair", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
     label_smoothing: float = _num(0.0, 0.0, 0.5, hi_open=True)
@@ -158,8 +165,8 @@ class EvalConfig:
     generate: bool = False
     prompts: str = ""                 # a prompt dataset ("" = the job's own held-out data)
     prompt_subsets: list[str] = field(default_factory=list)  # "" = the job's held-out subsets
-    num_prompts: int = _num(64, 1)
-    max_new_tokens: int = _num(64, 1)
+    num_prompts: int = _num(64, 1, BIG)
+    max_new_tokens: int = _num(64, 1, 65536)
     judge: str = ""                   # classifier:PATH | dpo:PATH | function:FILE.py:FN (required)
 
 
@@ -188,7 +195,7 @@ class PromptDataConfig:
     # The row field holding the prompt: a string or a list of chat messages.
     text_field: str = "prompt"
     # Keep only the first N words of the field (0 = all), e.g. IMDB openings as prompts.
-    first_words: int = _nonneg(0)
+    first_words: int = _num(0, 0, BIG)
     # Wrapped in the chat template as one user turn; {text} is the field's text (the only field).
     template: str = "{text}"
     subsets: list[str] = field(default_factory=list)
@@ -196,11 +203,11 @@ class PromptDataConfig:
     eval_subsets: list[str] = field(default_factory=list)
     # Rows [start:stop) of the source (0 = to the end): keep prompts apart from data a reward
     # model was fitted on.
-    rows_start: int = _nonneg(0)
-    rows_stop: int = _nonneg(0)
+    rows_start: int = _num(0, 0, HUGE)
+    rows_stop: int = _num(0, 0, HUGE)
     # The first `eval_prompts` of those rows (after a seeded shuffle) are held out.
-    eval_prompts: int = _nonneg(64)
-    seed: int = 0
+    eval_prompts: int = _num(64, 0, BIG)
+    seed: int = _num(0, 0, SEED_MAX)
 
 
 @dataclass
@@ -214,18 +221,20 @@ class RolloutConfig:
     # runtime adapter loading, so it always requires an API key (server_api_key, or a random
     # one per run when empty).
     server_host: str = "127.0.0.1"
-    server_api_key: str = ""
+    # Put it in the config file (or leave it empty), not on the command line, where every local
+    # user can read it (`ps`). Never written out: config.yaml and printed configs show <redacted>.
+    server_api_key: str = field(default="", metadata={"secret": True})
     # Prompts longer than this keep their *last* tokens (the latest turns); the count is
     # reported. The engine's context is max_prompt_tokens + max_new_tokens.
-    max_prompt_tokens: int = _num(512, 1)
-    max_new_tokens: int = _num(24, 1)
-    temperature: float = _pos(1.0)
+    max_prompt_tokens: int = _num(512, 1, MAX_TOKENS)
+    max_new_tokens: int = _num(24, 1, 65536)
+    temperature: float = _num(1.0, 0, 10.0, lo_open=True)
     top_p: float = _num(1.0, 0.0, 1.0, lo_open=True)
     # vLLM adapter sync: lora (swap in a new LoRARequest) | merged | auto
     sync: str = _choice("lora", "lora", "merged", "auto")
     # Greedy-decode this many prompts in engine and trainer after each sync (0 = off).
-    parity_prompts: int = _nonneg(2)
-    parity_every: int = _nonneg(1)
+    parity_prompts: int = _num(2, 0, 1000)
+    parity_every: int = _num(1, 0, BIG)
 
 
 @dataclass
@@ -239,7 +248,7 @@ class RewardConfig:
     # A run folder or adapter folder (kinds classifier and dpo), trained on the policy's base.
     adapter: str = ""
     # kind dpo: beta of the implicit reward (0 = the DPO run's train.beta, else 0.1).
-    beta: float = _nonneg(0.0)
+    beta: float = _num(0.0, 0.0, 100.0)
     # More terms added to the score, each `kind:source` as for `align eval --judge`
     # (classifier:RUN, dpo:RUN, function:FILE.py:FN), e.g. [classifier:runs/rm-b]: preference
     # models that err differently average out some of each other's errors. Each term is
@@ -247,9 +256,9 @@ class RewardConfig:
     also: list[str] = field(default_factory=list)
     also_weights: list[float] = field(default_factory=list)
     # Added to the score of answers cut at max_new_tokens without an EOS (0 = no penalty).
-    truncation_penalty: float = _num(0.0)
+    truncation_penalty: float = _num(0.0, -1e6, 1e6)
     # A reward call that takes longer stops the run with an error naming the function.
-    timeout_seconds: float = _pos(300.0)
+    timeout_seconds: float = _num(300.0, 0, 86400.0, lo_open=True)
 
 
 @dataclass
@@ -260,33 +269,33 @@ class JudgeConfig:
     kind: str = _choice("none", "none", "function", "classifier", "dpo")
     function: str = ""
     adapter: str = ""
-    beta: float = _nonneg(0.0)
-    timeout_seconds: float = _pos(300.0)
+    beta: float = _num(0.0, 0.0, 100.0)
+    timeout_seconds: float = _num(300.0, 0, 86400.0, lo_open=True)
 
 
 @dataclass
 class PPOTrainConfig:
-    iterations: int = _num(40, 1)
-    prompts_per_iteration: int = _num(16, 1)
-    samples_per_prompt: int = _num(2, 1)
+    iterations: int = _num(40, 1, BIG)
+    prompts_per_iteration: int = _num(16, 1, 65536)
+    samples_per_prompt: int = _num(2, 1, 1024)
     # An estimator of align/ppo/advantages.py: gae (actor-critic, a LoRA critic + value head),
     # grpo / rloo (critic-free group baselines, samples_per_prompt >= 2).
     advantage: str = "gae"
-    learning_rate: float = _pos(5e-4)
-    value_learning_rate: float = _pos(5e-4)
-    ppo_epochs: int = _num(2, 1)
-    minibatch_size: int = _num(16, 1)
+    learning_rate: float = _lr(5e-4)
+    value_learning_rate: float = _lr(5e-4)
+    ppo_epochs: int = _num(2, 1, 100)
+    minibatch_size: int = _num(16, 1, BIG)
     # 0 = each minibatch in one pass; else gradients accumulated over chunks of this many answers
     # (the same update, a fraction of the activation memory)
-    micro_batch_size: int = _num(0, 0)
-    clip_range: float = _pos(0.2)
-    value_clip_range: float = _pos(0.2)
-    vf_coef: float = _nonneg(0.5)
-    entropy_coef: float = _nonneg(0.0)
+    micro_batch_size: int = _num(0, 0, BIG)
+    clip_range: float = _num(0.2, 0, 10.0, lo_open=True)
+    value_clip_range: float = _num(0.2, 0, 1e4, lo_open=True)
+    vf_coef: float = _num(0.5, 0.0, 100.0)
+    entropy_coef: float = _num(0.0, 0.0, 10.0)
     gamma: float = _num(1.0, 0.0, 1.0)
     lam: float = _num(0.95, 0.0, 1.0)
     # KL(policy || reference) penalty per token; adaptive control when kl_target > 0.
-    kl_coef: float = _nonneg(0.05)
+    kl_coef: float = _num(0.05, 0.0, 100.0)
     # reward: -kl_coef * KL is folded into each answer's score before its advantage (RLHF's
     # classic; the sampled KL adds noise to the advantages). loss: the score alone makes the
     # advantage and kl_coef * token-mean KL is added to the policy's loss, its gradient taken
@@ -294,8 +303,8 @@ class PPOTrainConfig:
     kl_penalty: str = _choice("reward", "reward", "loss")
     # k1 = log(pi/ref); k2 = k1^2 / 2 (its gradient is KL's, on-policy); k3 = (r - 1) - log r.
     kl_estimator: str = _choice("k1", "k1", "k2", "k3")
-    kl_target: float = _nonneg(0.0)
-    kl_horizon: int = _num(10000, 1)
+    kl_target: float = _num(0.0, 0.0, 1e4)
+    kl_horizon: int = _num(10000, 1, HUGE)
     whiten_advantages: bool = True
     # gae's critic: separate (its own LoRA adapter: one more pass each for scoring and update)
     # or shared (a value head on the policy's hidden states, trained through the policy adapter).
@@ -307,12 +316,12 @@ class PPOTrainConfig:
     # Score the k answers of a prompt in one packed row (the prompt computed once), where that
     # is exact for the model (align/packing.py); false: one row per answer.
     pack: bool = True
-    max_grad_norm: float = _pos(1.0)
+    max_grad_norm: float = _num(1.0, 0, 1e4, lo_open=True)
     # Stop this batch's epochs once approx-KL(old||new) exceeds this (0 = never).
-    target_approx_kl: float = _nonneg(0.1)
-    eval_every: int = _nonneg(5)
+    target_approx_kl: float = _num(0.1, 0.0, 100.0)
+    eval_every: int = _num(5, 0, BIG)
     # Stop after the iteration that crosses this many minutes (0 = no budget), then evaluate.
-    time_budget_minutes: float = _nonneg(0.0)
+    time_budget_minutes: float = _num(0.0, 0.0, 525600.0)  # up to a year
 
 
 @dataclass
@@ -332,21 +341,21 @@ class PPOJobConfig:
 
 @dataclass
 class RMTrainConfig:
-    learning_rate: float = _pos(5e-4)
-    batch_size: int = _num(8, 1)
-    epochs: int = _num(1, 1)
-    max_steps: int = _nonneg(0)
+    learning_rate: float = _lr(5e-4)
+    batch_size: int = _num(8, 1, 65536)
+    epochs: int = _num(1, 1, 1000)
+    max_steps: int = _num(0, 0, BIG)
     warmup_ratio: float = _num(0.05, 0.0, 1.0)
-    weight_decay: float = _nonneg(0.0)
-    max_grad_norm: float = _pos(1.0)
+    weight_decay: float = _num(0.0, 0.0, 10.0)
+    max_grad_norm: float = _num(1.0, 0, 1e4, lo_open=True)
     # Training truncation, as DPO's: the prompt keeps its last tokens, answers their first.
     # 192/96 fits 1,112 pairs into ~22 min on this CPU (256/128 measured 1,641 s per 1,000 pairs).
-    max_length: int = _num(192, 2)
-    max_prompt_length: int = _num(96, 1)
+    max_length: int = _num(192, 2, MAX_TOKENS)
+    max_prompt_length: int = _num(96, 1, MAX_TOKENS)
     # Held-out evaluation length (0 = untruncated: what the model meets in PPO).
-    eval_max_length: int = _nonneg(0)
+    eval_max_length: int = _num(0, 0, MAX_TOKENS)
     # Keeps scores near 0: + center_coef * (r_chosen + r_rejected)^2 (TRL's centering term).
-    center_coef: float = _nonneg(0.01)
+    center_coef: float = _num(0.01, 0.0, 100.0)
 
 
 @dataclass
@@ -368,6 +377,56 @@ JOBS: dict[str, type] = {"dpo": DPOJobConfig, "ppo": PPOJobConfig, "rm": RMJobCo
 # --------------------------------------------------------------------------------------
 # Loading, overrides, validation
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
+# YAML as users write it
+# --------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with two traps removed: a key given twice in one mapping is an error naming both
+    lines (PyYAML keeps the last one silently: a second ``train:`` section dropped the first's
+    keys), and only true/false are booleans (YAML 1.2): YAML 1.1 also reads on/off/yes/no as
+    booleans, so ``resume: off`` arrived as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}: key '{key}' appears twice in one section "
+                                  f"(lines {seen[key]} and {line}); keep one")
+        except TypeError:  # an unhashable key: PyYAML's own error follows
+            break
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str, name: str = "<text>"):
+    """Parse config YAML (see :class:`_Loader`); ``name`` is the file named in errors."""
+    loader = _Loader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+_WORD_BOOLS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
 
 
 class _Override:
@@ -413,6 +472,8 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{where}: key '{key}' expects null, got {value!r}")
+    if tp is bool and isinstance(value, str) and value.lower() in _WORD_BOOLS:
+        return _WORD_BOOLS[value.lower()]  # plot: off -- what YAML 1.1 users type
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             raise ConfigError(f"{where}: key '{key}' expects {tp.__name__}, got {value!r}")
@@ -430,8 +491,13 @@ def _tp_name(tp: Any) -> str:
 
 
 def _build(cls: type, data: dict, prefix: str, where: str):
+    if isinstance(data, _Override):  # `train={beta: 0.2}` on the command line
+        data = data.parsed if isinstance(data.parsed, dict) else data.raw
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: section '{prefix or '<top>'}' must be a mapping, got {data!r}")
+        section = prefix.rstrip(".") or "<top>"
+        first = dataclasses.fields(cls)[0].name
+        raise ConfigError(f"{where}: '{section}' is a section of keys, not a value (got {data!r}); "
+                          f"set its keys, e.g. {section}.{first}=...")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -459,8 +525,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': empty key")
     # YAML parses numbers, booleans, lists ("[a, b]") and null the way a config file would.
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ConfigError):
         value = raw
     return key.split("."), _Override(value, raw)
 
@@ -486,7 +552,7 @@ def load_config(job: str, path: str | Path | None = None, overrides: list[str] =
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
@@ -540,6 +606,9 @@ def check_declared(section, prefix: str = "") -> list[tuple[str, str]]:
     return problems
 
 
+_RUN_NAME = __import__("re").compile(r"[A-Za-z0-9_.@-]+")
+
+
 def validate(cfg, where: str = "config") -> None:
     """Declared ranges and choices of every key, then the checks that tie keys together; each
     error names the key."""
@@ -552,6 +621,10 @@ def validate(cfg, where: str = "config") -> None:
     train = getattr(cfg, "train", None)
     if isinstance(train, (DPOTrainConfig, RMTrainConfig)) and train.max_prompt_length >= train.max_length:
         bad("train.max_prompt_length", "must be smaller than train.max_length")
+    name = cfg.run.name
+    if name and (name in (".", "..") or not _RUN_NAME.fullmatch(name)):
+        bad("run.name", f"must be one folder name of letters, digits and - _ . @ (not . or ..; a "
+            f"path goes in run.output_dir), got {name!r}")
     for tracker in cfg.run.report_to:
         if tracker not in ("tensorboard", "wandb"):
             bad("run.report_to", f"lists tensorboard and/or wandb, got {tracker!r}")
@@ -568,8 +641,8 @@ def validate(cfg, where: str = "config") -> None:
         if rw.also_weights and len(rw.also_weights) != len(rw.also):
             bad("reward.also_weights", f"must give one weight per reward.also term ({len(rw.also)}), "
                 f"got {len(rw.also_weights)}")
-        if not all(math.isfinite(w) for w in rw.also_weights):
-            bad("reward.also_weights", f"must be finite numbers, got {rw.also_weights}")
+        if not all(math.isfinite(w) and abs(w) <= 1000 for w in rw.also_weights):
+            bad("reward.also_weights", f"must be finite numbers within [-1000, 1000], got {rw.also_weights}")
         used = [rw.adapter] * (rw.kind != "function") + \
             [t.partition(":")[2] for t in rw.also if not t.startswith("function:")]
         if cfg.judge.kind in ("classifier", "dpo") and any(
@@ -612,8 +685,22 @@ def _check_template(template: str, bad) -> None:
         bad("data.template", f"must contain {{text}} (where the prompt goes), got {template!r}")
 
 
+REDACTED = "<redacted>"
+
+
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, secrets (fields marked ``secret``) replaced by ``<redacted>``:
+    this is what is written (config.yaml, trackers) and printed. Code reads secrets from ``cfg``."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif f.metadata.get("secret") and value:
+            out[f.name] = REDACTED
+        else:
+            out[f.name] = __import__("copy").deepcopy(value)
+    return out
 
 
 def dump_yaml(cfg) -> str:

@@ -65,8 +65,9 @@ def resolve_target(text: str) -> Target:
         base = (cfg.get("model") or {}).get("name") or acfg.get("base_model_name_or_path")
         if not base:
             raise EvalError(f"target '{text}': its adapter names no base (base_model_name_or_path)")
-        job = "ppo" if "ppo" in cfg else "rm" if "center_coef" in cfg.get("train", {}) else \
-            "dpo" if "beta" in cfg.get("train", {}) else ""
+        from .runs import job_from_config
+
+        job = job_from_config(cfg)
         kind = "reward" if acfg.get("task_type") == "SEQ_CLS" else "adapter"
         beta = float(cfg.get("train", {}).get("beta", 0.1)) if job == "dpo" else 0.1
         return Target(name, adapter, kind, base, beta, job)
@@ -257,28 +258,94 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
              pairs: int = 500, rows: str = "all", max_length: int = 0, generate: bool = False, prompts: str | None = None,
              prompt_subsets: list[str] = (), num_prompts: int = 64, max_new_tokens: int = 64,
              temperature: float = 0.0, judge: str | None = None, out: str = "eval-report", base: str | None = None,
-             use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print) -> dict:
-    from .atomic import atomic_dir
-    from .chat import tokenize_pair
-    from .report import write_report
+             use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print,
+             dry_run: bool = False) -> dict:
+    """Check every option and the output folder first (nothing loads before they pass), then
+    evaluate. ``dry_run``: also find the targets, data, prompts and judge, then stop."""
+    from .atomic import check_out_path
+    from .guards import stop_on_signals
 
     if not data and not generate:
         raise EvalError("nothing to evaluate: give --data (preference pairs) and/or --generate --prompts")
     if generate and not ((prompts or prompt_list) and judge):
         raise EvalError("--generate needs --prompts (a prompt dataset) and --judge (a reward model, DPO adapter or function)")
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    for flag, value, low in (("--pairs", pairs, 0), ("--max-length", max_length, 0), ("--num-prompts", num_prompts, 1),
+                             ("--max-new-tokens", max_new_tokens, 1), ("--temperature", temperature, 0)):
+        if not value >= low:  # NaN too
+            raise EvalError(f"{flag} must be >= {low}, got {value}")
+    try:
+        out_dir = check_out_path(Path(out))
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EvalError(f"output folder '{out_dir}' exists and is not empty")
+    if dry_run:
+        return _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, prompts, prompt_subsets,
+                                   judge, out_dir, seed, log)
+    with stop_on_signals(f"nothing was written to '{out_dir}'"):
+        return _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
+                         num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed,
+                         prompt_list, log)
+
+
+def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, prompts, prompt_subsets, judge,
+                        out_dir, seed, log) -> dict:
+    """`align eval --dry-run`: every target, the pairs, the prompts and the judge can be found
+    and read; no model is loaded and nothing is written."""
+    from .config import PromptDataConfig
+    from .scorers import section_of
+
+    found = [resolve_target(t) for t in targets]
+    plan = {"targets": [f"{t.name} ({t.kind} on {t.base})" for t in found], "out": str(out_dir)}
+    if data:
+        from .data import load_preference_split
+
+        kept, report = load_preference_split(data, list(subsets), split, pairs, False, seed, rows)
+        if not kept:
+            raise EvalError(f"--data {data}: no usable preference pairs ({report.summary()})")
+        plan["pairs"] = len(kept)
+    if generate:
+        from .data.prompts import load_prompts
+
+        if prompts:
+            plist, _ = load_prompts(PromptDataConfig(dataset=prompts, subsets=list(prompt_subsets), eval_prompts=0,
+                                                     seed=seed))
+            plan["prompts"] = len(plist)
+        section = section_of(judge)
+        if section.kind == "function":
+            from reward.api import load_reward_fn
+
+            load_reward_fn(section.function)
+        elif not (Path(section.adapter) / "adapter_config.json").is_file() and \
+                not (Path(section.adapter) / "adapter" / "adapter_config.json").is_file():
+            raise EvalError(f"--judge {judge}: '{section.adapter}' is neither an adapter folder nor a run folder")
+        plan["judge"] = judge
+    log("dry run: " + json.dumps(plan) + "; nothing was loaded or written")
+    return plan
+
+
+def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
+              num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed, prompt_list, log):
+    from .atomic import atomic_dir
+    from .chat import tokenize_pair
+    from .report import write_report
+
     t0 = time.time()
-    tlist, roles, tok, base_name = load_targets(targets, base)
-    roles.eval()
-    result = {"targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}
-                          for t in tlist], "base": base_name}
+    for t in targets:  # cheap checks before the model loads: targets, then the data
+        resolve_target(t)
     if data:
         from .data import load_preference_split
 
         kept, report = load_preference_split(data, list(subsets), split, pairs, False, seed, rows)
         log(f"pairs: {report.summary()}" + (f"; {len(kept)} of {rows}" if rows != "all" else ""))
+        if not kept:
+            raise EvalError(f"--data {data}: no usable preference pairs ({report.summary()}"
+                            + (f"; e.g. {report.examples[0]}" if report.examples else "") + ")")
+    tlist, roles, tok, base_name = load_targets(targets, base)
+    roles.eval()
+    result = {"targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}
+                          for t in tlist], "base": base_name}
+    if data:
         te = time.time()
         result["preferences"] = preference_metrics(tlist, roles, tok, [tokenize_pair(tok, r) for r in kept], max_length)
         result["preferences"].update(data=data, subsets=list(subsets), rows=rows, seconds=round(time.time() - te, 1))
@@ -304,6 +371,9 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
     from .ppo.experience import score_completions
     from .scorers import make_reward, section_of
 
+    for t in tlist:
+        if t.kind == "reward":
+            print(f"note: '{t.name}' is a reward model: it does not generate, so --generate leaves it out")
     te = time.time()
     if prompt_list is None:
         prompt_list, _ = load_prompts(PromptDataConfig(dataset=prompts, subsets=prompt_subsets, eval_prompts=0, seed=seed))

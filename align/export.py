@@ -4,7 +4,9 @@ request), verified after writing.
 Failures users hit elsewhere and that this guards against: adapter configs that no longer load
 (a mirror path or a wrong base id, ``lora_alpha: 0``), merged models that drift because the merge
 ran in bf16, a half-written output folder, and an adapter silently put onto another base.
-Everything is written to a temp folder beside ``--out`` and renamed into place at the end.
+Everything is written to a temp folder beside ``--out``, verified there (vLLM included), and
+renamed into place at the end; a signal on the way removes the temp folder and ends the vLLM
+check's processes, so ``--out`` holds either the verified export or what it held before.
 """
 from __future__ import annotations
 
@@ -118,7 +120,9 @@ def _top1_agreement(a, b) -> float:
 
 def model_card(src: Source, merged: bool, dtype: str) -> str:
     rc = src.run_config or {}
-    method = "PPO" if "ppo" in rc else "DPO" if "beta" in rc.get("train", {}) else "unknown"
+    from .runs import job_from_config
+
+    method = {"ppo": "PPO", "dpo": "DPO", "rm": "RM"}.get(job_from_config(rc), "unknown")
     lora, data = rc.get("lora", {}), rc.get("data", {})
     what = "Merged model" if merged else "LoRA adapter"
     lines = [
@@ -184,17 +188,26 @@ def _refuse_overlap(out: Path, sources: list[Path]) -> None:
 
 def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "float32",
            checkpoint: str = "final", verify: bool = True, force: bool = False,
-           base: str | None = None, vllm_check: bool = True, log=print) -> dict:
-    """Write ``source``'s adapter (a run folder or an adapter folder) to ``out``, verified."""
+           base: str | None = None, vllm_check: bool = True, log=print, dry_run: bool = False) -> dict:
+    """Write ``source``'s adapter (a run folder or an adapter folder) to ``out``, verified.
+    ``dry_run``: check the source, its weights and ``out``, say what would be written, stop."""
+    from .guards import stop_on_signals
+
     try:
-        return _export(source, out, merge=merge, dtype=dtype, checkpoint=checkpoint, verify=verify,
-                       force=force, base=base, vllm_check=vllm_check, log=log)
+        with stop_on_signals(f"nothing was published at '{out}' (what was there before is unchanged)"):
+            return _export(source, out, merge=merge, dtype=dtype, checkpoint=checkpoint, verify=verify,
+                           force=force, base=base, vllm_check=vllm_check, log=log, dry_run=dry_run)
     except AdapterError as e:
         raise ExportError(str(e)) from e
 
 
-def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_check, log) -> dict:
-    out = Path(out)
+def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_check, log, dry_run=False) -> dict:
+    from .atomic import check_out_path
+
+    try:
+        out = check_out_path(Path(out))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -205,6 +218,10 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         src.base_name = base
     check_weights(src.adapter_dir)
     report: dict = {"source": str(src.adapter_dir), "base": src.base_name, "out": str(out)}
+    if dry_run:
+        report["would_write"] = f"{'a merged model (' + dtype + ')' if merge else 'a PEFT adapter'}, verified"
+        log("dry run: " + json.dumps(report) + "; nothing was loaded or written")
+        return report
 
     # Load once: this fails early, before anything is written, on a mismatched base.
     model, tok = load_with_adapter(src.base_name, src.adapter_dir)
@@ -230,10 +247,10 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
             del exported
         if merge:
             _write_merged(model, tok, tmp, dtype, ref_logps, report)
-    if verify and vllm_check:
-        vllm = _verify_in_vllm(out, src.base_name, merge, tok)
-        if vllm is not None:
-            report["vllm"] = vllm
+        if verify and vllm_check:  # in the temp folder: --out only ever gets a verified export
+            vllm = _verify_in_vllm(tmp, src.base_name, merge, tok)
+            if vllm is not None:
+                report["vllm"] = vllm
     log(json.dumps(report, indent=2))
     return report
 

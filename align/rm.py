@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from .adapters import save_adapter
-from .checkpoints import AtomicCheckpoints
+from .checkpoints import AtomicCheckpoints, hf_warmup
 from .dpo.packing import PackedPairCollator, answer_end_states, grouped_sampler, packed_length, truncation_report
 from .models import resolve_device, resolve_dtype
 
@@ -122,7 +122,7 @@ def rm_args(cfg, output_dir: str) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=t.batch_size, learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps > 0 else -1, warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps > 0 else -1, warmup_steps=hf_warmup(t.warmup_ratio),
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, lr_scheduler_type="linear",
         logging_steps=cfg.run.log_every, save_strategy="steps" if cfg.run.save_every else "no",
         save_steps=cfg.run.save_every or 500, report_to=cfg.run.report_to or "none",

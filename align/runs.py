@@ -25,6 +25,59 @@ class RunError(ValueError):
     """The run folder cannot be used (held by another process, unwritable, ...)."""
 
 
+MANIFEST = "run.json"
+JOB_NAMES = ("dpo", "ppo", "rm")
+
+
+def run_job(folder: Path) -> str | None:
+    """The job of the align run in ``folder`` (dpo | ppo | rm), "" for a run of align whose job
+    cannot be told, None for a folder that is not a run of align. The one place that decides
+    what a run of align is: a folder with align's ``run.json``, or -- runs made before it --
+    a ``config.yaml`` that is a mapping with ``model`` and ``run`` sections (the job then
+    read from which sections it has), or only align's ``.lock`` (a run being created)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if isinstance(manifest, dict) and manifest.get("job") in JOB_NAMES:
+            return manifest["job"]
+    except (OSError, ValueError):
+        pass
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError):
+        return "" if (folder / ".lock").is_file() else None
+    if not isinstance(cfg, dict) or not {"model", "run"} <= set(cfg):
+        return None
+    return job_from_config(cfg)
+
+
+def job_from_config(cfg: dict) -> str:
+    """The job a saved config (a run's config.yaml, an export's training_config.yaml) was
+    written for, from its sections; "" when they do not tell."""
+    train = cfg.get("train") or {}
+    return "ppo" if "ppo" in cfg else "rm" if "center_coef" in train else "dpo" if "beta" in train else ""
+
+
+def check_run_folder(path: Path, job: str) -> None:
+    """Refuse, touching nothing, a folder that exists and is not a run of align (a run.name
+    that names a user's folder must never take it over), or is another job's run."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunError(f"run folder '{path}' exists and is a file; choose another run.name")
+    found = run_job(path)
+    if found is None:
+        raise RunError(f"'{path}' exists and is not a run of align (no {MANIFEST} or align config.yaml "
+                       "in it); nothing in it was touched: choose another run.name or run.output_dir")
+    if found and found != job:
+        raise RunError(f"run folder '{path}' is an `align {found}` run, not an `align {job}` one; "
+                       f"continue it with `align {found} --resume run.name={path.name}`, or choose "
+                       "another run.name")
+
+
 class RunDir:
     """One run's folder, held under an exclusive lock for as long as the job runs.
 
@@ -41,6 +94,7 @@ class RunDir:
         self.trackers: list = []
         if not is_main_process():
             return  # other ranks of a multi-process run read, never write
+        check_run_folder(self.path, job)
         try:
             self.created = _first_missing(self.path)  # the top folder this run creates, if any
             self.path.mkdir(parents=True, exist_ok=True)
@@ -55,6 +109,8 @@ class RunDir:
             raise RunError(f"run folder '{self.path}' holds an earlier run; continue it with --resume, "
                            "or choose another run.name")
         atomic_write_text(self.path / "config.yaml", dump_yaml(cfg))
+        if not (self.path / MANIFEST).exists():
+            atomic_write_text(self.path / MANIFEST, json.dumps({"job": job}) + "\n")
 
     def __enter__(self) -> "RunDir":
         return self
@@ -242,6 +298,8 @@ def start_run(cfg, job: str) -> RunDir:
     resume_from = None
     if cfg.run.resume != "off":
         folder = ck.find_resume_folder(cfg.run, job)
+        if folder is not None:
+            check_run_folder(folder, job)
         if folder is not None and (folder / "summary.json").exists():
             raise ValueError(f"run folder '{folder}' finished already (summary.json); nothing to resume")
         resume_from = ck.latest_checkpoint(folder) if folder is not None else None

@@ -100,7 +100,56 @@ def start(adapters: list[str], names: list[str] = (), *, base: str | None = None
     return server, base_name, served
 
 
-def serve(adapters: list[str], names: list[str] = (), log=print, **kwargs) -> int:
+def read_api_key(key_file: str | None, key: str | None, env=None) -> str | None:
+    """The key from ``--api-key-file`` (readable by its owner alone: a key others can read is
+    no secret), else ``--api-key`` (visible to every local user in `ps`), else the environment's
+    ``VLLM_API_KEY`` (vLLM's own variable); None when none is given."""
+    import os
+    import stat
+
+    env = os.environ if env is None else env
+    if key_file:
+        path = Path(key_file)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text().strip()
+        except OSError as e:
+            raise ServeError(f"--api-key-file '{key_file}': cannot read it ({e.strerror})") from e
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ServeError(f"--api-key-file '{key_file}' can be read by other users (mode "
+                             f"{stat.S_IMODE(mode):o}); make it private: chmod 600 {key_file}")
+        if not text:
+            raise ServeError(f"--api-key-file '{key_file}' is empty")
+        return text
+    return key or env.get("VLLM_API_KEY") or None
+
+
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    if not port:
+        return True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(adapters: list[str], names: list[str] = (), log=print, dry_run: bool = False, **kwargs) -> int:
+    host, port = kwargs.get("host", "127.0.0.1"), kwargs.get("port", 0)
+    if not port_free(host, port):
+        raise ServeError(f"port {port} on {host} is in use by another program; choose another --port "
+                         "(or --port 0 for any free one)")
+    if dry_run:
+        if host not in LOOPBACK and not kwargs.get("api_key"):
+            raise ServeError(f"--host {host} exposes the server beyond this machine: give --api-key-file")
+        base_name, served, _ = plan(adapters, list(names), kwargs.get("base"), kwargs.get("max_lora_rank", 0))
+        log(f"dry run: would serve {base_name!r} and " + (", ".join(repr(s.name) for s in served) or "no adapter")
+            + f" on {host}:{port or 'a free port'}; nothing was started")
+        return 0
     server, base_name, served = start(adapters, names, **kwargs)
     stop = {"signum": None}
 
@@ -108,6 +157,7 @@ def serve(adapters: list[str], names: list[str] = (), log=print, **kwargs) -> in
         stop["signum"] = signum
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
     try:
         log(f"serving on {server.url}/v1 (OpenAI API): model names "
             + ", ".join([repr(base_name)] + [repr(s.name) for s in served]) +
@@ -115,10 +165,12 @@ def serve(adapters: list[str], names: list[str] = (), log=print, **kwargs) -> in
         while stop["signum"] is None and server.proc.poll() is None:
             time.sleep(0.5)
         if server.proc.poll() is not None and stop["signum"] is None:
-            log(f"the server exited with code {server.proc.returncode}; log {server.log_path}:\n{server.tail()}")
+            failed = True
+            log(f"the server exited with code {server.proc.returncode}; log {server.log_path} (kept):\n"
+                f"{server.tail()}")
             return 1
         return 0
     finally:
-        server.close()
+        server.close(keep_log=failed)
         for s, h in previous.items():
             signal.signal(s, h)

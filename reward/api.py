@@ -84,17 +84,28 @@ def _accepted(fn, info: dict) -> dict:
 def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
     """``fn(prompts, completions, **info)`` in a worker thread, so that a function that hangs
     cannot hang the run: past ``timeout`` seconds, or once ``cancelled()`` is true, the caller
-    stops waiting (the thread is left to finish on its own; it is a daemon)."""
+    stops waiting (the thread is left to finish on its own; it is a daemon).
+
+    The function gets deep copies of everything: whatever it changes in place (a prompt's
+    messages, say) stays its own and never reaches what the run stores. A ``SystemExit`` or
+    ``KeyboardInterrupt`` it raises is its error, not an exit or the user's Ctrl-C (signals
+    reach the main thread, never this one)."""
+    import copy
+
     info = _accepted(fn, info)
-    if timeout is None and cancelled is None:
-        return fn(prompts, completions, **info)
+    prompts, completions, info = copy.deepcopy((prompts, completions, info))
     result: dict = {}
 
     def work():
         try:
             result["out"] = fn(prompts, completions, **info)
-        except BaseException as e:  # handed to the caller's thread below
+        except Exception as e:  # handed to the caller's thread below
             result["error"] = e
+        except BaseException as e:  # SystemExit, KeyboardInterrupt, ... raised by the function
+            result["error"] = RewardError(
+                f"reward function {fn_name(fn)} raised {type(e).__name__}"
+                f"{f': {e}' if str(e) else ''} (batch of {len(completions)}; first completion: "
+                f"{str(completions[0])[:80]!r}); a reward must return its scores, not exit")
 
     worker = threading.Thread(target=work, name="align-reward", daemon=True)
     start = time.monotonic()

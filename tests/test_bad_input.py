@@ -247,6 +247,76 @@ def _ctrl_c_while_loading(tmp, tiny_model_path, monkeypatch):
     return _job(tmp, "dpo", f"model.name={tiny_model_path}")
 
 
+def _user_folder_as_run_name(tmp, tiny_model_path):
+    """run.name names a folder of the user's (not a run of align): refused, untouched."""
+    mine = tmp / "runs" / "bad"
+    (mine / "adapter").mkdir(parents=True)
+    (mine / "plots.png").write_bytes(b"the user's own plot")
+    (mine / "adapter" / "README.md").write_text("the user's notes")
+    return _job(tmp, "dpo", f"model.name={tiny_model_path}")
+
+
+def _resume_as_another_job(tmp, tiny_model_path):
+    """A DPO run (with a checkpoint) continued as `align ppo --resume`."""
+    run = tmp / "runs" / "bad"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "run.json").write_text('{"job": "dpo"}\n')
+    (run / "config.yaml").write_text(f"model:\n  name: {tiny_model_path}\nrun:\n  seed: 0\ntrain:\n  beta: 0.1\n")
+    return _ppo_job(tmp, tiny_model_path, "--resume")
+
+
+def _eval(tmp, *argv):
+    """`align eval ...` through the CLI's entry; exit status and stderr in the exception."""
+    import contextlib
+    import io
+
+    from align.cli import main
+
+    def trigger():
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = main(["eval", *argv])
+        raise RuntimeError(f"exit {rc}: {err.getvalue()}")
+
+    return trigger
+
+
+def _eval_empty_data(tmp, adapter):
+    (tmp / "empty.jsonl").write_text("")
+    import align.evaluation
+
+    def no_model(*a, **k):  # the data is checked before any model loads
+        raise AssertionError("the model was loaded before the data was checked")
+
+    _eval_empty_data.patch = (align.evaluation, "load_targets", no_model)
+    return _eval(tmp, str(adapter), "--data", str(tmp / "empty.jsonl"))
+
+
+def _reward_exits(tmp, exc: str):
+    return _reward(tmp, f"def fn(p, c, **k):\n    raise {exc}\n")
+
+
+def _serve_port_taken(tmp, adapter):
+    import socket
+
+    from align.serve import serve
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    _serve_port_taken.sock = taken
+    return lambda: serve([str(adapter)], port=taken.getsockname()[1], log=lambda m: (_ for _ in ()).throw(
+        AssertionError(f"printed before the check: {m}")))
+
+
+def _api_key_file_shared(tmp):
+    from align.serve import read_api_key
+
+    (tmp / "key.txt").write_text("s3cret\n")
+    (tmp / "key.txt").chmod(0o644)
+    return lambda: read_api_key(str(tmp / "key.txt"), None)
+
+
 CASES = [
     # --- data files ---------------------------------------------------------------------
     ("malformed_jsonl", lambda t, a: _pairs(t, [PAIR, "{not json", PAIR]),
@@ -392,22 +462,40 @@ CASES = [
      RuntimeError, ["exit 1", "runs/bad", "in use by process 4242 on testhost"]),
     ("ctrl_c_while_loading", lambda t, a: _ctrl_c_while_loading(t, a["tiny_model_path"], a["monkeypatch"]),
      RuntimeError, ["exit 130", "align: interrupted"]),
+    # --- second hostile hour (issue 27): names are names, folders are the user's ----------
+    ("run_name_absolute", lambda t, a: _config("dpo", f"run.name={t / 'abs'}"),
+     ConfigError, ["run.name", "one folder name", "run.output_dir"]),
+    ("run_name_climbs_out", lambda t, a: _config("dpo", "run.name=../../x"),
+     ConfigError, ["run.name", "'../../x'"]),
+    ("run_name_dot_dot", lambda t, a: _config("ppo", "run.name=.."),
+     ConfigError, ["run.name", "not . or .."]),
+    ("run_name_is_a_users_folder", lambda t, a: _user_folder_as_run_name(t, a["tiny_model_path"]),
+     RuntimeError, ["exit 1", "runs/bad", "is not a run of align", "nothing in it was touched"]),
+    ("resume_a_dpo_run_as_ppo", lambda t, a: _resume_as_another_job(t, a["tiny_model_path"]),
+     RuntimeError, ["exit 1", "is an `align dpo` run", "align dpo --resume"]),
+    ("config_duplicate_section", lambda t, a: _cli_config(t, "ppo:\n  kl_coef: 0.1\nlora:\n  r: 4\nppo:\n  iterations: 3\n"),
+     ConfigError, ["job.yaml", "'ppo' appears twice", "lines 1 and 5"]),
+    ("config_duplicate_key", lambda t, a: _cli_config(t, "ppo:\n  kl_coef: 0.1\n  kl_coef: 0.2\n"),
+     ConfigError, ["job.yaml", "'kl_coef' appears twice", "lines 2 and 3"]),
+    ("config_section_given_a_value", lambda t, a: _config("dpo", "train=5"),
+     ConfigError, ["'train' is a section", "train.beta="]),
+    ("learning_rate_absurd", lambda t, a: _config("dpo", "train.learning_rate=1e10"),
+     ConfigError, ["train.learning_rate", "<= 1.0", "10000000000.0"]),
+    ("eval_data_empty", lambda t, a: _eval_empty_data(t, a["adapter"]),
+     RuntimeError, ["exit 1", "empty.jsonl", "no usable preference pairs"]),
+    ("eval_pairs_negative", lambda t, a: _eval(t, str(a["adapter"]), "--data", "x.jsonl", "--pairs", "-1"),
+     RuntimeError, ["exit 1", "--pairs must be >= 0, got -1"]),
+    ("eval_out_is_the_working_folder", lambda t, a: _eval(t, str(a["adapter"]), "--data", "x.jsonl", "--out", "."),
+     RuntimeError, ["exit 1", "--out '.'", "current folder"]),
+    ("reward_raises_system_exit", lambda t, a: _reward_exits(t, "SystemExit(3)"),
+     RewardError, ["fn", "my_reward.py", "raised SystemExit: 3", "not exit"]),
+    ("reward_raises_keyboard_interrupt", lambda t, a: _reward_exits(t, "KeyboardInterrupt"),
+     RewardError, ["fn", "my_reward.py", "raised KeyboardInterrupt"]),
+    ("serve_port_in_use", lambda t, a: _serve_port_taken(t, a["adapter"]),
+     ValueError, ["port", "is in use", "--port 0"]),
+    ("serve_key_file_readable_by_others", lambda t, a: _api_key_file_shared(t),
+     ValueError, ["key.txt", "can be read by other users", "chmod 600"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_model, tmp_path_factory):
-    """A PEFT adapter folder on the tiny model, as any run writes it."""
-    import copy
-
-    from align.adapters import save_adapter
-    from align.config import LoraConfig
-    from align.models import add_policy_adapter
-
-    base, _ = tiny_model
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    save_adapter(add_policy_adapter(copy.deepcopy(base), LoraConfig(r=4)), out, base.name_or_path)
-    return out
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -429,9 +517,23 @@ def test_catalogue_has_at_least_50_cases():
 @pytest.mark.parametrize("name, prepare, exc, culprits", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_names_the_culprit(name, prepare, exc, culprits, tmp_path, tiny_adapter, tiny_model_path,
                                      monkeypatch):
-    monkeypatch.chdir(tmp_path)  # anything written relative to the working folder shows up too
-    trigger = prepare(tmp_path, {"adapter": tiny_adapter, "tiny_model_path": tiny_model_path,
-                                 "monkeypatch": monkeypatch})
+    """The case works in ``root/a/b`` (also the working folder) with $HOME at ``root/home``, and
+    the whole of ``root`` is compared: a run name that climbs two levels up, or a write to the
+    working folder or the home folder, shows."""
+    from align.assets import mirror_dir
+
+    work, home = tmp_path / "a" / "b", tmp_path / "home"
+    work.mkdir(parents=True)
+    home.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("ALIGN_MIRROR", str(mirror_dir()))  # the real one, wherever $HOME points
+    monkeypatch.setenv("HOME", str(home))
+    trigger = prepare(work, {"adapter": tiny_adapter, "tiny_model_path": tiny_model_path,
+                             "monkeypatch": monkeypatch})
+    patch = getattr(_eval_empty_data, "patch", None)
+    if patch is not None:
+        monkeypatch.setattr(*patch)
+        _eval_empty_data.patch = None
     before = _snapshot(tmp_path)
     try:
         with pytest.raises(exc) as info:
@@ -442,6 +544,10 @@ def test_bad_input_names_the_culprit(name, prepare, exc, culprits, tmp_path, tin
             holder.kill()
             holder.wait()
             _locked_run_folder.holder = None
+        sock = getattr(_serve_port_taken, "sock", None)
+        if sock is not None:
+            sock.close()
+            _serve_port_taken.sock = None
     message = str(info.value)
     for culprit in culprits:
         assert culprit in message, f"{name}: {culprit!r} not in {message!r}"

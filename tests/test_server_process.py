@@ -19,7 +19,9 @@ for name in ("--model", "--host", "--port"):
     ap.add_argument(name)
 ap.add_argument("--api-key", nargs="+")
 a = ap.parse_known_args()[0]
-args = {"--model": a.model, "--host": a.host, "--port": a.port, "--api-key": (a.api_key or [None])[0]}
+import os  # vLLM: --api-key on the command line, else the VLLM_API_KEY environment variable
+args = {"--model": a.model, "--host": a.host, "--port": a.port,
+        "--api-key": (a.api_key or [os.environ.get("VLLM_API_KEY")])[0]}
 if args["--model"] == "broken":
     sys.exit("model 'broken' could not be loaded")
 class H(BaseHTTPRequestHandler):
@@ -65,6 +67,20 @@ def test_a_key_that_starts_with_a_dash_reaches_the_server(fake):
     server = ServerProcess("m", [], api_key="-starts-with-a-dash", launcher=fake, startup_timeout=30)
     try:
         assert server.post("/v1/completions", {}) == {"auth": True}
+    finally:
+        server.close()
+
+
+def test_the_key_is_not_in_any_process_arguments(fake):
+    """`ps -ef` shows every local user a process's argv: the key travels in the environment."""
+    import os
+
+    server = ServerProcess("m", [], api_key="secret-key-123", launcher=fake, startup_timeout=30)
+    try:
+        argv = open(f"/proc/{server.proc.pid}/cmdline", "rb").read().decode()
+        assert "secret-key-123" not in argv and "secret-key-123" not in " ".join(sys.argv)
+        assert server.post("/v1/completions", {}) == {"auth": True}
+        assert os.environ.get("VLLM_API_KEY") != "secret-key-123"  # not leaked into align's own env
     finally:
         server.close()
 

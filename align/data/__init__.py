@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 from ..assets import AssetError, check_hub, offline_hint, resolve_dataset
@@ -36,6 +37,12 @@ def hold_out(rows: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict
     return [r for i, r in enumerate(rows) if i not in idx], [r for i, r in enumerate(rows) if i in idx]
 
 
+def _subsets_unused(dataset: str, subsets) -> None:
+    if subsets:
+        print(f"note: dataset '{dataset}' is not HH-RLHF: the subsets {list(subsets)} have no effect "
+              "(data.train_subsets=[] data.eval_subsets=[] say so)", file=sys.stderr)
+
+
 def load_preference_split(dataset: str, subsets: list[str], split: str, limit: int = 0,
                           strict: bool = False, seed: int = 0, rows_kept: str = "all"):
     """Pairs from ``dataset`` (HH folder + subsets, a file, a folder of files, or a Hub id).
@@ -54,8 +61,10 @@ def load_preference_split(dataset: str, subsets: list[str], split: str, limit: i
             rows += got
             report.merge(rep)
     elif root.is_file():
+        _subsets_unused(dataset, subsets)
         rows, report = read_preference_file(root, strict)
     elif root.is_dir():
+        _subsets_unused(dataset, subsets)
         files = sorted(p for p in root.rglob("*") if p.is_file() and
                        p.name.endswith((".jsonl", ".jsonl.gz", ".parquet")) and
                        (not split or p.name.startswith(split)))

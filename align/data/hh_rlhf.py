@@ -52,8 +52,6 @@ def split_pair(chosen: str, rejected: str) -> dict:
             raise ValueError(f"no prompt: {name} has no Human turn before its answer")
     if c[:-1] != r[:-1]:
         raise ValueError("prompt mismatch: chosen and rejected differ before the final turn")
-    if c[-1]["content"] == r[-1]["content"]:
-        raise ValueError("identical answers: chosen and rejected final turns are the same")
     return {"prompt": c[:-1], "chosen": [c[-1]], "rejected": [r[-1]]}
 
 

@@ -21,7 +21,20 @@ def _is_messages(x) -> bool:
 
 
 def normalize_pair(row: dict) -> dict:
-    """One row in any supported format -> our normal form; ValueError says what is wrong."""
+    """One row in any supported format -> our normal form; ValueError says what is wrong. A pair
+    whose two answers are the same says nothing about preference (its DPO/RM loss only adds
+    noise): refused here, for every format alike."""
+    pair = _normal_form(row)
+    if _answer_text(pair["chosen"]) == _answer_text(pair["rejected"]):
+        raise ValueError("identical answers: chosen and rejected are the same")
+    return pair
+
+
+def _answer_text(answer) -> str:
+    return answer if isinstance(answer, str) else str(answer[-1]["content"])
+
+
+def _normal_form(row: dict) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"row is not an object: {type(row).__name__}")
     missing = [k for k in ("chosen", "rejected") if k not in row]

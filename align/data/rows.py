@@ -45,7 +45,8 @@ class LoadReport:
 
 def open_text(path: Path):
     path = Path(path)
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1's JSON
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
 
 
 def iter_jsonl(path: Path, report: LoadReport, strict: bool = False):

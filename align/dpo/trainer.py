@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from trl import DPOConfig, DPOTrainer
 
-from ..checkpoints import AtomicCheckpoints
+from ..checkpoints import AtomicCheckpoints, hf_warmup
 from ..models import resolve_device, resolve_dtype
 from .packing import PackedPairCollator, grouped_sampler, install_packed_forward
 
@@ -66,7 +66,7 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps > 0 else -1,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of total steps
+        warmup_steps=hf_warmup(t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         lr_scheduler_type="linear",

@@ -20,7 +20,7 @@ from .. import checkpoints, distributed
 from ..compute import ComputeMeter
 from ..adapters import save_adapter
 from ..memory import release_freed_memory
-from ..guards import GracefulStop, Interrupted, NonFiniteGuard
+from ..guards import GracefulStop, Interrupted, NonFiniteGuard, check_divergence
 from ..rollout.base import SamplingConfig
 from ..rollout.parity import guard_parity
 from .advantages import get_estimator
@@ -139,6 +139,7 @@ class PPOLoop:
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
             out = ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter,
                              kl_coef=self.kl.beta)
+            check_divergence(self.ac.model, f"iteration {it}")
             release_freed_memory()  # the update's activations, before the next generation
             return out
         # e.g. a critic that diverged: no update from this batch

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..guards import end_process_group
+
 MAX_TOKENS = 24
 
 
@@ -31,12 +33,19 @@ def greedy_parity(out: Path, base_name: str, *, merged: bool, prompts: list[str]
     job = {"model": str(out) if merged else resolve_model(base_name),
            "lora": None if merged else str(out), "prompt_ids": prompt_ids, "max_tokens": MAX_TOKENS}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    proc = subprocess.run([sys.executable, "-m", "align.rollout.vllm_check", json.dumps(job)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("VLLM_RESULT ")]
+    # its own process group: on any exit of ours (a signal, a timeout, an error) the child and
+    # the engine processes it spawned are ended together, never left running
+    proc = subprocess.Popen([sys.executable, "-m", "align.rollout.vllm_check", json.dumps(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        end_process_group(proc)
+    lines = [l for l in stdout.splitlines() if l.startswith("VLLM_RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM failed to load/decode the export (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+                           f"{stderr[-3000:]}")
     vllm_ids = json.loads(lines[-1][len("VLLM_RESULT "):])
     mismatches = [{"prompt": p, "hf": h, "vllm": v} for p, h, v in zip(prompts, hf_ids, vllm_ids) if h != v]
     return {"prompts": len(prompts), "match": not mismatches, "mismatches": mismatches}

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..guards import end_process_group
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
 
 
@@ -47,7 +48,7 @@ class ServerProcess:
     def __init__(self, model: str, extra_args: list[str], *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = "", log_path: str | Path | None = None, devices: str | None = None,
                  env: dict | None = None, startup_timeout: float = 300, request_timeout: float = 300,
-                 launcher: tuple[str, ...] = LAUNCHER):
+                 launcher: tuple[str, ...] | None = None):
         # "" = a random key for this start; None = no key (a server that exposes no runtime
         # adapter loading, on loopback: `align serve` without --api-key)
         self.host, self.api_key = host, (api_key or secrets.token_urlsafe(24)) if api_key is not None else None
@@ -56,16 +57,19 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else self._tmp / "server.log"
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                     **(env or {})}
+        self.env.pop("VLLM_API_KEY", None)  # an inherited key must not stand in for ours
+        if self.api_key:
+            self.env["VLLM_API_KEY"] = self.api_key
         if devices:  # e.g. "1": the server on GPU 1, the trainer on GPU 0
             self.env["CUDA_VISIBLE_DEVICES"] = devices
         self.proc, self._log = None, None
+        launcher = launcher or self.LAUNCHER
         for attempt in range(self.PORT_TRIES if not port else 1):
             self.port = port or free_port(host)
             self.url = f"http://{host}:{self.port}"
-            self._start([*launcher, "--model", model, "--host", host, "--port", str(self.port),
-                         # "--api-key=KEY": a key that starts with "-" (token_urlsafe's alphabet
-                         # has it) would read as an option and stop vLLM's argument parser
-                         *([f"--api-key={self.api_key}"] if self.api_key else []), *extra_args])
+            # The key goes in the child's environment (vLLM reads VLLM_API_KEY), never in argv:
+            # a process's arguments are visible to every local user (`ps -ef`).
+            self._start([*launcher, "--model", model, "--host", host, "--port", str(self.port), *extra_args])
             try:
                 self._wait_healthy(startup_timeout)
                 return
@@ -96,7 +100,7 @@ class ServerProcess:
                                   f"log {self.log_path}:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self.proc.poll() is None:  # ours, not whoever holds the port
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -125,13 +129,8 @@ class ServerProcess:
             return body
 
     def _stop_process(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            end_process_group(self.proc, grace=30)
 
     def close(self, keep_log: bool = False) -> None:
         self._stop_process()
