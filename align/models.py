@@ -150,10 +150,22 @@ def reference_mode(peft_model):
         yield peft_model
 
 
-def count_base_copies(model) -> int:
-    """How many distinct storages hold the base's input embedding matrix (1 = no second copy),
-    whatever the architecture calls it (``embed_tokens``, ``embed_in``, ``wte``...)."""
-    emb = model.get_input_embeddings().weight
-    leaf = next(n for n, p in model.named_parameters() if p is emb).split(".")[-2]
-    return len({p.untyped_storage().data_ptr() for n, p in model.named_parameters()
-                if n.endswith(f"{leaf}.weight") and p.shape == emb.shape})
+def live_copies(weight) -> int:
+    """How many distinct storages *in this whole process* hold ``weight``'s values (in any
+    dtype): every live tensor is looked at after a garbage collection, not one module tree, so a
+    base loaded a second time elsewhere counts. In a process that loaded one base, 1 = no second
+    copy; where others hold the same weights (a test session), compare with a count taken before."""
+    import gc
+
+    gc.collect()
+    want = weight.detach().float()
+    storages = set()
+    for obj in gc.get_objects():
+        # plain tensors and parameters only: compilers' fake and symbolic tensors hold no data
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter) or obj.shape != weight.shape \
+                or obj.is_meta or not obj.is_floating_point():
+            continue
+        t = obj.detach()
+        if torch.allclose(t.float(), want, rtol=1e-2, atol=1e-2):
+            storages.add(t.untyped_storage().data_ptr())
+    return len(storages)

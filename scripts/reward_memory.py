@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(kind: str, adapter: str, out: str) -> None:
     from align.config import load_config
-    from align.models import count_base_copies
+    from align.models import live_copies
     from align.ppo import run_ppo
 
     reward = ["reward.kind=classifier", f"reward.adapter={adapter}"] if kind == "classifier" else \
@@ -33,7 +33,7 @@ def child(kind: str, adapter: str, out: str) -> None:
 
     def init(self, ac, *a, **k):  # count base copies once every role is loaded
         real_init(self, ac, *a, **k)
-        seen["base_copies"] = count_base_copies(ac.model)
+        seen["base_copies"] = live_copies(ac.model.get_input_embeddings().weight)  # the whole process
 
     trainer.PPOLoop.__init__ = init
     summary = run_ppo(cfg)

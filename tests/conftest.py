@@ -64,6 +64,21 @@ def tiny_model(tiny_model_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory):
+    """A PEFT adapter folder (r=4, untrained) on the tiny model, as any run writes it."""
+    import copy
+
+    from align.adapters import save_adapter
+    from align.config import LoraConfig
+    from align.models import add_policy_adapter
+
+    base, _ = tiny_model
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(add_policy_adapter(copy.deepcopy(base), LoraConfig(r=4)), out, base.name_or_path)
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_dpo_run(real_model_path, shared, tmp_path_factory) -> Path:
     """A short real `align dpo` run (8 real HH pairs, 3 passes), shared by DPO and export tests."""
     from align.config import load_config
@@ -76,3 +91,52 @@ def real_dpo_run(real_model_path, shared, tmp_path_factory) -> Path:
         f"run.output_dir={out}", "run.name=real-dpo", "run.plot=false"])
     run_dpo(cfg)
     return out / "real-dpo"
+
+
+@pytest.fixture(scope="session")
+def implicit_margins_by_hand():
+    """``(base_path, adapter_dir, rows, beta, max_length, max_prompt_length) -> [margin, ...]``:
+    each pair's implicit-reward margin beta * ((log pi - log ref)(chosen) - (same)(rejected)),
+    computed the plain way -- every answer in its own unpadded row, the reference as PEFT's
+    adapter switched off, truncated as DPO truncates (the prompt's last tokens, each answer's
+    first) -- to check the packed scorer's accuracies against, not against themselves."""
+    import torch
+
+    def compute(base_path, adapter_dir, rows, beta, max_length=1 << 30, max_prompt_length=1 << 30):
+        from peft import PeftModel
+
+        from align.chat import tokenize_pair
+        from align.config import ModelConfig
+        from align.models import load_base
+
+        base, tok = load_base(ModelConfig(name=str(base_path), dtype="float32"))
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+        def answer_logp(prompt, answer):
+            ids = torch.tensor([prompt + answer])
+            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            picked = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+            return float(picked[len(prompt) - 1:].sum())
+
+        margins = []
+        with torch.no_grad():
+            for row in rows:
+                t = tokenize_pair(tok, row)
+                p = t["prompt_ids"][-max_prompt_length:]
+                budget = max(1, max_length - len(p))
+                r = []
+                for key in ("chosen_ids", "rejected_ids"):
+                    a = t[key][:budget]
+                    pol = answer_logp(p, a)
+                    with model.disable_adapter():
+                        ref = answer_logp(p, a)
+                    r.append(beta * (pol - ref))
+                margins.append(r[0] - r[1])
+        return margins
+
+    return compute
+
+
+def accuracy_with_ties(margins, tie: float = 1e-4):
+    """Share of margins > 0, a near-zero margin (float noise between two ways of scoring) 1/2."""
+    return sum(1.0 if m > tie else 0.5 if abs(m) <= tie else 0.0 for m in margins) / len(margins)

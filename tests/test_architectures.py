@@ -1,8 +1,9 @@
 """The architecture matrix: tiny random models of the families users bring (built offline from
 configs), each through the places that could assume Llama -- packed DPO scoring under every
 attention backend this machine has, policy/reference/critic roles on one base, all-linear LoRA
-targets, export and reload with plain transformers/PEFT, and vLLM parity for both sync modes
-where vLLM's CPU build serves the architecture (a skip names vLLM's own refusal otherwise)."""
+targets, export and reload with plain transformers/PEFT, and vLLM parity: both sync modes of the
+in-process engine where vLLM has a model of its own for the architecture, and the vllm-server
+engine (its own process, one server per architecture) where it has not -- no case is skipped."""
 from __future__ import annotations
 
 import copy
@@ -12,10 +13,15 @@ import torch
 
 from align.config import LoraConfig, ModelConfig
 from align.dpo.packing import PACKED_KEYS, PackedPairCollator, install_packed_forward
-from align.models import add_policy_adapter, count_base_copies, load_base, reference_mode
+from align.models import add_policy_adapter, live_copies, load_base, reference_mode
 from align.tiny import ARCHITECTURES, make_tiny_model
 
 ARCHS = list(ARCHITECTURES)
+# vLLM 0.32 has no native model for these: it runs its transformers fallback, which patches
+# transformers in the process it runs in -- refused in-process, served by rollout.engine=vllm-server
+FALLBACK = {"gpt_neox", "olmo2"}
+VLLM_CASES = [(a, "vllm", sync) for a in ARCHS if a not in FALLBACK for sync in ("lora", "merged")] + \
+    [(a, "vllm-server", "lora") for a in ARCHS if a in FALLBACK]
 # fp32 summation-order noise (Gemma's scaled embeddings reach ~1e-4 on log-probs of ~5); the
 # defects this guards against are ~0.2 nats (eager's boolean mask) or worse.
 TOL = dict(atol=2e-4, rtol=1e-4)
@@ -95,7 +101,8 @@ def test_roles_on_one_base_and_lora_on_every_linear(paths, arch):
     from align.ppo.actor_critic import ActorCritic
 
     base, _ = load_base(ModelConfig(name=paths[arch], dtype="float32"))
-    frozen = copy.deepcopy(base)
+    frozen = copy.deepcopy(base)  # the test's own reference copy
+    copies = live_copies(base.get_input_embeddings().weight)
     ac = ActorCritic(base, LoraConfig(r=4), with_critic=True)
     for n, w in ac.model.named_parameters():
         if "lora_B" in n:
@@ -106,7 +113,7 @@ def test_roles_on_one_base_and_lora_on_every_linear(paths, arch):
     with torch.no_grad():
         assert torch.equal(ref, frozen(input_ids=ids).logits)  # reference == base, exactly
         assert not torch.equal(ac.model(input_ids=ids).logits, ref)
-    assert count_base_copies(ac.model) == 1
+    assert live_copies(base.get_input_embeddings().weight) == copies  # policy, critic, reference: no new copy
     from peft.tuners.lora import LoraLayer
 
     out_emb = ac.model.get_base_model().get_output_embeddings()
@@ -141,27 +148,36 @@ def test_adapter_and_merged_export_reload_in_plain_transformers(paths, arch, tmp
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("sync", ["lora", "merged"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_vllm_serves_the_policy_like_the_trainer(paths, arch, sync):
+def test_in_process_vllm_refuses_exactly_the_fallback_architectures(paths):
+    from align.rollout.vllm_engine import EngineStartError, _refuse_transformers_fallback
+
+    for arch in ARCHS:
+        if arch in FALLBACK:
+            with pytest.raises(EngineStartError, match="rollout.engine=vllm-server"):
+                _refuse_transformers_fallback(paths[arch], "lora")
+        else:
+            _refuse_transformers_fallback(paths[arch], "lora")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch, engine_name, sync", VLLM_CASES, ids=[f"{a}-{e}-{s}" for a, e, s in VLLM_CASES])
+def test_vllm_serves_the_policy_like_the_trainer(paths, arch, engine_name, sync):
     from align.ppo.experience import collate
     from align.rollout.base import SamplingConfig
     from align.rollout.parity import check_parity
-    from align.rollout.vllm_engine import EngineStartError, MergedSyncUnsupported, VLLMEngine
+    from align.rollout.vllm_engine import VLLMEngine
+    from align.rollout.vllm_server import VLLMServerEngine
 
     model, tok = _policy(paths[arch], seed=3)
     for n, w in model.named_parameters():
         if "lora_" in n:
             w.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(7))
-    try:
+    if engine_name == "vllm":
         engine = VLLMEngine(paths[arch], tok, max_lora_rank=8, sync=sync, base_name=paths[arch])
-    except EngineStartError as e:
-        pytest.skip(f"vLLM's CPU build refuses {arch}: {e}")
+    else:
+        engine = VLLMServerEngine(paths[arch], tok, max_lora_rank=8, max_model_len=256, base_name=paths[arch])
     try:
-        try:
-            engine.sync(model, 1)
-        except MergedSyncUnsupported as e:
-            pytest.skip(f"merged sync cannot reach {arch}'s layers in vLLM: {e}")
+        engine.sync(model, 1)
         prompts = ["Tell me about bread.", "What is the capital of France?"]
         assert check_parity(engine, model, tok, prompts)["mismatches"] == []
         from align.chat import prompt_ids

@@ -9,7 +9,7 @@ import torch
 from align.config import LoraConfig, load_config
 from align.dpo.evaluate import PairScores, _tie_half_accuracy, implicit_reward_metrics, reference_free_accuracy
 from align.dpo.packing import PACKED_KEYS, PackedPairCollator, install_packed_forward, truncate_pair
-from align.models import add_policy_adapter, count_base_copies, reference_mode
+from align.models import add_policy_adapter, live_copies, reference_mode
 
 EXAMPLES = [
     {"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12, 13]},
@@ -55,6 +55,7 @@ def test_packed_pairs_match_separate_rows(policy):
 def test_reference_is_base_with_adapter_off(policy, tiny_model):
     model, tok = policy
     base, _ = tiny_model
+    copies = live_copies(model.get_input_embeddings().weight)  # the fixtures' bases, this process-wide
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad(), reference_mode(model):
         ref_logits = model(input_ids=ids).logits
@@ -63,7 +64,7 @@ def test_reference_is_base_with_adapter_off(policy, tiny_model):
         policy_logits = model(input_ids=ids).logits
     assert torch.equal(ref_logits, base_logits)
     assert not torch.equal(policy_logits, base_logits)
-    assert count_base_copies(model) == 1
+    assert live_copies(model.get_input_embeddings().weight) == copies  # the reference copied nothing
 
 
 def test_truncation_keeps_prompt_end_and_answer_start():
@@ -83,7 +84,7 @@ def test_ties_count_half():
     assert reference_free_accuracy(same) == 0.75
 
 
-def test_tiny_dpo_job_end_to_end(tmp_path, tiny_model_path, shared):
+def test_tiny_dpo_job_end_to_end(tmp_path, tiny_model_path, shared, implicit_margins_by_hand):
     """The whole `align dpo` job on a tiny model: run folder, adapter, metrics, eval, plot."""
     from align.dpo import run_dpo
 
@@ -102,7 +103,13 @@ def test_tiny_dpo_job_end_to_end(tmp_path, tiny_model_path, shared):
     steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in s for s in steps) == 4
     ev = summary["eval"]
-    assert ev["pairs"] == 8 and 0.0 <= ev["implicit_accuracy"] <= 1.0
+    from conftest import accuracy_with_ties
+
+    from align.data import load_preference_splits
+
+    _, eval_rows, _ = load_preference_splits(cfg.data)  # the held-out pairs the run evaluated
+    margins = implicit_margins_by_hand(tiny_model_path, run / "adapter", eval_rows, cfg.train.beta, 96, 48)
+    assert ev["pairs"] == 8 and ev["implicit_accuracy"] == pytest.approx(accuracy_with_ties(margins))
     # the compute report counts what the packed rows really hold
     cut, c = summary["truncation"], summary["compute"]
     assert 0 < cut["answer_tokens"] < cut["packed_tokens"] <= 16 * 2 * 96
@@ -145,6 +152,7 @@ def test_trainer_holds_no_reference_model(tiny_model_path, tmp_path):
 
     cfg = load_config("dpo", None, [f"model.name={tiny_model_path}", "train.max_steps=1"])
     base, tok = load_base(ModelConfig(name=tiny_model_path))
+    copies = live_copies(base.get_input_embeddings().weight)  # this base + any the session holds
     model = add_policy_adapter(base, cfg.lora)
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
                                       "chosen": [{"role": "assistant", "content": "hello"}],
@@ -152,7 +160,5 @@ def test_trainer_holds_no_reference_model(tiny_model_path, tmp_path):
     trainer = PackedDPOTrainer(model=model, args=dpo_args(cfg, str(tmp_path)), train_dataset=ds,
                                processing_class=tok, max_length=64, max_prompt_length=32)
     assert trainer.ref_model is None
-    assert count_base_copies(trainer.model) == 1
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    n_base = sum(p.numel() for p in base.parameters() if not p.requires_grad)
-    assert n_params - n_base == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # process-wide: a reference model TRL loaded (or deep-copied) anywhere would be one more
+    assert live_copies(base.get_input_embeddings().weight) == copies

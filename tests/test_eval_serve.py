@@ -76,7 +76,9 @@ class _Page(html.parser.HTMLParser):
 
 
 @pytest.mark.vllm
-def test_eval_targets_side_by_side_with_a_report(folders, tmp_path):
+def test_eval_targets_side_by_side_with_a_report(folders, tmp_path, tiny_model_path, implicit_margins_by_hand):
+    from conftest import accuracy_with_ties
+
     from align.evaluation import run_eval
 
     root, run = folders
@@ -85,13 +87,18 @@ def test_eval_targets_side_by_side_with_a_report(folders, tmp_path):
                       judge=f"classifier:{root / 'rm'}", out=str(tmp_path / "report"))
     table = result["preferences"]["table"]
     assert set(table) == {"base", "dpo-run", "other", "rm"} and result["preferences"]["max_length"] == "untruncated"
-    assert table["dpo-run"]["beta"] == 0.2 and 0 <= table["dpo-run"]["implicit_accuracy"] <= 1
+    margins = implicit_margins_by_hand(tiny_model_path, run / "adapter", PAIRS, 0.2)
+    assert table["dpo-run"]["beta"] == 0.2
+    assert table["dpo-run"]["implicit_accuracy"] == pytest.approx(accuracy_with_ties(margins))
     assert "pairwise_accuracy" in table["rm"] and "reference_free_accuracy" in table["base"]
     gen = result["generation"]
     assert gen["engine"].startswith("one vLLM engine") and gen["n"] == 6
     cmp = gen["comparison"]
+    samples = [json.loads(line) for line in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
     for name in ("dpo-run", "other"):
-        assert 0 <= cmp[name]["win_rate"] <= 1 and len(cmp[name]["win_rate_ci95"]) == 2
+        wins = [1.0 if s[name]["judge"] > s["base"]["judge"] else 0.5 if s[name]["judge"] == s["base"]["judge"]
+                else 0.0 for s in samples]  # by hand, from the answers' stored judge scores
+        assert cmp[name]["win_rate"] == pytest.approx(sum(wins) / len(wins)) and len(cmp[name]["win_rate_ci95"]) == 2
         assert cmp[name]["kl_to_base_mean"] is not None and "length_controlled_win_rate" in cmp[name]
     page = _Page()
     page.feed((tmp_path / "report" / "report.html").read_text())

@@ -3,7 +3,7 @@ import pytest
 from align.assets import DEFAULT_MODEL_ID, resolve_model
 from align.config import LoraConfig, ModelConfig
 from align.chat import greedy_generate
-from align.models import add_policy_adapter, count_base_copies, load_base
+from align.models import add_policy_adapter, live_copies, load_base
 
 
 def test_default_model_resolves_offline(real_model_path):
@@ -20,8 +20,9 @@ def test_tiny_model_roles_share_one_base(tiny_model):
     import copy
     base, tok = tiny_model
     base = copy.deepcopy(base)
+    copies = live_copies(base.get_input_embeddings().weight)
     model = add_policy_adapter(base, LoraConfig(r=4))
-    assert count_base_copies(model) == 1
+    assert live_copies(model.get_input_embeddings().weight) == copies
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     # all-linear: attention *and* MLP projections carry LoRA weights
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
@@ -51,3 +52,23 @@ def test_mistyped_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
     finally:
         assets.hub_reachable.cache_clear()
     assert time.monotonic() - t < 10
+
+
+def test_live_copies_sees_a_base_loaded_anywhere_in_the_process(tiny_model_path):
+    """The copy counter looks at every live tensor: a second load, a deep copy, a bf16 copy each
+    count, wherever they are held (a module-tree count missed a separately loaded model)."""
+    import copy
+
+    import torch
+
+    from align.config import ModelConfig
+
+    base, _ = load_base(ModelConfig(name=tiny_model_path))
+    emb = base.get_input_embeddings().weight
+    n = live_copies(emb)
+    elsewhere = {"model": load_base(ModelConfig(name=tiny_model_path))[0]}
+    assert live_copies(emb) == n + 1
+    twin = copy.deepcopy(base).to(torch.bfloat16)
+    assert live_copies(emb) == n + 2
+    del elsewhere, twin
+    assert live_copies(emb) == n

@@ -1,6 +1,7 @@
-"""Every command in the README runs as written, in its cheap form: jobs with ``--dry-run``
-(config resolved and checked, model/data/reward found, nothing written), ``align config`` as
-is, the rest with ``--help``. Files the README tells the user to create (shell lines, Python
+"""Every command in the README runs as written, in its cheap form: jobs, ``align eval``,
+``align export`` and ``align serve`` with ``--dry-run`` (every flag parsed and checked, the model,
+data, adapters, judge and reward found, nothing loaded or written), ``align config`` as is,
+scripts with ``--help``. ``runs/<run-name>`` stands for a run the README made earlier. Files the README tells the user to create (shell lines, Python
 blocks headed ``# name.py``) are created first, in a scratch folder that stands for the user's
 project folder next to a checkout of this repository."""
 from __future__ import annotations
@@ -39,7 +40,7 @@ COMMANDS = _commands()
 
 def _cheap_form(line: str) -> list[str] | None:
     """The argv that checks ``line`` without running the job (None: a shell line to run)."""
-    words = shlex.split(line, comments=True)
+    words = [w.replace("<run-name>", "dpo-hh") for w in shlex.split(line, comments=True)]
     if words[:2] == ["accelerate", "launch"]:
         config = words[words.index("--config_file") + 1]
         assert (ROOT / config).is_file(), config
@@ -49,7 +50,9 @@ def _cheap_form(line: str) -> list[str] | None:
             return [sys.executable, "-m", "align.cli", *words[1:], "--dry-run"]
         if words[1] == "config":
             return [sys.executable, "-m", "align.cli", *words[1:]]
-        return [sys.executable, "-m", "align.cli", words[1], "--help"]
+        if words[1] in ("eval", "export", "serve"):
+            return [sys.executable, "-m", "align.cli", *words[1:], "--dry-run"]
+        raise AssertionError(f"README command with no cheap form: {line}")
     if words[0] == "python" and words[1].startswith("scripts/"):
         return [sys.executable, str(ROOT / words[1]), "--help"]
     return None
@@ -77,10 +80,19 @@ def workdir(tmp_path_factory):
     # what earlier README commands leave behind (`align rm run.name=rm-hh`, `align dpo run.name=dpo-hh`...)
     from align.assets import DEFAULT_MODEL_ID
 
-    for run in ("rm-hh", "rm-hh-b", "dpo-hh"):
+    import torch
+    from safetensors.torch import save_file
+
+    for run in ("rm-hh", "rm-hh-b", "dpo-hh", "ppo-hh", "ppo-hh-sum"):
         (wd / "runs" / run / "adapter").mkdir(parents=True)
         (wd / "runs" / run / "adapter" / "adapter_config.json").write_text(
             json.dumps({"r": 8, "lora_alpha": 16, "base_model_name_or_path": DEFAULT_MODEL_ID}))
+        save_file({"w": torch.zeros(2)}, wd / "runs" / run / "adapter" / "adapter_model.safetensors")
+        (wd / "runs" / run / "config.yaml").write_text(f"model:\n  name: {DEFAULT_MODEL_ID}\nrun:\n  seed: 0\n")
+        (wd / "runs" / run / "run.json").write_text(json.dumps({"job": "rm" if run.startswith("rm") else run[:3]}))
+    step = wd / "runs" / "ppo-hh-sum" / "checkpoints" / "step-10"
+    step.mkdir(parents=True)
+    (step / "adapter").symlink_to(wd / "runs" / "ppo-hh-sum" / "adapter")
     return wd
 
 
