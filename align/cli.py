@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run folder (runs/NAME) or a PEFT adapter folder")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     p.add_argument("--merge", action="store_true", help="write a full model with the adapter merged")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the merged model (the merge itself runs in float32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged model (the merge itself runs in float32); default: the "
+                        "dtype the run trained in (its run.json), float32 for a bare adapter")
     p.add_argument("--checkpoint", default="final", help="final (default), best, or a step number")
     p.add_argument("--base", default=None, help="base model to put the adapter on (default: the run's)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")

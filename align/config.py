@@ -61,8 +61,12 @@ class ModelConfig:
     # A Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local HF folder or a ``.gguf`` file.
     # Hub ids are looked up in the offline mirror first (see align/assets.py).
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    # auto: bfloat16 on a GPU that has it, else float32 (this CPU has no avx512_bf16; bf16
-    # matmuls were ~4x slower here). The engine (vLLM) runs the same dtype.
+    # auto: the fastest correct dtype on the machine the run starts on (align.models.auto_dtype):
+    # bfloat16 on a GPU with bf16 and on a CPU with native bf16 (avx512_bf16 / amx_bf16), else
+    # float32 (emulated bf16 measured ~100x slower than fp32 on an AVX2-only CPU:
+    # results/bench_dtype.json). Printed at start, recorded in run.json, kept on resume. bfloat16:
+    # the frozen base in bf16, LoRA weights, value head and optimizer state in fp32, log-probs in
+    # fp32. The engine (vLLM) runs the same dtype.
     dtype: str = _choice("auto", "auto", "float32", "bfloat16", "float16")
     # auto: this process's GPU (LOCAL_RANK) when there is one, else the CPU.
     device: str = _choice("auto", "auto", "cpu", "cuda")

@@ -186,7 +186,7 @@ def _refuse_overlap(out: Path, sources: list[Path]) -> None:
                               "it); export to a folder outside the run")
 
 
-def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: str = "float32",
+def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: str | None = None,
            checkpoint: str = "final", verify: bool = True, force: bool = False,
            base: str | None = None, vllm_check: bool = True, log=print, dry_run: bool = False) -> dict:
     """Write ``source``'s adapter (a run folder or an adapter folder) to ``out``, verified.
@@ -208,11 +208,15 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         out = check_out_path(Path(out))
     except ValueError as e:
         raise ExportError(str(e)) from None
-    if dtype not in _DTYPES:
+    if dtype is not None and dtype not in _DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"output folder '{out}' exists and is not empty (use --force to replace it)")
     src = find_source(source, checkpoint)
+    if dtype is None:  # the merged model in the dtype the run trained in
+        from .runs import read_manifest
+
+        dtype = (read_manifest(src.run_dir).get("dtype") if src.run_dir else None) or "float32"
     _refuse_overlap(out, [d for d in (src.run_dir, src.adapter_dir) if d is not None])
     if base:
         src.base_name = base

@@ -16,11 +16,39 @@ from .assets import AssetError, check_hub, offline_hint, resolve_model
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str) -> str:
-    """``model.dtype``; ``auto`` is bfloat16 on a GPU that supports it, else float32."""
-    if name != "auto":
-        return name
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+# CPU features that make bf16 matmuls native (oneDNN uses them); without one, bf16 is emulated
+BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first of :data:`BF16_CPU_FEATURES` this CPU lists (``/proc/cpuinfo``), or None
+    (also where the flags cannot be read: assume none rather than risk an emulated, slower bf16)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((feature for feature in BF16_CPU_FEATURES if feature in flags), None)
+
+
+def auto_dtype(device: str = "auto") -> tuple[str, str]:
+    """``model.dtype: auto``: (the fastest correct dtype on this machine, why). bf16 where the
+    hardware computes it natively -- a GPU that supports it, a CPU with avx512_bf16 / AMX --
+    float32 elsewhere (emulated bf16 is slower than float32: see results/bench_dtype.json)."""
+    if resolve_device(device).type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "GPU with bf16"
+        return "float32", "GPU without bf16"
+    feature = cpu_bf16_feature()
+    if feature:
+        return "bfloat16", feature
+    return "float32", f"this CPU has no {' / '.join(BF16_CPU_FEATURES)}: bf16 would be emulated"
+
+
+def resolve_dtype(name: str, device: str = "auto") -> str:
+    """``model.dtype`` as a concrete dtype (``auto``: :func:`auto_dtype`). Jobs resolve it once,
+    when the run starts (:func:`align.runs.start_run` records it in ``run.json``)."""
+    return auto_dtype(device)[0] if name == "auto" else name
 
 
 def resolve_attention(choice: str, config) -> str:

@@ -29,6 +29,16 @@ MANIFEST = "run.json"
 JOB_NAMES = ("dpo", "ppo", "rm")
 
 
+def read_manifest(folder: Path) -> dict:
+    """The run's ``run.json`` ({} where there is none): what the run is, and the settings it
+    resolved when it started (``dtype``), which a resumed run keeps."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def run_job(folder: Path) -> str | None:
     """The job of the align run in ``folder`` (dpo | ppo | rm), "" for a run of align whose job
     cannot be told, None for a folder that is not a run of align. The one place that decides
@@ -36,12 +46,8 @@ def run_job(folder: Path) -> str | None:
     a ``config.yaml`` that is a mapping with ``model`` and ``run`` sections (the job then
     read from which sections it has), or only align's ``.lock`` (a run being created)."""
     folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if isinstance(manifest, dict) and manifest.get("job") in JOB_NAMES:
-            return manifest["job"]
-    except (OSError, ValueError):
-        pass
+    if read_manifest(folder).get("job") in JOB_NAMES:
+        return read_manifest(folder)["job"]
     try:
         import yaml
 
@@ -85,7 +91,7 @@ class RunDir:
     before it logged a step or wrote a checkpoint leaves nothing behind (bad input writes
     nothing: the folder this run created is removed)."""
 
-    def __init__(self, run_cfg, cfg, job: str, fresh: bool = True):
+    def __init__(self, run_cfg, cfg, job: str, fresh: bool = True, dtype: str | None = None):
         name = run_cfg.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.path = Path(run_cfg.output_dir) / name
         self.metrics_path = self.path / "metrics.jsonl"
@@ -109,8 +115,10 @@ class RunDir:
             raise RunError(f"run folder '{self.path}' holds an earlier run; continue it with --resume, "
                            "or choose another run.name")
         atomic_write_text(self.path / "config.yaml", dump_yaml(cfg))
-        if not (self.path / MANIFEST).exists():
-            atomic_write_text(self.path / MANIFEST, json.dumps({"job": job}) + "\n")
+        manifest = read_manifest(self.path)
+        if manifest.get("job") != job or (dtype and manifest.get("dtype") != dtype):
+            atomic_write_text(self.path / MANIFEST, json.dumps({**manifest, "job": job, **(
+                {"dtype": dtype} if dtype else {})}) + "\n")
 
     def __enter__(self) -> "RunDir":
         return self
@@ -312,8 +320,11 @@ def start_run(cfg, job: str) -> RunDir:
             cfg.run.name = folder.name
     if not cfg.run.name:
         cfg.run.name = _shared_name(f"{job}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = RunDir(cfg.run, cfg, job, fresh=resume_from is None)
+    dtype, why = _run_dtype(cfg, folder if resume_from is not None else None)
+    run = RunDir(cfg.run, cfg, job, fresh=resume_from is None, dtype=dtype)
     run.resume_from = resume_from
+    cfg.model.dtype = dtype  # what the job loads and trains in; config.yaml keeps what was asked
+    print(f"dtype: {dtype} ({why})")
     if resume_from is not None:
         step = ck.checkpoint_step(resume_from)
         if is_main_process():
@@ -324,6 +335,21 @@ def start_run(cfg, job: str) -> RunDir:
                   f"after it" + (f", removed unfinished saves {gone}" if gone else ""))
     print(f"run folder: {run.path}")
     return run
+
+
+def _run_dtype(cfg, resumed: Path | None) -> tuple[str, str]:
+    """The run's concrete dtype and why: the config's, else (``auto``) the one the resumed run
+    recorded -- a run keeps the dtype it started with, whatever machine continues it -- else the
+    hardware's choice (:func:`align.models.auto_dtype`)."""
+    from .models import auto_dtype
+
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype, "model.dtype"
+    recorded = read_manifest(resumed).get("dtype") if resumed is not None else None
+    if recorded:
+        return recorded, f"model.dtype=auto, as the run being resumed started ({MANIFEST})"
+    dtype, why = auto_dtype(cfg.model.device)
+    return dtype, f"model.dtype=auto: {why}"
 
 
 def plot_metrics(records: list[dict], keys: list[str], out: Path, title: str = "") -> Path | None:

@@ -86,7 +86,9 @@ def test_a_run_writes_its_manifest_and_a_folder_made_before_it_still_resumes(tmp
     cfg = load_config("dpo", None, [f"model.name={tiny_model_path}", f"run.output_dir={tmp_path}", "run.name=r"])
     with start_run(cfg, "dpo") as run:
         run.log({"step": 1})
-    assert json.loads((tmp_path / "r" / "run.json").read_text()) == {"job": "dpo"}
+    from align.models import resolve_dtype
+
+    assert json.loads((tmp_path / "r" / "run.json").read_text()) == {"job": "dpo", "dtype": resolve_dtype("auto")}
     (tmp_path / "r" / "run.json").unlink()  # as today's older runs are: config.yaml only
     (tmp_path / "r" / "checkpoints" / "step-1").mkdir(parents=True)
     cfg = load_config("dpo", None, [f"model.name={tiny_model_path}", f"run.output_dir={tmp_path}", "run.name=r",

@@ -22,7 +22,7 @@ from ..adapters import save_adapter
 from ..memory import release_freed_memory
 from ..guards import GracefulStop, Interrupted, NonFiniteGuard, check_divergence
 from ..rollout.base import SamplingConfig
-from ..rollout.parity import guard_parity
+from ..rollout.parity import TIE_MARGIN, guard_parity
 from .advantages import get_estimator
 from .evaluate import evaluate_prompts, side_by_side
 from .experience import make_experience
@@ -155,7 +155,8 @@ class PPOLoop:
         r = self.cfg.rollout
         texts = [q["messages"][-1]["content"] for q in self.eval_prompts or self.train_prompts]
         with self.ac.role("policy"):
-            parity = guard_parity(self.engine, self.ac.model, self.tok, texts, r.parity_prompts, r.parity_every, it)
+            parity = guard_parity(self.engine, self.ac.model, self.tok, texts, r.parity_prompts, r.parity_every, it,
+                                  tie_margin=TIE_MARGIN[self.cfg.model.dtype])
         return seconds, parity
 
     def record(self, it, exp, upd, gen_seconds, sync_seconds, seconds, parity) -> dict:
