@@ -6,8 +6,10 @@ silently falls back to a default. This module imports no job; jobs import it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -399,7 +401,7 @@ _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                              __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -610,7 +612,7 @@ def check_declared(section, prefix: str = "") -> list[tuple[str, str]]:
     return problems
 
 
-_RUN_NAME = __import__("re").compile(r"[A-Za-z0-9_.@-]+")
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 
 
 def validate(cfg, where: str = "config") -> None:
@@ -703,7 +705,7 @@ def to_dict(cfg) -> dict:
         elif f.metadata.get("secret") and value:
             out[f.name] = REDACTED
         else:
-            out[f.name] = __import__("copy").deepcopy(value)
+            out[f.name] = copy.deepcopy(value)
     return out
 
 

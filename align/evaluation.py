@@ -288,6 +288,18 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
                          prompt_list, log)
 
 
+def _load_pairs(data, subsets, split, pairs, seed, rows, log) -> list[dict]:
+    """``--data``'s pairs (before any model loads); none usable is an error naming the file."""
+    from .data import load_preference_split
+
+    kept, report = load_preference_split(data, list(subsets), split, pairs, False, seed, rows)
+    log(f"pairs: {report.summary()}" + (f"; {len(kept)} of {rows}" if rows != "all" else ""))
+    if not kept:
+        raise EvalError(f"--data {data}: no usable preference pairs ({report.summary()}"
+                        + (f"; e.g. {report.examples[0]}" if report.examples else "") + ")")
+    return kept
+
+
 def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, prompts, prompt_subsets, judge,
                         out_dir, seed, log) -> dict:
     """`align eval --dry-run`: every target, the pairs, the prompts and the judge can be found
@@ -298,12 +310,7 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
     found = [resolve_target(t) for t in targets]
     plan = {"targets": [f"{t.name} ({t.kind} on {t.base})" for t in found], "out": str(out_dir)}
     if data:
-        from .data import load_preference_split
-
-        kept, report = load_preference_split(data, list(subsets), split, pairs, False, seed, rows)
-        if not kept:
-            raise EvalError(f"--data {data}: no usable preference pairs ({report.summary()})")
-        plan["pairs"] = len(kept)
+        plan["pairs"] = len(_load_pairs(data, subsets, split, pairs, seed, rows, lambda m: None))
     if generate:
         from .data.prompts import load_prompts
 
@@ -333,14 +340,7 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
     t0 = time.time()
     for t in targets:  # cheap checks before the model loads: targets, then the data
         resolve_target(t)
-    if data:
-        from .data import load_preference_split
-
-        kept, report = load_preference_split(data, list(subsets), split, pairs, False, seed, rows)
-        log(f"pairs: {report.summary()}" + (f"; {len(kept)} of {rows}" if rows != "all" else ""))
-        if not kept:
-            raise EvalError(f"--data {data}: no usable preference pairs ({report.summary()}"
-                            + (f"; e.g. {report.examples[0]}" if report.examples else "") + ")")
+    kept = _load_pairs(data, subsets, split, pairs, seed, rows, log) if data else []
     tlist, roles, tok, base_name = load_targets(targets, base)
     roles.eval()
     result = {"targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}

@@ -46,8 +46,9 @@ def run_job(folder: Path) -> str | None:
     a ``config.yaml`` that is a mapping with ``model`` and ``run`` sections (the job then
     read from which sections it has), or only align's ``.lock`` (a run being created)."""
     folder = Path(folder)
-    if read_manifest(folder).get("job") in JOB_NAMES:
-        return read_manifest(folder)["job"]
+    job = read_manifest(folder).get("job")
+    if job in JOB_NAMES:
+        return job
     try:
         import yaml
 

@@ -80,8 +80,7 @@ def start(adapters: list[str], names: list[str] = (), *, base: str | None = None
     from .rollout.vllm_engine import zero_adapter
     from .rollout.vllm_server import ServerProcess
 
-    if host not in LOOPBACK and not api_key:
-        raise ServeError(f"--host {host} exposes the server beyond this machine: give --api-key")
+    _check_exposure(host, api_key)
     base_name, served, slot = plan(adapters, list(names), base, max_lora_rank)
     if not base_name:
         raise ServeError("nothing to serve: name at least one adapter (or --base)")
@@ -98,6 +97,12 @@ def start(adapters: list[str], names: list[str] = (), *, base: str | None = None
     server = ServerProcess(resolve_model(base_name), args, host=host, port=port, api_key=api_key, log_path=log_path)
     server.keep = zero  # removed with the server object
     return server, base_name, served
+
+
+def _check_exposure(host: str, api_key: str | None) -> None:
+    if host not in LOOPBACK and not api_key:
+        raise ServeError(f"--host {host} exposes the server beyond this machine: give --api-key-file "
+                         "(or VLLM_API_KEY)")
 
 
 def read_api_key(key_file: str | None, key: str | None, env=None) -> str | None:
@@ -144,8 +149,7 @@ def serve(adapters: list[str], names: list[str] = (), log=print, dry_run: bool =
         raise ServeError(f"port {port} on {host} is in use by another program; choose another --port "
                          "(or --port 0 for any free one)")
     if dry_run:
-        if host not in LOOPBACK and not kwargs.get("api_key"):
-            raise ServeError(f"--host {host} exposes the server beyond this machine: give --api-key-file")
+        _check_exposure(host, kwargs.get("api_key"))
         base_name, served, _ = plan(adapters, list(names), kwargs.get("base"), kwargs.get("max_lora_rank", 0))
         log(f"dry run: would serve {base_name!r} and " + (", ".join(repr(s.name) for s in served) or "no adapter")
             + f" on {host}:{port or 'a free port'}; nothing was started")

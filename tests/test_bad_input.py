@@ -281,14 +281,14 @@ def _eval(tmp, *argv):
     return trigger
 
 
-def _eval_empty_data(tmp, adapter):
+def _eval_empty_data(tmp, adapter, monkeypatch):
     (tmp / "empty.jsonl").write_text("")
     import align.evaluation
 
     def no_model(*a, **k):  # the data is checked before any model loads
         raise AssertionError("the model was loaded before the data was checked")
 
-    _eval_empty_data.patch = (align.evaluation, "load_targets", no_model)
+    monkeypatch.setattr(align.evaluation, "load_targets", no_model)
     return _eval(tmp, str(adapter), "--data", str(tmp / "empty.jsonl"))
 
 
@@ -481,7 +481,7 @@ CASES = [
      ConfigError, ["'train' is a section", "train.beta="]),
     ("learning_rate_absurd", lambda t, a: _config("dpo", "train.learning_rate=1e10"),
      ConfigError, ["train.learning_rate", "<= 1.0", "10000000000.0"]),
-    ("eval_data_empty", lambda t, a: _eval_empty_data(t, a["adapter"]),
+    ("eval_data_empty", lambda t, a: _eval_empty_data(t, a["adapter"], a["monkeypatch"]),
      RuntimeError, ["exit 1", "empty.jsonl", "no usable preference pairs"]),
     ("eval_pairs_negative", lambda t, a: _eval(t, str(a["adapter"]), "--data", "x.jsonl", "--pairs", "-1"),
      RuntimeError, ["exit 1", "--pairs must be >= 0, got -1"]),
@@ -530,10 +530,6 @@ def test_bad_input_names_the_culprit(name, prepare, exc, culprits, tmp_path, tin
     monkeypatch.setenv("HOME", str(home))
     trigger = prepare(work, {"adapter": tiny_adapter, "tiny_model_path": tiny_model_path,
                              "monkeypatch": monkeypatch})
-    patch = getattr(_eval_empty_data, "patch", None)
-    if patch is not None:
-        monkeypatch.setattr(*patch)
-        _eval_empty_data.patch = None
     before = _snapshot(tmp_path)
     try:
         with pytest.raises(exc) as info:
