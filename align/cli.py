@@ -43,6 +43,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--judge", help="classifier:PATH (an align rm run), dpo:PATH (a DPO run) or function:FILE.py:FN")
+    p.add_argument("--accuracy", metavar="PROMPTS",
+                   help="prompts with reference answers (a file/folder/Hub id, or arithmetic-heldout): greedy "
+                        "accuracy of the base and every adapter, strict and lenient graders, by difficulty")
+    p.add_argument("--answer-field", default="answer", help="--accuracy: the field holding the reference answer")
+    p.add_argument("--difficulty-field", default="difficulty", help="--accuracy: the field to break accuracy down by")
     p.add_argument("--base", help="the base the adapters sit on (default: theirs)")
     p.add_argument("--out", default="eval-report", help="output folder (must be empty): eval.json, report.html")
     p.add_argument("--no-vllm", dest="use_vllm", action="store_false", help="generate with transformers instead")
@@ -138,8 +143,11 @@ def _check_sources(cfg, job: str) -> None:
         check_hub(cfg.model.name, "model")
     if job == "ppo" and not cfg.data.dataset:
         raise ConfigError("key 'data.dataset' is not set: name your prompts, e.g. data.dataset=my_prompts.jsonl")
-    if resolve_dataset(cfg.data.dataset) == cfg.data.dataset:
-        check_hub(cfg.data.dataset, "dataset")
+    from .data.prompts import is_builtin
+
+    for name in (cfg.data.dataset, getattr(cfg.data, "eval_dataset", "")):
+        if name and not is_builtin(name) and resolve_dataset(name) == name:
+            check_hub(name, "dataset")
     if job == "ppo":
         from reward.api import load_reward_fn
 
@@ -217,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                      rows=args.rows, max_length=args.max_length, generate=args.generate, prompts=args.prompts,
                      prompt_subsets=split(args.prompt_subsets), num_prompts=args.num_prompts,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
-                     out=args.out, base=args.base, use_vllm=args.use_vllm, dry_run=args.dry_run)
+                     out=args.out, base=args.base, use_vllm=args.use_vllm, dry_run=args.dry_run,
+                     accuracy=args.accuracy, answer_field=args.answer_field, difficulty_field=args.difficulty_field)
         elif args.command == "serve":
             from .serve import read_api_key, serve
 

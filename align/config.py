@@ -211,8 +211,18 @@ class PromptDataConfig:
     # model was fitted on.
     rows_start: int = _num(0, 0, HUGE)
     rows_stop: int = _num(0, 0, HUGE)
-    # The first `eval_prompts` of those rows (after a seeded shuffle) are held out.
+    # The first `eval_prompts` of those rows (after a seeded shuffle) are held out -- or, with
+    # eval_dataset, the first `eval_prompts` of that (0 = all of it).
     eval_prompts: int = _num(64, 0, BIG)
+    # Held-out prompts from their own file/folder/Hub id (the same format; a training prompt with
+    # the same text is dropped from training). The built-in `arithmetic` task holds out its fixed
+    # 400-problem file (align/data/arithmetic_heldout.jsonl) unless this names another.
+    eval_dataset: str = ""
+    # The row field holding the reference answer (the reward gets every field anyway): held-out
+    # prompts that carry it are graded for accuracy at each evaluation ("" = no accuracy).
+    answer_field: str = "answer"
+    # The row field naming each problem's difficulty/kind: accuracy is also reported per value.
+    difficulty_field: str = "difficulty"
     seed: int = _num(0, 0, SEED_MAX)
 
 
@@ -265,6 +275,10 @@ class RewardConfig:
     truncation_penalty: float = _num(0.0, -1e6, 1e6)
     # A reward call that takes longer stops the run with an error naming the function.
     timeout_seconds: float = _num(300.0, 0, 86400.0, lo_open=True)
+    # How the function receives `completions` (and `prompts`): text (strings) or messages --
+    # TRL's conversational form, [{"role": "assistant", "content": ...}] per completion and the
+    # message list per prompt, for TRL reward functions such as trl.rewards.accuracy_reward.
+    completions: str = _choice("text", "text", "messages")
 
 
 @dataclass
@@ -295,6 +309,9 @@ class PPOTrainConfig:
     # (the same update, a fraction of the activation memory)
     micro_batch_size: int = _num(0, 0, BIG)
     clip_range: float = _num(0.2, 0, 10.0, lo_open=True)
+    # The ratio's upper clip 1 + clip_range_high (DAPO's "clip-higher": room for unlikely tokens
+    # to gain); 0 = clip_range, symmetric.
+    clip_range_high: float = _num(0.0, 0.0, 10.0)
     value_clip_range: float = _num(0.2, 0, 1e4, lo_open=True)
     vf_coef: float = _num(0.5, 0.0, 100.0)
     entropy_coef: float = _num(0.0, 0.0, 10.0)
@@ -312,6 +329,21 @@ class PPOTrainConfig:
     kl_target: float = _num(0.0, 0.0, 1e4)
     kl_horizon: int = _num(10000, 1, HUGE)
     whiten_advantages: bool = True
+    # grpo/rloo: what a group-centred score is divided by -- group (its group's std, GRPO), batch
+    # (the std of the batch's scores), none (Dr. GRPO: no division); auto = group for grpo, none
+    # for rloo. Dr. GRPO also sets whiten_advantages=false and loss_aggregation=seq-mean-token-sum.
+    scale_rewards: str = _choice("auto", "auto", "group", "batch", "none")
+    # How per-token losses become one number: token-mean (every token of the minibatch weighs
+    # the same), seq-mean-token-sum (each answer's token sum, averaged over answers),
+    # seq-mean-token-mean (each answer's token mean, averaged: every answer weighs the same).
+    loss_aggregation: str = _choice("token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+    # grpo/rloo: leave out of the update the groups whose reward scores are all equal (no reward
+    # signal; DAPO's dynamic-sampling filter). The count is logged per iteration (groups_skipped).
+    skip_equal_reward_groups: bool = False
+    # Answers cut at rollout.max_new_tokens without an end-of-turn get no weight in the loss
+    # (DAPO's overlong filtering; TRL's mask_truncated_completions). They still count in their
+    # group's baseline.
+    mask_truncated_completions: bool = False
     # gae's critic: separate (its own LoRA adapter: one more pass each for scoring and update)
     # or shared (a value head on the policy's hidden states, trained through the policy adapter).
     critic: str = _choice("separate", "separate", "shared")
@@ -326,6 +358,9 @@ class PPOTrainConfig:
     # Stop this batch's epochs once approx-KL(old||new) exceeds this (0 = never).
     target_approx_kl: float = _num(0.1, 0.0, 100.0)
     eval_every: int = _num(5, 0, BIG)
+    # With held-out prompts that carry data.answer_field: besides greedy accuracy, pass@k from
+    # k answers sampled per prompt at rollout.temperature (0 = greedy accuracy only).
+    eval_pass_k: int = _num(0, 0, 1024)
     # Stop after the iteration that crosses this many minutes (0 = no budget), then evaluate.
     time_budget_minutes: float = _num(0.0, 0.0, 525600.0)  # up to a year
 

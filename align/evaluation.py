@@ -259,14 +259,16 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
              prompt_subsets: list[str] = (), num_prompts: int = 64, max_new_tokens: int = 64,
              temperature: float = 0.0, judge: str | None = None, out: str = "eval-report", base: str | None = None,
              use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print,
-             dry_run: bool = False) -> dict:
+             dry_run: bool = False, accuracy: str | None = None, answer_field: str = "answer",
+             difficulty_field: str = "difficulty") -> dict:
     """Check every option and the output folder first (nothing loads before they pass), then
     evaluate. ``dry_run``: also find the targets, data, prompts and judge, then stop."""
     from .atomic import check_out_path
     from .guards import stop_on_signals
 
-    if not data and not generate:
-        raise EvalError("nothing to evaluate: give --data (preference pairs) and/or --generate --prompts")
+    if not data and not generate and not accuracy:
+        raise EvalError("nothing to evaluate: give --data (preference pairs), --generate --prompts and/or "
+                        "--accuracy (prompts with reference answers)")
     if generate and not ((prompts or prompt_list) and judge):
         raise EvalError("--generate needs --prompts (a prompt dataset) and --judge (a reward model, DPO adapter or function)")
     for flag, value, low in (("--pairs", pairs, 0), ("--max-length", max_length, 0), ("--num-prompts", num_prompts, 1),
@@ -279,13 +281,14 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
         raise EvalError(str(e)) from None
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EvalError(f"output folder '{out_dir}' exists and is not empty")
+    graded = (accuracy, answer_field, difficulty_field) if accuracy else None
     if dry_run:
         return _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, prompts, prompt_subsets,
-                                   judge, out_dir, seed, log)
+                                   judge, out_dir, seed, log, graded)
     with stop_on_signals(f"nothing was written to '{out_dir}'"):
         return _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
                          num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed,
-                         prompt_list, log)
+                         prompt_list, log, graded)
 
 
 def _load_pairs(data, subsets, split, pairs, seed, rows, log) -> list[dict]:
@@ -300,8 +303,49 @@ def _load_pairs(data, subsets, split, pairs, seed, rows, log) -> list[dict]:
     return kept
 
 
+def _graded_prompts(graded, seed: int) -> list[dict]:
+    """``--accuracy``'s prompts that carry ``--answer-field`` (before any model loads); none is an error."""
+    from .config import PromptDataConfig
+    from .data.prompts import load_heldout
+    from .verifiable import graded as with_answers
+
+    source, answer_field, _ = graded
+    rows = with_answers(load_heldout(source, PromptDataConfig(dataset=source, eval_prompts=0, seed=seed)), answer_field)
+    if not rows:
+        raise EvalError(f"--accuracy {source}: no prompt carries the field '{answer_field}' (--answer-field)")
+    return rows
+
+
+def _accuracy(tlist, roles, tok, base_name, rows, graded, max_new_tokens, use_vllm, seed, log) -> tuple[dict, list]:
+    """Greedy accuracy of the base and every adapter on the same graded prompts, and each
+    adapter's paired difference from the base."""
+    from .chat import encode_prompts
+    from .verifiable import GRADERS, greedy_report, paired_difference
+
+    source, answer_field, difficulty_field = graded
+    te = time.time()
+    encode_prompts(tok, rows, 1024)
+    gen = generate_answers(tlist, roles, tok, base_name, rows, max_new_tokens, 0.0, use_vllm, seed)
+    out = {"prompts": source, "n": len(rows), "engine": gen["how"], "max_new_tokens": max_new_tokens, "models": {}}
+    marks = {}
+    for name, comps in gen["answers"].items():
+        out["models"][name], marks[name] = greedy_report(rows, comps, answer_field, difficulty_field)
+    for name in out["models"]:
+        if name != "base":
+            out["models"][name]["vs_base"] = {g: paired_difference([m[g] for m in marks["base"]], [m[g] for m in marks[name]])
+                                              for g in GRADERS}
+        m = out["models"][name]
+        log(f"accuracy {name}: strict {100 * m['strict']:.1f} %, lenient {100 * m['lenient']:.1f} % "
+            f"[{100 * m['lenient_ci95'][0]:.1f}, {100 * m['lenient_ci95'][1]:.1f}] on {len(rows)} prompts")
+    out["seconds"] = round(time.time() - te, 1)
+    samples = [{"prompt": s["prompt"], "answer": s["answer"], "difficulty": s["difficulty"],
+                **{name: {"completion": marks[name][i]["completion"], **{g: marks[name][i][g] for g in GRADERS}}
+                   for name in marks}} for i, s in enumerate(marks["base"])]
+    return out, samples
+
+
 def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, prompts, prompt_subsets, judge,
-                        out_dir, seed, log) -> dict:
+                        out_dir, seed, log, graded=None) -> dict:
     """`align eval --dry-run`: every target, the pairs, the prompts and the judge can be found
     and read; no model is loaded and nothing is written."""
     from .config import PromptDataConfig
@@ -311,6 +355,8 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
     plan = {"targets": [f"{t.name} ({t.kind} on {t.base})" for t in found], "out": str(out_dir)}
     if data:
         plan["pairs"] = len(_load_pairs(data, subsets, split, pairs, seed, rows, lambda m: None))
+    if graded:
+        plan["accuracy_prompts"] = len(_graded_prompts(graded, seed))
     if generate:
         from .data.prompts import load_prompts
 
@@ -332,7 +378,8 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
 
 
 def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
-              num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed, prompt_list, log):
+              num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed, prompt_list, log,
+              graded=None):
     from .atomic import atomic_dir
     from .chat import tokenize_pair
     from .report import write_report
@@ -341,6 +388,7 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
     for t in targets:  # cheap checks before the model loads: targets, then the data
         resolve_target(t)
     kept = _load_pairs(data, subsets, split, pairs, seed, rows, log) if data else []
+    graded_rows = _graded_prompts(graded, seed) if graded else []
     tlist, roles, tok, base_name = load_targets(targets, base)
     roles.eval()
     result = {"targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}
@@ -352,8 +400,14 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
     if generate:
         result["generation"] = _generation(tlist, roles, tok, base_name, prompts, list(prompt_subsets), num_prompts,
                                            max_new_tokens, temperature, judge, use_vllm, seed, prompt_list)
+    graded_samples = []
+    if graded:
+        result["accuracy"], graded_samples = _accuracy(tlist, roles, tok, base_name, graded_rows, graded,
+                                                       max_new_tokens, use_vllm, seed, log)
     result["seconds"] = round(time.time() - t0, 1)
     with atomic_dir(out_dir) as tmp:
+        if graded_samples:
+            (tmp / "accuracy_answers.jsonl").write_text("".join(json.dumps(s) + "\n" for s in graded_samples))
         samples = result.get("generation", {}).pop("samples", [])
         (tmp / "eval.json").write_text(json.dumps(result, indent=2))
         write_report(result, samples, tmp / "report.html")

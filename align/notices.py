@@ -80,6 +80,13 @@ def _ppo_rows(add) -> None:
         lambda c: adv(c) != "gae",
         {"ppo.value_learning_rate": "1e-4", "ppo.value_clip_range": "0.5", "ppo.vf_coef": "1.0",
          "ppo.critic": "shared", "ppo.gamma": "0.9", "ppo.lam": "0.9"}, ("ppo.advantage=grpo",))
+    add("ppo", ("ppo.scale_rewards", "ppo.skip_equal_reward_groups"),
+        "when ppo.advantage is gae (they act on group baselines)", lambda c: adv(c) == "gae",
+        {"ppo.scale_rewards": "batch", "ppo.skip_equal_reward_groups": "true"}, (),
+        ("ppo.advantage=grpo", "ppo.samples_per_prompt=4"))
+    add("ppo", ("data.difficulty_field", "ppo.eval_pass_k"),
+        "when data.answer_field is empty (no held-out accuracy)", lambda c: not c.data.answer_field,
+        {"data.difficulty_field": "level", "ppo.eval_pass_k": "4"}, ("data.answer_field=",))
     add("ppo", "ppo.old_logprobs", "when ppo.advantage is gae (the engine's log-probs serve critic-free "
         "estimators only)", lambda c: adv(c) == "gae", "engine", (), ("ppo.advantage=grpo",))
     add("ppo", "ppo.kl_horizon", "when ppo.kl_target is 0 (no adaptive KL control)",

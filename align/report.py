@@ -100,6 +100,12 @@ def write_report(result: dict, samples: list[dict], path) -> None:
                 f"<td>{html.escape(s[n]['answer'])}<div class='score'>judge {s[n]['judge']:.3f} · {s[n]['tokens']} tokens</div></td>"
                 for n in names) + "</tr>" for s in samples)
             parts.append(f"<h2>Side by side</h2><table class='answers'>{head}{rows}</table>")
+    acc = result.get("accuracy")
+    if acc:
+        parts += [f"<h2>Accuracy</h2><p>{acc['n']} prompts of <code>{html.escape(str(acc['prompts']))}</code>, greedy, "
+                  f"at most {acc['max_new_tokens']} new tokens; strict = the answer is just the right number, lenient "
+                  "= its last number is right.</p>",
+                  _table(acc["models"], ["strict", "strict_ci95", "lenient", "lenient_ci95"])]
     parts.append(f"<p class='score'>align eval, {result['seconds']:.0f} s.</p></body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(parts))

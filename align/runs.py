@@ -415,3 +415,35 @@ def plot_heldout_vs_kl(records: list[dict], out: Path, title: str = "") -> Path 
     plt.close(fig)
     return out
 
+
+
+def plot_accuracy(records: list[dict], out: Path, title: str = "") -> Path | None:
+    """Held-out accuracy (strict and lenient graders, greedy) against the training clock
+    (evaluation time off it) and against the held-out KL per answer: RL with a verifier is
+    judged by what it gains per second and per nat of KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in records if "eval/accuracy_lenient" in r]
+    if len(ev) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, x_key, x_label in ((axes[0], "eval/train_seconds", "training seconds (evaluation excluded)"),
+                               (axes[1], "eval/kl_per_answer", "held-out KL to the reference (nats per answer)")):
+        for grader in ("lenient", "strict"):
+            ax.plot([r[x_key] for r in ev], [100 * r[f"eval/accuracy_{grader}"] for r in ev], marker="o",
+                    label=f"greedy, {grader} grader")
+        for k in sorted({key for r in ev for key in r if key.startswith("eval/pass@") and key.endswith("_lenient")}):
+            pts = [(r[x_key], 100 * r[k]) for r in ev if k in r]
+            ax.plot(*zip(*pts), marker="x", ls=":", label=k.removeprefix("eval/").replace("_", ", ") + " grader")
+        ax.set(xlabel=x_label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="held-out accuracy (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "held-out accuracy")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -11,6 +11,7 @@ the engine saw them and the answer's tokens as generated.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -152,10 +153,13 @@ class SumReward:
         self.__qualname__ = "reward sum (" + " + ".join(f"{w:g} x {name}" for name, w, _ in terms) + ")"
         self.__module__ = __name__
 
-    def __call__(self, prompts, completions, **info) -> list[float]:
-        total = [0.0] * len(completions)
+    def __call__(self, prompts, completions, **info) -> list[float | None]:
+        """A term's ``None`` (no score) leaves it out of that sample's sum, as TRL sums its reward
+        functions; a sample no term scored stays ``None``."""
+        total: list[float | None] = [None] * len(completions)
         for name, weight, fn in self.terms:
             values = call_reward(fn, prompts, completions, **info)
-            self.last_means[name] = sum(values) / max(len(values), 1)
-            total = [t + weight * v for t, v in zip(total, values)]
+            scored = [v for v in values if not math.isnan(v)]
+            self.last_means[name] = sum(scored) / len(scored) if scored else math.nan
+            total = [t if math.isnan(v) else (t or 0.0) + weight * v for t, v in zip(total, values)]
         return total

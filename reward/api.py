@@ -4,11 +4,17 @@ A reward function is ``def reward(prompts, completions, **info) -> list[float]``
 own file or package, named in the config as ``path/to/file.py:reward`` or
 ``package.module:reward``. ``prompts`` are the last user turns as text; ``info`` carries
 per-sample extras: ``messages`` (the prompt's whole message list: a multi-turn dialogue is seen
-whole), ``truncated`` (cut at max_new_tokens), ``prompt_ids`` and ``completion_ids`` (tokens). A
-function takes the extras it names, or all of them with ``**info``; ``def reward(prompts,
-completions)`` works too. Whatever the function does wrong -- wrong length, NaN/inf, a non-number, an
-exception -- becomes a :class:`RewardError` naming the function and the offending sample.
-This module knows nothing of trainers.
+whole), ``truncated`` (cut at max_new_tokens), ``prompt_ids`` and ``completion_ids`` (tokens),
+and every other field of the prompt's data row (``answer=``, ``solution=``...), one value per
+completion. A function takes the extras it names, or all of them with ``**info``; ``def
+reward(prompts, completions)`` works too. Arguments are passed by name where the function's
+signature allows (TRL's convention: ``def accuracy_reward(completions, solution, **kwargs)``
+runs unchanged), else ``prompts`` and ``completions`` by position.
+
+``None`` for a sample means "no score here" (TRL's convention): it comes back as NaN, and the
+trainer leaves that sample out of its group. Whatever else the function does wrong -- wrong
+length, NaN/inf, a non-number, an exception -- becomes a :class:`RewardError` naming the
+function and the offending sample. This module knows nothing of trainers.
 """
 from __future__ import annotations
 
@@ -81,6 +87,17 @@ def _accepted(fn, info: dict) -> dict:
     return {k: v for k, v in info.items() if k in names}
 
 
+def _takes_by_name(fn, info: dict) -> bool:
+    """Whether ``fn(prompts=..., completions=..., **info)`` binds -- TRL calls its reward
+    functions so, and ``def f(completions, solution, **kw)`` only works that way; a function
+    whose first two parameters have other names gets them by position."""
+    try:
+        inspect.signature(fn).bind(prompts=None, completions=None, **dict.fromkeys(info))
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
     """``fn(prompts, completions, **info)`` in a worker thread, so that a function that hangs
     cannot hang the run: past ``timeout`` seconds, or once ``cancelled()`` is true, the caller
@@ -95,10 +112,12 @@ def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
     info = _accepted(fn, info)
     prompts, completions, info = copy.deepcopy((prompts, completions, info))
     result: dict = {}
+    by_name = _takes_by_name(fn, info)
 
     def work():
         try:
-            result["out"] = fn(prompts, completions, **info)
+            result["out"] = fn(prompts=prompts, completions=completions, **info) if by_name \
+                else fn(prompts, completions, **info)
         except Exception as e:  # handed to the caller's thread below
             result["error"] = e
         except BaseException as e:  # SystemExit, KeyboardInterrupt, ... raised by the function
@@ -123,17 +142,17 @@ def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
     return result["out"]
 
 
-def call_reward(fn, prompts: list, completions: list[str], *, timeout: float | None = None,
+def call_reward(fn, prompts: list, completions: list, *, timeout: float | None = None,
                 cancelled=None, **info) -> list[float]:
-    """Call a reward function and validate its answer. ``timeout`` (seconds) and
-    ``cancelled`` (a callable) bound how long the caller waits for it."""
+    """Call a reward function and validate its answer; a ``None`` sample comes back as NaN.
+    ``timeout`` (seconds) and ``cancelled`` (a callable) bound how long the caller waits."""
     try:
         out = _call(fn, prompts, completions, info, timeout, cancelled)
     except (RewardError, RewardCancelled):
         raise
     except Exception as e:
         raise RewardError(f"reward function {fn_name(fn)} raised {type(e).__name__}: {e} "
-                          f"(batch of {len(completions)}; first completion: {completions[0][:80]!r})") from e
+                          f"(batch of {len(completions)}; first completion: {str(completions[0])[:80]!r})") from e
     if hasattr(out, "tolist"):  # numpy / torch
         out = out.tolist()
     if not isinstance(out, (list, tuple)):
@@ -144,11 +163,14 @@ def call_reward(fn, prompts: list, completions: list[str], *, timeout: float | N
                           f"for {len(completions)} completions")
     values = []
     for i, v in enumerate(out):
+        if v is None:  # "no score for this sample"
+            values.append(math.nan)
+            continue
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise RewardError(f"reward function {fn_name(fn)}: sample {i} is {type(v).__name__} {v!r}, "
-                              f"not a number (completion: {completions[i][:80]!r})")
+                              f"not a number (completion: {str(completions[i])[:80]!r})")
         if not math.isfinite(v):
             raise RewardError(f"reward function {fn_name(fn)}: sample {i} is {v} "
-                              f"(completion: {completions[i][:80]!r})")
+                              f"(completion: {str(completions[i])[:80]!r})")
         values.append(float(v))
     return values

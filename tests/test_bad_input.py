@@ -350,7 +350,7 @@ CASES = [
      DataError, ["has 2 rows", "[1200:2000)", "data.rows_start=0 data.rows_stop=0"]),
     ("prompts_dataset_not_set", lambda t, a: lambda: __import__("align.data.prompts").data.prompts
      .load_prompts(_prompt_cfg("")),
-     DataError, ["data.dataset is not set", "configs/ppo_imdb_sentiment.yaml"]),
+     DataError, ["data.dataset is not set", "configs/grpo_arithmetic.yaml", "arithmetic"]),
     # --- models and adapters ------------------------------------------------------------
     ("unknown_model_offline", lambda t, a: _load_model("nobody/no-such-model"),
      AssetError, ["nobody/no-such-model", "mirror", "prepare-assets"]),

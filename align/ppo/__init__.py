@@ -9,9 +9,12 @@ __all__ = ["run_ppo", "engine_options", "check_config"]
 def check_config(cfg) -> None:
     """The checks that need PPO's own code (its registries); ConfigError names the key. Run
     before anything is written, and by ``align ppo --dry-run``."""
+    from ..config import ConfigError
     from .advantages import get_estimator
 
-    get_estimator(cfg.ppo)
+    if get_estimator(cfg.ppo).needs_critic and cfg.ppo.loss_aggregation != "token-mean":
+        raise ConfigError(f"key 'ppo.loss_aggregation': {cfg.ppo.loss_aggregation} is for critic-free "
+                          "estimators (grpo, rloo); with gae the policy and value losses are token means")
 
 
 def run_ppo(cfg) -> dict:
@@ -88,10 +91,11 @@ def _check_divisible(cfg, world: int) -> None:
 
 
 def _report(cfg, run, summary: dict) -> None:
-    from ..runs import plot_heldout_vs_kl, plot_metrics
+    from ..runs import plot_accuracy, plot_heldout_vs_kl, plot_metrics
 
     if cfg.run.plot:
         plot_heldout_vs_kl(run.read_metrics(), run.path / "heldout_vs_kl.png")
+        plot_accuracy(run.read_metrics(), run.path / "accuracy.png", title=f"PPO {cfg.model.name} ({cfg.ppo.advantage})")
         plot_metrics(run.read_metrics(), ["reward_mean", "eval/reward_mean", "kl_per_answer",
                                           "eval/kl_per_answer", "entropy", "clipfrac"],
                      run.path / "plots.png", title=f"PPO {cfg.model.name} ({cfg.ppo.advantage})")
@@ -100,6 +104,11 @@ def _report(cfg, run, summary: dict) -> None:
         i, f = summary["eval_initial"], summary["eval_final"]
         print(f"held-out reward {i['reward_mean']:.3f} ± {i['reward_std']:.3f} -> {f['reward_mean']:.3f} "
               f"({summary['reward_gain_in_initial_std']:+.2f} initial std), KL/answer {f['kl_per_answer']:.2f}")
+        for mode in [m for m in f.get("accuracy", {}) if m in i.get("accuracy", {})]:
+            a, b = i["accuracy"][mode], f["accuracy"][mode]
+            print(f"held-out {'greedy accuracy' if mode == 'greedy' else mode} on {b['n']} prompts: " + "; ".join(
+                f"{g} {100 * a[g]:.1f} % -> {100 * b[g]:.1f} % [{100 * b[g + '_ci95'][0]:.1f}, {100 * b[g + '_ci95'][1]:.1f}]"
+                for g in ("strict", "lenient")))
     sbs = summary.get("side_by_side") or {}
     for who in ("reward", "judge"):
         if f"{who}_win_rate" in sbs:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
+from .. import distributed
 from . import losses
 
 
@@ -24,8 +27,9 @@ class Estimator:
 
 
 def _gae(scores, kl, mask, values, beta, p):
-    """Actor-critic: -beta * KL on every token, the score on the last, GAE against the critic."""
-    rewards = losses.token_rewards(scores, kl, mask, beta)
+    """Actor-critic: -beta * KL on every token, the score on the last, GAE against the critic.
+    An unscored sample (NaN) counts as 0 here; the experience gives it no weight in the loss."""
+    rewards = losses.token_rewards(torch.nan_to_num(scores, nan=0.0), kl, mask, beta)
     return losses.gae(rewards, values, mask, p.gamma, p.lam)
 
 
@@ -34,7 +38,9 @@ def _group(kind: str):
         """Critic-free: the KL is folded into the sequence score, the baseline is the group's,
         and every token of a sample gets that sample's advantage."""
         seq = scores - beta * kl.sum(1)
-        return losses.group_advantages(seq, p.samples_per_prompt, kind)[:, None] * mask, None
+        adv = losses.group_advantages(seq, p.samples_per_prompt, kind, scale=p.scale_rewards,
+                                      all_sum=distributed.all_sum)
+        return adv[:, None] * mask, None
 
     return compute
 

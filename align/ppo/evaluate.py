@@ -16,7 +16,7 @@ from .experience import collate, score_completions
 def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancelled=None, judge_fn=None) -> dict:
     """Held-out prompts (``messages`` + ``ids``), one sample each with a fixed seed: reward (no
     truncation penalty: the raw reward is what is compared), judge score and KL per answer.
-    ``answers`` holds every prompt's answer and scores."""
+    ``answers`` holds every prompt's answer and scores, ``completions`` the answers themselves."""
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, seed=seed)
     comps = engine.generate([p["ids"] for p in prompts], sampling)
     scores = score_completions(reward_fn, prompts, comps, cfg.reward, cancelled=cancelled, penalize=False)
@@ -37,6 +37,7 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
         out.update(judge_mean=float(judged.mean()), judge_std=float(judged.std()))
     for name, mean in getattr(reward_fn, "last_means", {}).items():  # a reward of several terms
         out[f"reward_mean_{name}"] = mean
+    out["completions"] = comps
     out["answers"] = [{"prompt": p["messages"][-1]["content"], "source": p.get("source", ""), "completion": c.text,
                        "tokens": len(c.token_ids), "reward": float(s), "kl": float(k),
                        **({"judge": float(judged[i])} if judged is not None else {})}

@@ -33,10 +33,22 @@ class Experience:
     group_size: int = 1           # samples [g*k, (g+1)*k) answer the same prompt
     # mean |engine log-prob - trainer log-prob| of the sampled tokens (None: engine gave none)
     engine_logprob_gap: float | None = None
+    loss_mask: torch.Tensor | None = None  # (B, T) the tokens the loss learns from (None: mask)
+    all_scores: torch.Tensor | None = None  # every sample's score, skipped groups too (logging)
+    groups_skipped: int = 0                 # groups left out: their rewards were all equal
+
+    def __post_init__(self):
+        if self.all_scores is None:
+            self.all_scores = self.scores
 
     @property
     def mask(self) -> torch.Tensor:
         return self.batch.mask
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        """The tokens the update's losses are taken over."""
+        return self.mask if self.loss_mask is None else self.loss_mask
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -44,7 +56,9 @@ class Experience:
     def select(self, idx: torch.Tensor) -> "Experience":
         out = {}
         for k, v in self.__dict__.items():
-            if isinstance(v, (torch.Tensor, TokenBatch)):
+            if k == "all_scores":
+                out[k] = v
+            elif isinstance(v, (torch.Tensor, TokenBatch)):
                 out[k] = v.select(idx) if isinstance(v, TokenBatch) else v[idx]
             elif isinstance(v, list):
                 out[k] = [v[i] for i in idx.tolist()]
@@ -86,6 +100,15 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
     finished = [c.finished for c in completions]
     with meter.time("reward"):
         scores = score_completions(reward_fn, samples, completions, cfg.reward, ac.device, cancelled)
+    all_scores, skipped = scores, 0
+    if cfg.ppo.skip_equal_reward_groups and k > 1:
+        equal = losses.equal_reward_groups(scores, k)
+        skipped = int(equal.sum())
+        if skipped < len(equal):  # all equal: kept whole below, with no weight in the loss
+            keep = (~equal).repeat_interleave(k).nonzero().squeeze(1).tolist()
+            completions, samples = [completions[i] for i in keep], [samples[i] for i in keep]
+            prompt_text, comp_text = [prompt_text[i] for i in keep], [comp_text[i] for i in keep]
+            finished, scores = [finished[i] for i in keep], scores[keep]
 
     lm = ac.lm()
     tb = make_batch(completions, k, tok.pad_token_id, lm.config, ac.device, pack=cfg.ppo.pack)
@@ -108,8 +131,23 @@ def make_experience(ac, engine, tok, prompts: list[dict], reward_fn, cfg, estima
     ac.train(was_training)
     old_logp, ref_logp = old_logp * mask, ref_logp * mask
     kl, advantages, returns = advantages_of(estimator, scores, old_logp, ref_logp, mask, values, kl_coef, cfg.ppo)
+    weight = loss_weights(scores, finished, cfg.ppo, skipped == len(all_scores) // k)
     return Experience(tb, old_logp, ref_logp, values, scores, kl, advantages, returns, prompt_text, comp_text,
-                      finished, k, None if from_engine else engine_logprob_gap(completions, old_logp, mask))
+                      finished, k, None if from_engine else engine_logprob_gap(completions, old_logp, mask),
+                      loss_mask=None if weight is None else mask * weight[:, None].to(mask.dtype),
+                      all_scores=all_scores, groups_skipped=skipped)
+
+
+def loss_weights(scores: torch.Tensor, finished: list[bool], p, none_kept: bool) -> torch.Tensor | None:
+    """(B,) 0/1: which samples the loss learns from (None: all). Out: samples the reward did not
+    score (NaN), truncated ones with ``ppo.mask_truncated_completions``, everything when every
+    group was skipped as equal."""
+    keep = torch.isfinite(scores)
+    if p.mask_truncated_completions:
+        keep &= torch.tensor(finished, device=scores.device)
+    if none_kept:
+        keep &= False
+    return None if bool(keep.all()) else keep
 
 
 def advantages_of(estimator, scores, old_logp, ref_logp, mask, values, kl_coef: float, p):
@@ -126,15 +164,24 @@ def advantages_of(estimator, scores, old_logp, ref_logp, mask, values, kl_coef: 
 
 def score_completions(reward_fn, prompts: list[dict], completions: list[Completion], reward_cfg,
                       device=None, cancelled=None, penalize: bool = True) -> torch.Tensor:
-    """The reward function's scores (bounded by ``reward.timeout_seconds``), plus
-    ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``. ``prompts``
-    (one per completion) carry ``messages``: the function sees the whole dialogue."""
+    """The reward function's scores (bounded by ``reward.timeout_seconds``; NaN where it gave
+    ``None``), plus ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``.
+    ``prompts`` (one per completion) carry ``messages`` -- the function sees the whole dialogue
+    -- and ``fields``, the data row's other fields, each passed as a keyword (one value per
+    completion; a row without the field gives None)."""
     truncated = [not c.finished for c in completions]
+    texts = [c.text for c in completions]
+    asked = [p["messages"][-1]["content"] for p in prompts]
+    if getattr(reward_cfg, "completions", "text") == "messages":  # TRL's conversational form
+        texts = [[{"role": "assistant", "content": t}] for t in texts]
+        asked = [p["messages"] for p in prompts]
+    names = sorted({k for p in prompts for k in p.get("fields", {})})
+    fields = {k: [p.get("fields", {}).get(k) for p in prompts] for k in names}
     scores = torch.tensor(call_reward(
-        reward_fn, [p["messages"][-1]["content"] for p in prompts], [c.text for c in completions],
-        timeout=reward_cfg.timeout_seconds, cancelled=cancelled, truncated=truncated,
-        messages=[p["messages"] for p in prompts], prompt_ids=[c.prompt_ids for c in completions],
-        completion_ids=[c.token_ids for c in completions]), device=device)
+        reward_fn, asked, texts, timeout=reward_cfg.timeout_seconds, cancelled=cancelled, **fields,
+        truncated=truncated, messages=[p["messages"] for p in prompts],
+        prompt_ids=[c.prompt_ids for c in completions], completion_ids=[c.token_ids for c in completions]),
+        device=device)
     if penalize and getattr(reward_cfg, "truncation_penalty", 0.0):
         scores = scores + reward_cfg.truncation_penalty * torch.tensor([float(t) for t in truncated],
                                                                        device=device)

@@ -16,6 +16,36 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Per-token values -> one loss (``ppo.loss_aggregation``):
+
+    - token-mean: sum over masked tokens / their count -- a long answer weighs more;
+    - seq-mean-token-sum: each answer's token sum, averaged over answers (Dr. GRPO's unbiased form);
+    - seq-mean-token-mean: each answer's token mean, averaged over answers (every answer weighs
+      the same, GRPO's original).
+
+    Answers with no masked token (e.g. masked as truncated) are not counted in the seq means."""
+    if mode == "token-mean":
+        return masked_mean(x, mask)
+    m = mask.to(x.dtype)
+    per_seq = (x * m).sum(1)
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / m.sum(1).clamp(min=1)
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"unknown loss aggregation '{mode}' ({', '.join(AGGREGATIONS)})")
+    return per_seq.sum() / aggregation_units(mask, mode).clamp(min=1)
+
+
+def aggregation_units(mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """What :func:`aggregate` averages over: masked tokens (token-mean) or answers with at least
+    one masked token (seq means). Micro-batches and data-parallel shards are weighted by it, so
+    their losses add up to the whole minibatch's."""
+    return mask.sum() if mode == "token-mean" else (mask.sum(1) > 0).sum().to(mask.dtype)
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8, all_sum=None) -> torch.Tensor:
     """Normalise to unit variance over masked tokens (and zero mean unless ``shift_mean``).
@@ -63,13 +93,14 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -
     raise ValueError(f"unknown KL estimator '{kind}' (k1, k2 or k3)")
 
 
-def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """KL(policy || reference) as a loss term (``ppo.kl_penalty=loss``), token mean -- the same
-    reduction as :func:`policy_loss`, so its coefficient weighs it against the advantages
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k3",
+            agg: str = "token-mean") -> torch.Tensor:
+    """KL(policy || reference) as a loss term (``ppo.kl_penalty=loss``), reduced by ``agg`` -- the
+    same reduction as :func:`policy_loss`, so its coefficient weighs it against the advantages
     directly. Differentiated through ``logp``; k2 or k3 (k1's gradient is zero in expectation)."""
     if kind == "k1":
         raise ValueError("kl_loss needs k2 or k3: the gradient of k1 is zero in expectation")
-    return masked_mean(kl_per_token(logp, ref_logp, kind), mask)
+    return aggregate(kl_per_token(logp, ref_logp, kind), mask, agg)
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -102,16 +133,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate: -min(ratio * A, clip(ratio, 1-e, 1+e) * A), token mean.
+                mask: torch.Tensor, clip: float = 0.2, clip_high: float | None = None,
+                agg: str = "token-mean") -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate: -min(ratio * A, clip(ratio, 1 - e, 1 + e_high) * A), reduced by ``agg``
+    (:func:`aggregate`); ``clip_high`` (DAPO's clip-higher) defaults to ``clip``.
 
-    Also returns the clip fraction and approx-KL(old||new) = mean((ratio - 1) - log ratio).
+    Also returns the clip fraction and approx-KL(old||new) = mean((ratio - 1) - log ratio), token means.
     """
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -adv * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
@@ -129,19 +162,50 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo",
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, scale: str = "auto", all_sum=None) -> torch.Tensor:
     """Critic-free sequence advantages from groups of samples of the same prompt.
 
-    ``scores`` is (n_prompts * group_size,) with each prompt's samples contiguous.
-    grpo: (s - mean_group) / (std_group + eps); rloo: s - mean of the *other* samples.
+    ``scores`` is (n_prompts * group_size,) with each prompt's samples contiguous; a NaN score is
+    a sample the reward did not score (TRL's ``None``): it gets advantage 0 and is left out of
+    its group's statistics. Centring: grpo s - mean of the group; rloo s - mean of the group's
+    *other* samples (fewer than two scored samples: 0). Then ``scale``: group (/ (group std +
+    eps)), batch (/ (std of the batch's scores + eps), ``all_sum`` summing over data-parallel
+    ranks), none (Dr. GRPO); auto = group for grpo, none for rloo. Stds are unbiased (n - 1).
     """
     s = scores.view(-1, group_size)
+    valid = torch.isfinite(s)
+    v = valid.to(s.dtype)
+    x = torch.where(valid, s, torch.zeros_like(s))
+    n = v.sum(1, keepdim=True)
     if kind == "grpo":
-        adv = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps)
+        adv = x - x.sum(1, keepdim=True) / n.clamp(min=1)
     elif kind == "rloo":
         if group_size < 2:
             raise ValueError("rloo needs group_size >= 2")
-        adv = s - (s.sum(1, keepdim=True) - s) / (group_size - 1)
+        adv = torch.where(n > 1, x - (x.sum(1, keepdim=True) - x) / (n - 1).clamp(min=1), torch.zeros_like(x))
     else:
         raise ValueError(f"unknown group advantage '{kind}' (grpo or rloo)")
-    return adv.reshape(-1)
+    scale = {"auto": "group" if kind == "grpo" else "none"}.get(scale, scale)
+    if scale == "group":
+        mean = x.sum(1, keepdim=True) / n.clamp(min=1)
+        std = (((x - mean) ** 2 * v).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        adv = adv / (std + eps)
+    elif scale == "batch":
+        total = torch.stack([x.sum(), (x * x).sum(), v.sum()])
+        total = all_sum(total) if all_sum else total
+        mean = total[0] / total[2].clamp(min=1)
+        std = ((total[1] - total[2] * mean ** 2).clamp(min=0) / (total[2] - 1).clamp(min=1)).sqrt()
+        adv = adv / (std + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling '{scale}' (group, batch, none or auto)")
+    return (adv * v).reshape(-1)
+
+
+def equal_reward_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n_prompts,) True where a group's scored samples all have the same score (or none was
+    scored): such a group gives a group baseline nothing to learn from."""
+    s = scores.view(-1, group_size)
+    valid = torch.isfinite(s)
+    hi = torch.where(valid, s, torch.full_like(s, -torch.inf)).max(1).values
+    lo = torch.where(valid, s, torch.full_like(s, torch.inf)).min(1).values
+    return ~valid.any(1) | (hi == lo)

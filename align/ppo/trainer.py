@@ -16,7 +16,7 @@ import torch
 
 from reward.api import RewardCancelled
 
-from .. import checkpoints, distributed
+from .. import checkpoints, distributed, verifiable
 from ..compute import ComputeMeter
 from ..adapters import save_adapter
 from ..memory import release_freed_memory
@@ -50,7 +50,7 @@ def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print)
             # the last iteration is always evaluated (eval_every=0 only drops the periodic ones):
             # without it the summary would compare the initial evaluation with itself
             if (p.eval_every and it % p.eval_every == 0) or it == p.iterations or out_of_time:
-                ev = loop.evaluate(it)
+                ev = loop.evaluate(it, final=it == p.iterations or out_of_time)
             if cfg.run.save_every and it % cfg.run.save_every == 0:
                 loop.checkpoint(it, ev)
             loop.stop_if_asked(it, ev)
@@ -135,6 +135,9 @@ class PPOLoop:
             raise Interrupted(self.stop.signum, checkpoints.latest_checkpoint(self.run.path)) from None
 
     def update(self, exp, it: int) -> dict:
+        if float(distributed.all_sum(exp.train_mask.sum())) == 0:  # the same decision on every rank
+            self.progress(" no update (no sample to learn from: every group's rewards were equal or unscored)")
+            return {}
         self.progress(" update ...")
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
             out = ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter,
@@ -161,14 +164,17 @@ class PPOLoop:
 
     def record(self, it, exp, upd, gen_seconds, sync_seconds, seconds, parity) -> dict:
         """Log the global batch's statistics (every rank's samples) and move the KL controller."""
-        scores = torch.tensor(sum(distributed.gather_objects(exp.scores.tolist()), []))
+        scores = torch.tensor(sum(distributed.gather_objects(exp.all_scores.tolist()), []))
+        scored = scores[torch.isfinite(scores)]
         kls = sum(distributed.gather_objects(exp.kl.sum(1).tolist()), [])
         finished = sum(distributed.gather_objects(list(exp.finished)), [])
         kl_answer = sum(kls) / len(kls)
         beta = self.kl.beta
         self.kl.update(kl_answer, len(kls))
         n_tok = int(distributed.all_sum(exp.mask.sum()))
-        rec = {"step": it, "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+        rec = {"step": it, "reward_mean": float(scored.mean()), "reward_std": float(scored.std()),
+               "unscored": int(len(scores) - len(scored)),
+               "groups_skipped": int(distributed.all_sum(torch.tensor(exp.groups_skipped))),
                "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
                "truncated_frac": 1 - sum(finished) / len(finished), "gen_tokens": n_tok,
                "gen_tokens_per_s": n_tok / max(gen_seconds, 1e-9), "iteration_seconds": seconds,
@@ -187,22 +193,41 @@ class PPOLoop:
         return rec
 
     # -- around the iterations -------------------------------------------------------------
-    def evaluate(self, it: int) -> dict | None:
-        """Reward and KL on the held-out prompts (a fixed sampling seed, so runs compare)."""
+    def evaluate(self, it: int, final: bool = False) -> dict | None:
+        """Reward and KL on the held-out prompts (a fixed sampling seed, so runs compare), and
+        accuracy where they carry reference answers -- pass@k only at the first and the final
+        evaluation (it costs k-1 more answers per prompt)."""
         if not self.eval_prompts:
             return None
         with self._reward_interruptible(), self.meter.time("evaluate"):
             ev = evaluate_prompts(self.ac, self.engine, self.tok, self.eval_prompts, self.reward_fn, self.cfg,
                                   self.cfg.run.seed + 12345, cancelled=self._cancelled, judge_fn=self.judge_fn)
+            acc, greedy = self.accuracy(ev.pop("completions"), pass_k=it == 0 or final)
         release_freed_memory()
         with open(self.samples_path, "a") as f:
             for s in ev.pop("answers"):
                 f.write(json.dumps({"iteration": it, "split": "eval", **s}) + "\n")
-        self.run.log({"step": it, **{f"eval/{k}": v for k, v in ev.items()}})
+            for s in greedy:
+                f.write(json.dumps({"iteration": it, "split": "eval_greedy", **s}) + "\n")
+        evaluated = self.meter.phases.get("evaluate", (0.0,))[0]
+        ev.update(iteration=it, train_seconds=round(time.time() - self.t_start - evaluated, 1),
+                  **verifiable.flat(acc), **({"accuracy": acc} if acc else {}))
+        self.run.log({"step": it, **{f"eval/{k}": v for k, v in ev.items() if k != "accuracy"}})
         self.log(f"[eval it {it}] reward {ev['reward_mean']:.3f} ± {ev['reward_std']:.3f}, "
-                 f"KL/answer {ev['kl_per_answer']:.2f}")
+                 f"KL/answer {ev['kl_per_answer']:.2f}" + (
+                     f", greedy accuracy strict {acc['greedy']['strict']:.3f} lenient {acc['greedy']['lenient']:.3f}"
+                     if acc else ""))
         self.history.append(ev)
         return ev
+
+    def accuracy(self, sampled, pass_k: bool):
+        """Held-out accuracy when the held-out prompts carry reference answers (:mod:`align.verifiable`);
+        ``sampled`` (one answer per prompt, just drawn for the reward/KL numbers) is the first of
+        pass@k's k answers."""
+        d, r = self.cfg.data, self.cfg.rollout
+        return verifiable.accuracy(self.engine, self.eval_prompts, d.answer_field, d.difficulty_field,
+                                   r.max_new_tokens, self.cfg.ppo.eval_pass_k if pass_k else 0, r.temperature,
+                                   r.top_p, self.cfg.run.seed + 54321, first_samples=sampled)
 
     def out_of_time(self) -> bool:
         budget = self.cfg.ppo.time_budget_minutes
@@ -230,6 +255,11 @@ class PPOLoop:
             out.update(eval_initial=init, eval_final=last,
                        reward_gain_in_initial_std=(last["reward_mean"] - init["reward_mean"])
                        / max(init["reward_std"], 1e-9))
+            if "accuracy_lenient" in last:  # recorded, never used to pick the reported (final) numbers
+                best = max(self.history, key=lambda e: e.get("accuracy_lenient", -1))
+                out["best_heldout"] = {"iteration": best["iteration"], "accuracy_lenient": best["accuracy_lenient"],
+                                       "accuracy_strict": best["accuracy_strict"],
+                                       "note": "chosen on the held-out set: not an unbiased estimate"}
             if distributed.rank() == 0:
                 pairs = side_by_side(self.samples_path, self.run.path / "heldout_side_by_side.jsonl")
                 if pairs is not None:

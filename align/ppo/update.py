@@ -39,12 +39,13 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
             t_mb = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             mb_tokens = exp.mask[idx].sum()
-            total = distributed.all_sum(mb_tokens).clamp(min=1)
+            units = losses.aggregation_units(exp.train_mask[idx], p.loss_aggregation)
+            total = distributed.all_sum(units).clamp(min=1)
             got, read = {}, 0
             for micro in _micro_chunks(idx, p.micro_batch_size):
                 mb = exp.select(micro)
-                # token-mean over the global minibatch: each chunk's mean weighted by its tokens
-                scale = float(mb.mask.sum() * world / total)
+                # the global minibatch's aggregate: each chunk's weighted by its tokens (or answers)
+                scale = float(losses.aggregation_units(mb.train_mask, p.loss_aggregation) * world / total)
                 parts = _backward(ac, mb, p, scale, kl_coef)  # a NaN loss gives NaN gradients: caught below, on every rank
                 read += mb.batch.tokens
                 for k, v in parts.items():
@@ -82,20 +83,22 @@ def _backward(ac, mb, p, scale: float, kl_coef: float = 0.0) -> dict:
     at a time, not two."""
     separate = ac.with_critic and not ac.shared_critic
     logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True, with_values=not separate)
-    pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, p.clip_range)
-    ent = losses.masked_mean(entropy, mb.mask)
+    mask, agg = mb.train_mask, p.loss_aggregation
+    pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mask, p.clip_range,
+                                  p.clip_range_high or None, agg)
+    ent = losses.aggregate(entropy, mask, agg)
     loss = pl - p.entropy_coef * ent
     parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
              "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
     if p.kl_penalty == "loss":
-        kl = losses.kl_loss(logp, mb.ref_logp, mb.mask, p.kl_estimator)
+        kl = losses.kl_loss(logp, mb.ref_logp, mask, p.kl_estimator, agg)
         loss = loss + kl_coef * kl
         parts["kl_loss"] = float(kl.detach())
     if separate:  # the policy's graph is freed before the critic's pass
         (loss * scale).backward()
         loss, v = torch.zeros(()), ac.values(mb.batch)
     if v is not None:
-        vl, _ = losses.value_loss(v, mb.values, mb.returns, mb.mask, p.value_clip_range)
+        vl, _ = losses.value_loss(v, mb.values, mb.returns, mask, p.value_clip_range)
         loss = loss + p.vf_coef * vl
         parts["value_loss"] = float(vl.detach())
     (loss * scale).backward()

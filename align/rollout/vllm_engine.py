@@ -210,14 +210,35 @@ class VLLMEngine(RolloutEngine):
     # -- generate ----------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], params: SamplingConfig) -> list[Completion]:
         t0 = time.perf_counter()
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
-                                 sampling_params(params, len(prompt_ids), self.tok.eos_token_id),
-                                 lora_request=self._lora if self.sync_mode != "merged" else None,
-                                 use_tqdm=False)
+        sp = sampling_params(params, len(prompt_ids), self.tok.eos_token_id)
+        outs = []
+        for lo, hi in self._waves(prompt_ids, seeded=not params.greedy and (
+                params.seed is not None or params.row_seeds is not None)):
+            outs += self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids[lo:hi]],
+                                      sp[lo:hi] if isinstance(sp, list) else sp,
+                                      lora_request=self._lora if self.sync_mode != "merged" else None,
+                                      use_tqdm=False)
         result = completions(prompt_ids, outs, self.tok)
         self.stats.generated_tokens += sum(len(c.token_ids) for c in result)
         self.stats.seconds += time.perf_counter() - t0
         return result
+
+    def _waves(self, prompt_ids: list[list[int]], seeded: bool) -> list[tuple[int, int]]:
+        """[lo, hi) slices of the requests to submit one after another. Seeded sampling on vLLM's
+        CPU backend fails ("CPU Generator does not use offset") when a seeded request's prompt is
+        split over two scheduler steps (chunked prefill rewinds its generator), so seeded
+        requests go in waves whose prompts fit one step's token budget together; the samples
+        are the same, as each request has its own seed."""
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        if not seeded or sum(map(len, prompt_ids)) <= budget:
+            return [(0, len(prompt_ids))]
+        waves, lo, used = [], 0, 0
+        for i, p in enumerate(prompt_ids):
+            if used + len(p) > budget and i > lo:
+                waves.append((lo, i))
+                lo, used = i, 0
+            used += len(p)
+        return waves + [(lo, len(prompt_ids))]
 
     def close(self) -> None:
         import gc

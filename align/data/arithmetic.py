@@ -1,0 +1,99 @@
+"""A built-in verifiable task: arithmetic problems with their answers, generated offline.
+
+``data.dataset: arithmetic`` trains on seeded problems of graded difficulty; the held-out set
+is a *fixed file* (:data:`HELDOUT_FILE`, committed, written once by ``python -m
+align.data.arithmetic``), so every run -- and every result that cites it -- is judged on the same
+400 problems: 100 each of one-digit +, one-digit x, two-digit +, two-digit -.
+
+The one-digit + and x spaces hold 100 problems each (operands 0-9), all of them held out, so
+the training problems never contain them: a gain there is transfer from the harder problems
+trained on. No held-out problem appears in training (compared after normalising the text).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+PROMPT = "What is {a} {op} {b}? Answer with the number only."
+HELDOUT_FILE = Path(__file__).with_name("arithmetic_heldout.jsonl")
+HELDOUT_PER_KIND = 100
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _one(n: int = 9):
+    return range(0, n + 1)
+
+
+def _two():
+    return range(10, 100)
+
+
+# kind -> (first operands, second operands, op); subtraction keeps a >= b (answers >= 0)
+KINDS = {
+    "1-digit +": (_one(), _one(), "+"),
+    "1-digit *": (_one(), _one(), "*"),
+    "1-digit -": (_one(), _one(), "-"),
+    "2-digit +": (_two(), _two(), "+"),
+    "2-digit -": (_two(), _two(), "-"),
+    "1x2-digit *": (_one(), _two(), "*"),
+    "1+2-digit +": (_one(), _two(), "+"),
+}
+HELDOUT_KINDS = ("1-digit +", "1-digit *", "2-digit +", "2-digit -")
+TRAIN_KINDS = ("1-digit -", "2-digit +", "2-digit -", "1x2-digit *", "1+2-digit +")
+
+
+def problem(a: int, op: str, b: int, kind: str) -> dict:
+    """One prompt row: the question, its answer (a string, as a dataset would hold it), its kind."""
+    return {"prompt": PROMPT.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b)), "difficulty": kind}
+
+
+def normalise(text: str) -> str:
+    """What makes two problems the same problem: case and spacing do not."""
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _all(kind: str) -> list[dict]:
+    firsts, seconds, op = KINDS[kind]
+    return [problem(a, op, b, kind) for a in firsts for b in seconds if op != "-" or a >= b]
+
+
+def make_heldout(seed: int = 20261129) -> list[dict]:
+    """HELDOUT_PER_KIND problems of each held-out kind (all of a kind's space when it is smaller)."""
+    rng = random.Random(seed)
+    out = []
+    for kind in HELDOUT_KINDS:
+        space = _all(kind)
+        out += space if len(space) <= HELDOUT_PER_KIND else rng.sample(space, HELDOUT_PER_KIND)
+    return out
+
+
+def read_heldout(path: Path = HELDOUT_FILE) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_train(n: int, seed: int = 0, heldout: list[dict] | None = None) -> list[dict]:
+    """``n`` training problems, equal parts of each training kind (seeded), none of them a
+    held-out problem; a kind with fewer problems than its share gives all it has, the others
+    share the rest."""
+    held = {normalise(r["prompt"]) for r in (read_heldout() if heldout is None else heldout)}
+    rng = random.Random(seed)
+    spaces = {k: [r for r in _all(k) if normalise(r["prompt"]) not in held] for k in TRAIN_KINDS}
+    if n > sum(map(len, spaces.values())):
+        raise ValueError(f"{n} training problems asked; the training kinds hold {sum(map(len, spaces.values()))}")
+    out, kinds = [], sorted(TRAIN_KINDS, key=lambda k: len(spaces[k]))  # small kinds first: the rest fill up
+    for i, kind in enumerate(kinds):
+        share = -(-(n - len(out)) // (len(kinds) - i))
+        out += rng.sample(spaces[kind], min(share, len(spaces[kind])))
+    rng.shuffle(out)
+    return out
+
+
+if __name__ == "__main__":  # writes the fixed held-out file once; refuses to change it
+    rows = make_heldout()
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if HELDOUT_FILE.exists() and HELDOUT_FILE.read_text() != text:
+        raise SystemExit(f"{HELDOUT_FILE} exists and differs: the held-out set is fixed; not overwriting it")
+    HELDOUT_FILE.write_text(text)
+    print(f"{HELDOUT_FILE}: {len(rows)} problems")
