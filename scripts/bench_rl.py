@@ -6,6 +6,14 @@ after another, each for the same wall-clock budget; then every variant's policy 
 64 held-out prompts with the same seed (align's evaluation) for held-out reward and KL.
 
     python scripts/bench_rl.py --minutes 5 --out results/bench_rl.json
+    python scripts/bench_rl.py --task arithmetic --variants align,trl --seeds 0,1 --minutes 6 \
+        --out results/bench_rl_arithmetic.json --runs runs/bench_rl_arithmetic
+
+The arithmetic mode measures *time to accuracy*: both sides train on the built-in arithmetic
+task with the same algorithm settings, checkpoints are saved at the same marks of the training
+clock, and afterwards one evaluator (`align eval --accuracy`, greedy, the fixed 400-problem
+held-out set) grades every checkpoint; the time each side needs to reach base + 15 points
+(fixed before any run) and its final accuracy are reported. A re-run skips finished runs.
 
 Per variant: seconds per iteration split into generation / scoring / update, answers per
 second, peak RSS, held-out reward and KL; JSON + PNG (reward vs wall-clock and vs KL). A
@@ -18,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -86,7 +95,7 @@ def _heldout(ac, engine, tok, cfg, held) -> dict:
 
     ev = evaluate_prompts(ac, engine, tok, held, make_reward(cfg.reward, ac, tok, "reward", cfg.model.name), cfg,
                           cfg.run.seed + 12345)
-    ev.pop("answers")
+    ev.pop("answers"), ev.pop("completions")
     return ev
 
 
@@ -185,7 +194,7 @@ def run_trl(minutes: float, out: str) -> dict:
         steps_per_generation=2, num_generations=2, num_iterations=2, max_completion_length=24,
         learning_rate=5e-4, beta=0.05, temperature=1.0, top_p=1.0, logging_steps=1, report_to="none",
         use_cpu=True, max_steps=10_000, save_strategy="no", seed=cfg.run.seed, disable_tqdm=True,
-        warmup_steps=0, lr_scheduler_type="constant")
+        warmup_steps=0, lr_scheduler_type="constant", bf16=False)  # TRL defaults to bf16 autocast: fp32 as align
     ds = datasets.Dataset.from_list([{"prompt": p["messages"]} for p in train])
     trainer = Timed(model=base, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
                     peft_config=lora_peft_config(cfg.lora), callbacks=[Budget()])
@@ -270,6 +279,202 @@ def plot(results: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+# -- time to accuracy on the arithmetic task (--task arithmetic) ------------------------------
+# Shared algorithm settings, as configs/grpo_arithmetic.yaml sets them: a group of 8 answers to
+# each of 8 problems per generation, 20 new tokens, 2 optimizer steps of 32 answers per generation
+# (one pass), KL to the reference as a k3 loss term with coefficient 0.02, token-mean loss, group
+# std scaling, LoRA r=8 alpha 16 on all linear layers, fp32, temperature 1.
+TASK_CONFIG = ROOT / "configs/grpo_arithmetic.yaml"
+CHECKPOINT_SECONDS = (30, 60, 120, 180, 240, 300, 420, 600, 900)  # of training, evaluation excluded
+TARGET_POINTS = 15  # the target, fixed before any run: the base's held-out greedy lenient accuracy + 15 points
+
+
+def run_align_task(minutes: float, out: str, seed: int, lr: float) -> dict:
+    """align's PPO loop on the arithmetic task for ``minutes`` of training; a checkpoint after
+    every iteration (evaluated afterwards: only the held-out problem 0 is evaluated in the loop,
+    so the loop's own evaluations cost nothing)."""
+    from align.config import load_config
+    from align.ppo import run_ppo
+
+    name = f"align_s{seed}"
+    cfg = load_config("ppo", TASK_CONFIG, [
+        "data.eval_prompts=1", "ppo.eval_every=0", "ppo.eval_pass_k=0", "run.save_every=1", "run.keep_last=1000",
+        f"ppo.learning_rate={lr}", f"run.seed={seed}", f"data.seed={seed}", "ppo.time_budget_minutes=0",
+        "ppo.iterations=100000", "run.plot=false", f"run.output_dir={out}", f"run.name={name}"])
+    import align.ppo.trainer as trainer
+
+    budget = 60 * minutes
+    original = trainer.PPOLoop.out_of_time
+
+    def out_of_training_time(loop) -> bool:  # the training clock: the loop's own iterations only
+        return sum(r.get("iteration_seconds", 0.0) for r in loop.run.read_metrics()) > budget
+
+    trainer.PPOLoop.out_of_time = out_of_training_time
+    try:
+        t0 = time.time()
+        run_ppo(cfg)
+    finally:
+        trainer.PPOLoop.out_of_time = original
+    records = [json.loads(line) for line in (Path(out) / name / "metrics.jsonl").read_text().splitlines()]
+    clock, checkpoints = 0.0, []
+    for r in records:
+        if "iteration_seconds" in r:
+            clock += r["iteration_seconds"]
+            checkpoints.append((round(clock, 1), str(Path(out) / name / "checkpoints" / f"step-{r['step']}")))
+    picked = _on_schedule(checkpoints)
+    for _, path in checkpoints:  # this run's own checkpoints off the schedule: ~30 MB each
+        if (_, path) not in picked and Path(path).is_dir():
+            shutil.rmtree(path)
+    return {"variant": name, "side": "align", "seed": seed, "learning_rate": lr, "wall_seconds": time.time() - t0,
+            "iterations": len(checkpoints), "checkpoints": picked, "peak_rss_gib": peak_rss_gib()}
+
+
+def _on_schedule(checkpoints: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The last checkpoint at or before each CHECKPOINT_SECONDS mark (and the final one)."""
+    picked = []
+    for mark in CHECKPOINT_SECONDS:
+        before = [c for c in checkpoints if c[0] <= mark]
+        if before and before[-1] not in picked:
+            picked.append(before[-1])
+    if checkpoints and checkpoints[-1] not in picked:
+        picked.append(checkpoints[-1])
+    return picked
+
+
+def run_trl_task(minutes: float, out: str, seed: int, lr: float) -> dict:
+    """TRL GRPOTrainer + PEFT LoRA on the same task, prompts, reward and settings; the adapter is
+    saved at the same training-clock marks (saving time excluded from the clock)."""
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from align.config import load_config
+    from align.data.prompts import load_prompts
+    from align.models import load_base, lora_peft_config
+    from reward.verify import numeric_match
+
+    name = f"trl_s{seed}"
+    cfg = load_config("ppo", TASK_CONFIG, [f"run.seed={seed}", f"data.seed={seed}"])
+    torch.manual_seed(seed)
+    train, _ = load_prompts(cfg.data)
+    base, tok = load_base(cfg.model)
+    folder = Path(out) / name
+    saved: list[tuple[float, str]] = []
+
+    class Clock(TrainerCallback):
+        """Training seconds, saving excluded; the adapter at each mark; stop at the budget."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.paused, self.marks = time.time(), 0.0, list(CHECKPOINT_SECONDS)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            clock = time.time() - self.t0 - self.paused
+            if state.global_step % 2 == 0 and (self.marks and clock >= self.marks[0] or clock > 60 * minutes):
+                t = time.time()  # after a whole generation batch (2 optimizer steps), as align's iteration
+                path = folder / "checkpoints" / f"step-{state.global_step}"
+                model.save_pretrained(str(path))
+                saved.append((round(clock, 1), str(path)))
+                while self.marks and clock >= self.marks[0]:
+                    self.marks.pop(0)
+                self.paused += time.time() - t
+            if clock > 60 * minutes and state.global_step % 2 == 0:
+                control.should_training_stop = True
+
+    p, r = cfg.ppo, cfg.rollout
+    args = GRPOConfig(
+        output_dir=str(folder), per_device_train_batch_size=p.minibatch_size, gradient_accumulation_steps=1,
+        steps_per_generation=p.samples_per_prompt * p.prompts_per_iteration // p.minibatch_size,
+        num_generations=p.samples_per_prompt, num_iterations=p.ppo_epochs, max_completion_length=r.max_new_tokens,
+        learning_rate=lr, beta=p.kl_coef, epsilon=p.clip_range, temperature=r.temperature, top_p=r.top_p,
+        loss_type="dapo", scale_rewards="group", logging_steps=1, report_to="none", use_cpu=True,
+        max_steps=1_000_000, save_strategy="no", seed=seed, disable_tqdm=True, warmup_steps=0,
+        lr_scheduler_type="constant", max_grad_norm=p.max_grad_norm,
+        bf16=False)  # GRPOConfig defaults to bf16 autocast (emulated, ~20x slower on a CPU without bf16): fp32 as align
+    ds = datasets.Dataset.from_list([{"prompt": q["messages"], "answer": q["fields"]["answer"]} for q in train])
+    trainer = GRPOTrainer(model=base, reward_funcs=[numeric_match], args=args, train_dataset=ds, processing_class=tok,
+                          peft_config=lora_peft_config(cfg.lora), callbacks=[Clock()])
+    t0 = time.time()
+    trainer.train()
+    return {"variant": name, "side": "trl", "seed": seed, "learning_rate": lr, "wall_seconds": time.time() - t0,
+            "iterations": trainer.state.global_step // 2, "checkpoints": saved, "peak_rss_gib": peak_rss_gib()}
+
+
+def evaluate_checkpoints(res: dict) -> dict:
+    """One evaluator for both sides: `align eval --accuracy` on the fixed held-out set (greedy,
+    the base and every checkpoint's adapter from one vLLM engine), evaluation off the clock."""
+    import tempfile
+
+    from align.evaluation import run_eval
+
+    cfg_tokens = 20
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_eval([c[1] for c in res["checkpoints"]], accuracy="arithmetic-heldout",
+                       max_new_tokens=cfg_tokens, out=str(Path(tmp) / "eval"),
+                       base="HuggingFaceTB/SmolLM2-135M-Instruct")["accuracy"]
+    models = got["models"]
+    names = [n for n in models if n != "base"]
+    curve = [(sec, models[n]["lenient"], models[n]["strict"]) for (sec, _), n in zip(res["checkpoints"], names)]
+    base = models["base"]["lenient"]
+    target = base + TARGET_POINTS / 100
+    reached = next((sec for sec, acc, _ in curve if acc >= target), None)
+    return {**res, "base_lenient": base, "base_strict": models["base"]["strict"], "target_lenient": target,
+            "seconds_to_target": reached, "curve": curve, "final_lenient": curve[-1][1] if curve else None,
+            "final_strict": curve[-1][2] if curve else None, "eval_engine": got["engine"]}
+
+
+def task_main(a) -> None:
+    """``--task arithmetic``: each side (align, TRL) per seed in its own process, then every
+    checkpoint evaluated by one evaluator; JSON + PNG with held-out accuracy vs training seconds."""
+    out = Path(a.out)
+    results = json.loads(out.read_text())["results"] if out.exists() else {}
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        for side in a.variants.split(","):
+            name = f"{side}_s{seed}"
+            if name in results and "curve" in results[name]:
+                continue  # finished before: skipped on a re-run
+            results[name] = _child(a, f"task:{side}:{seed}")
+            print(name, {k: results[name].get(k) for k in ("seconds_to_target", "final_lenient", "error")}, flush=True)
+            out.write_text(json.dumps(_task_summary(results), indent=2))
+    plot_task(results, out.with_suffix(".png"))
+
+
+def _task_summary(results: dict) -> dict:
+    by_side: dict = {}
+    for r in results.values():
+        if r.get("seconds_to_target") is not None:
+            by_side.setdefault(r["side"], []).append(r["seconds_to_target"])
+    ratio = None
+    if by_side.get("align") and by_side.get("trl"):
+        ratio = round((sum(by_side["align"]) / len(by_side["align"])) / (sum(by_side["trl"]) / len(by_side["trl"])), 3)
+    return {"settings": {"config": str(TASK_CONFIG.relative_to(ROOT)), "checkpoint_seconds": CHECKPOINT_SECONDS,
+                         "target": f"base greedy lenient accuracy + {TARGET_POINTS} points, fixed before the runs"},
+            "align_time_over_trl_time": ratio, "results": results}
+
+
+def plot_task(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = {"align": "tab:blue", "trl": "tab:orange"}
+    for name, r in results.items():
+        if not r.get("curve"):
+            continue
+        xs = [0] + [c[0] for c in r["curve"]]
+        ax.plot(xs, [100 * r["base_lenient"]] + [100 * c[1] for c in r["curve"]], marker="o",
+                color=colours.get(r["side"]), alpha=0.6 + 0.4 * (r["seed"] == 0), label=f"{name} (lr {r['learning_rate']:g})")
+        ax.axhline(100 * r["target_lenient"], color="grey", ls=":", lw=0.8)
+    ax.set(xlabel="training seconds (evaluation excluded)", ylabel="held-out greedy accuracy, lenient (%)",
+           title="time to accuracy: arithmetic, SmolLM2-135M + LoRA r=8 (dotted: target)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=5.0, help="training wall time per variant")
@@ -279,10 +484,23 @@ def main() -> None:
     ap.add_argument("--heldout-only", action="store_true",
                     help="no training: re-evaluate the align variants' saved adapters (under --runs) and "
                          "put their held-out numbers into the existing --out JSON")
+    ap.add_argument("--task", choices=["answers-per-second", "arithmetic"], default="answers-per-second",
+                    help="arithmetic: time to a fixed held-out accuracy, align vs TRL (--variants align,trl)")
+    ap.add_argument("--seeds", default="0", help="--task arithmetic: seeds, comma-separated")
+    ap.add_argument("--lr-align", type=float, default=5e-4, help="--task arithmetic: align's learning rate")
+    ap.add_argument("--lr-trl", type=float, default=5e-4, help="--task arithmetic: TRL's learning rate")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child and a.child.startswith("task:"):
+        _, side, seed = a.child.split(":")
+        lr = a.lr_align if side == "align" else a.lr_trl
+        res = (run_align_task if side == "align" else run_trl_task)(a.minutes, a.runs, int(seed), lr)
+        print("BENCH_RESULT " + json.dumps(evaluate_checkpoints(res)), flush=True)
+        return
     if a.child:
         return child(a.child, a.minutes, a.runs, a.heldout_only)
+    if a.task == "arithmetic":
+        return task_main(a)
     out, results = Path(a.out), {}
     if a.heldout_only:
         return fill_heldout(a, out)
@@ -295,7 +513,8 @@ def main() -> None:
 
 def _child(a, name: str, *extra: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", name, "--minutes", str(a.minutes), "--runs", a.runs,
-                           *extra], capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                           "--lr-align", str(a.lr_align), "--lr-trl", str(a.lr_trl), *extra],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
     if proc.returncode or not line:
         return {"variant": name, "error": proc.stderr[-3000:]}

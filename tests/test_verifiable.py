@@ -329,3 +329,18 @@ def test_align_eval_accuracy_of_base_and_adapter(real_model, tmp_path):
     answers = [json.loads(line) for line in (tmp_path / "out" / "accuracy_answers.jsonl").read_text().splitlines()]
     assert [a["base"]["completion"] for a in answers] == [a["adapter"]["completion"] for a in answers]
     assert "Accuracy" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_side_by_side_leaves_unscored_pairs_out(tmp_path):
+    """A held-out answer the reward did not score (None -> NaN) is not a loss for the policy: the
+    win rate is over the pairs scored on both sides."""
+    from align.ppo.evaluate import side_by_side
+
+    nan = float("nan")
+    rows = [(0, 1.0), (0, 0.0), (0, nan), (3, 1.0), (3, 1.0), (3, 0.0)]  # (iteration, reward)
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"split": "eval", "iteration": it, "prompt": f"p{i % 3}", "completion": "c",
+                                        "tokens": 2, "reward": r}) + "\n" for i, (it, r) in enumerate(rows)))
+    out = side_by_side(path, tmp_path / "sbs.jsonl")
+    assert out["prompts"] == 3 and out["reward_win_rate"] == pytest.approx(0.75)  # a tie and a win; the NaN pair is out
+    assert out["reward_mean_base"] == pytest.approx(0.5)

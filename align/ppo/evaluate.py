@@ -31,7 +31,9 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
         ref, _ = in_chunks(ac.token_logprobs, tb, cfg.ppo.micro_batch_size)
     ac.train()
     kl = ((logp - ref) * mask).sum(1)
-    out = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
+    scored = scores[torch.isfinite(scores)]  # a reward's None ("no score") is left out
+    out = {"reward_mean": float(scored.mean()), "reward_std": float(scored.std()),
+           "unscored": int(len(scores) - len(scored)),
            "kl_per_answer": float(kl.mean()), "length": float(mask.sum(1).mean())}
     if judged is not None:
         out.update(judge_mean=float(judged.mean()), judge_std=float(judged.std()))
@@ -79,9 +81,12 @@ def side_by_side(samples_path, out_path) -> dict | None:
            "length_policy": sum(p["tokens"] for _, p in pairs) / len(pairs)}
     for key in ("reward", "judge"):
         if key in base[0]:
-            wins = [1.0 if p[key] > b[key] else 0.5 if p[key] == b[key] else 0.0 for b, p in pairs]
+            scored = [(b, p) for b, p in pairs if math.isfinite(b[key]) and math.isfinite(p[key])]
+            if not scored:
+                continue
+            wins = [1.0 if p[key] > b[key] else 0.5 if p[key] == b[key] else 0.0 for b, p in scored]
             m, lo, hi = mean_ci95(wins)
             out[f"{key}_win_rate"], out[f"{key}_win_rate_ci95"] = round(m, 4), [round(lo, 4), round(hi, 4)]
-            out[f"{key}_mean_base"] = sum(b[key] for b, _ in pairs) / len(pairs)
-            out[f"{key}_mean_policy"] = sum(p[key] for _, p in pairs) / len(pairs)
+            out[f"{key}_mean_base"] = sum(b[key] for b, _ in scored) / len(scored)
+            out[f"{key}_mean_policy"] = sum(p[key] for _, p in scored) / len(scored)
     return out
