@@ -344,3 +344,24 @@ def test_side_by_side_leaves_unscored_pairs_out(tmp_path):
     out = side_by_side(path, tmp_path / "sbs.jsonl")
     assert out["prompts"] == 3 and out["reward_win_rate"] == pytest.approx(0.75)  # a tie and a win; the NaN pair is out
     assert out["reward_mean_base"] == pytest.approx(0.5)
+
+
+def test_a_users_solution_dataset_runs_with_trls_accuracy_reward(tmp_path, tiny_model_path):
+    """The issue's user: their own JSONL with a `solution` field, TRL's accuracy_reward passed
+    unchanged (conversational completions); references math-verify cannot parse give None,
+    which is logged as unscored, not an error."""
+    from align.ppo import run_ppo
+
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "solution": f"${i + 1}$" if i % 2 else "\\frac{"})
+                            + "\n" for i in range(12)))
+    run_ppo(load_config("ppo", None, [
+        f"model.name={tiny_model_path}", f"data.dataset={rows}", "data.eval_prompts=2", "data.answer_field=solution",
+        "rollout.max_new_tokens=4", "ppo.iterations=1", "ppo.prompts_per_iteration=2", "ppo.samples_per_prompt=2",
+        "ppo.minibatch_size=4", "ppo.advantage=grpo", "reward.function=trl.rewards:accuracy_reward",
+        "reward.completions=messages", f"run.output_dir={tmp_path}", "run.name=mine", "run.plot=false"]))
+    metrics = [json.loads(line) for line in (tmp_path / "mine" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "unscored" in m and "reward_mean" in m]
+    assert train and all(m["unscored"] in (0, 2, 4) for m in train)  # whole prompts with an unparsable solution
+    evals = [m for m in metrics if "eval/unscored" in m]
+    assert evals and all("eval/accuracy_lenient" in m for m in evals)
