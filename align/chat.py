@@ -27,29 +27,33 @@ def prompt_ids(tok, messages) -> list[int]:
     return tok(chat_text(tok, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
-def answer_ids(tok, prompt, answer, prompt_tokens: list[int] | None = None) -> list[int]:
-    """Token ids of ``answer`` as it follows ``prompt`` in the rendered conversation (so that
-    prompt ids + answer ids are exactly the conversation's ids): chat messages go through the
-    template (its end-of-turn tokens included); plain text gets the EOS token appended."""
-    if isinstance(prompt, str):
-        return tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    p = prompt_tokens if prompt_tokens is not None else prompt_ids(tok, prompt)
-    full = tok(chat_text(tok, prompt + answer), add_special_tokens=False)["input_ids"]
-    if full[:len(p)] == p:
-        return full[len(p):]
-    # The template renders the prompt differently inside the conversation: tokenize the text after it.
-    head = chat_text(tok, prompt, add_generation_prompt=True)
-    text = chat_text(tok, prompt + answer)
-    return tok(text[len(head):] if text.startswith(head) else text, add_special_tokens=False)["input_ids"]
-
-
 def tokenize_pair(tok, row: dict) -> dict:
     """A preference row (``prompt``, ``chosen``, ``rejected``; text or messages) as the token ids
-    the packed collators take."""
-    p = prompt_ids(tok, row["prompt"]) if not isinstance(row["prompt"], str) else \
-        tok(row["prompt"], add_special_tokens=False)["input_ids"]
-    return {"prompt_ids": p, "chosen_ids": answer_ids(tok, row["prompt"], row["chosen"], p),
-            "rejected_ids": answer_ids(tok, row["prompt"], row["rejected"], p)}
+    the packed collators take -- the one pair tokenization of DPO (training: TRL's, which this
+    reproduces; held-out: this), `align rm` and `align eval`, so the three split a pair alike
+    (tests/test_dpo.py compares it with TRL's on text and chat pairs). Each side is tokenized
+    whole -- the chat template on ``prompt + answer``, or plain ``prompt + answer`` text with the
+    EOS text appended when it is missing -- and the answers start where the prompt's own tokens
+    stop being a prefix of both (tokens that merge across the boundary go to the answers)."""
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        eos = tok.eos_token
+        p = tok(prompt)["input_ids"]
+        whole = [tok(prompt + (a if a.endswith(eos) else a + eos))["input_ids"] for a in (row["chosen"], row["rejected"])]
+    else:
+        p = prompt_ids(tok, prompt)
+        whole = [tok(chat_text(tok, prompt + a), add_special_tokens=False)["input_ids"] for a in (row["chosen"], row["rejected"])]
+    n = min(_common_prefix(p, ids) for ids in whole)
+    return {"prompt_ids": p[:n], "chosen_ids": whole[0][n:], "rejected_ids": whole[1][n:]}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def encode_prompts(tok, prompts: list[dict], max_tokens: int) -> int:

@@ -22,6 +22,8 @@ import yaml
 
 from .atomic import atomic_write_text, follow_umask, replace_dir
 from .config import ConfigError, to_dict
+from .deps.transformers_internals import TrainerHooks
+from .deps.trl_internals import TOTAL_TOKENS_ATTR
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -245,7 +247,7 @@ def truncate_jsonl(path: Path, max_step: int, key: str = "step") -> int:
 # --------------------------------------------------------------------------------------
 
 
-class AtomicCheckpoints:
+class AtomicCheckpoints(TrainerHooks):
     """Mixin for transformers Trainers (put it first). Their own ``checkpoint-N`` folder --
     adapter, optimizer, scheduler, RNG states of every rank, trainer state with the data
     position -- is written into a temp folder and renamed to ``<run>/checkpoints/step-N``.
@@ -254,7 +256,7 @@ class AtomicCheckpoints:
     align_run_path: Path | None = None
     align_keep_last: int = 2
     # Trainer counters that transformers' checkpoint does not hold (TRL's running token count).
-    align_state_attrs = ("_total_train_tokens",)
+    align_state_attrs = (TOTAL_TOKENS_ATTR,)
 
     def train_resumable(self, run, stop) -> None:
         """``train()`` from ``run.resume_from`` (when set) under the signal handler ``stop``; a
@@ -274,7 +276,8 @@ class AtomicCheckpoints:
             for k, v in json.loads(f.read_text()).items():
                 setattr(self, k, v)
 
-    def _save_checkpoint(self, model, trial):
+    def align_save_checkpoint(self, write) -> None:
+        """``write()`` = transformers' own checkpoint writer, called with output_dir on a staging folder."""
         step = self.state.global_step
         root = checkpoint_root(self.align_run_path)
         staging = root / f".tmp-step-{step}"
@@ -285,7 +288,7 @@ class AtomicCheckpoints:
         output_dir = self.args.output_dir
         self.args.output_dir = str(staging)
         try:
-            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-<step>
+            write()  # transformers' writer: staging/checkpoint-<step>
         finally:
             self.args.output_dir = output_dir
         self.accelerator.wait_for_everyone()

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="PPO with a custom reward (policy/reference/critic on one base)")
     _add_config_args(p, "configs/ppo_imdb_sentiment.yaml")
 
-    p = sub.add_parser("rm", help="train a LoRA reward model on preference pairs (TRL RewardTrainer)")
+    p = sub.add_parser("rm", help="train a LoRA reward model on preference pairs (Bradley-Terry, a transformers Trainer)")
     _add_config_args(p, "configs/rm_hh_rlhf.yaml")
 
     p = sub.add_parser("export", help="write a run's adapter as a PEFT folder (or merged model), verified")
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print a job's resolved config (defaults + file + overrides)")
     p.add_argument("job", choices=["dpo", "ppo", "rm"])
+    p.add_argument("--explain", action="store_true",
+                   help="each key's meaning and accepted range as a comment above it")
     _add_config_args(p, "configs/dpo_hh_rlhf.yaml", job=False)
 
     p = sub.add_parser("prepare-assets",
@@ -234,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                          api_key=read_api_key(args.api_key_file, args.api_key), max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
                          dtype=args.dtype, dry_run=args.dry_run)
         elif args.command == "config":
-            from .config import dump_yaml
+            from .config import dump_explained, dump_yaml
 
-            print(dump_yaml(load_config(args.job, args.config, args.overrides)), end="")
+            cfg = load_config(args.job, args.config, args.overrides)
+            print((dump_explained if args.explain else dump_yaml)(cfg), end="")
         else:
             _run_job(args)
         return 0

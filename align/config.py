@@ -85,8 +85,13 @@ class LoraConfig:
     # "LoRA Without Regret": rank 1-8 suffices for RL and preference tuning; all linear
     # layers (attention + MLP) matter more than the rank.
     r: int = _num(8, 0, 1024, lo_open=True)
+    # Fixed across ranks: the update is scaled by alpha / r (the 1/r scaling under which the
+    # best learning rate hardly depends on the rank).
     alpha: int = _num(16, 0, 4096, lo_open=True)
+    # Dropout on the LoRA input (0 = none; RL and DPO runs here use none).
     dropout: float = _num(0.0, 0.0, 1.0, hi_open=True)
+    # Which linear layers get an adapter: all-linear (attention + MLP), or a list of module
+    # names (e.g. [q_proj, v_proj]).
     target_modules: str | list[str] = "all-linear"
 
 
@@ -98,11 +103,14 @@ class DataConfig:
     # harmless-base is left out by default: its preferences favour refusing, which pulls against
     # the helpfulness evaluated on helpful-base (with half the pairs from it, accuracy was 0.518).
     train_subsets: list[str] = field(default_factory=lambda: ["helpful-rejection-sampled"])
+    # HH-RLHF subsets evaluated on (held out: never trained on).
     eval_subsets: list[str] = field(default_factory=lambda: ["helpful-base"])
     # For non-HH datasets: file/split names for train and eval (empty = all / none).
     train_split: str = "train"
+    # For non-HH datasets: the file/split name of held-out pairs ("" = none).
     eval_split: str = ""
     max_train_pairs: int = _num(1000, 0, BIG)  # 0 = all
+    # Held-out pairs evaluated (0 = all).
     max_eval_pairs: int = _num(500, 0, BIG)
     # Which training rows: all, or one of two fixed halves (a stable hash of each row's file and
     # line): models trained on half-a and half-b never saw each other's pairs (e.g. a PPO reward
@@ -113,6 +121,7 @@ class DataConfig:
     validation_pairs: int = _num(0, 0, BIG)
     # Raise on the first bad row instead of counting and skipping it.
     strict: bool = False
+    # Seed of the data's shuffle, subsampling and validation hold-out.
     seed: int = _num(0, 0, SEED_MAX)
 
 
@@ -120,12 +129,15 @@ class DataConfig:
 class RunConfig:
     # Each run gets ``<output_dir>/<name or timestamp>``.
     output_dir: str = "runs"
+    # The run folder's name under output_dir ("" = <job>-<timestamp>); a name, never a path.
     name: str = ""
+    # Seed of torch, numpy and Python's RNGs (sampling, initialisation, dropout).
     seed: int = _num(0, 0, SEED_MAX)
     # Write a checkpoint every N optimizer steps / PPO iterations (0 = none); keep the last K.
     # A checkpoint holds everything to continue exactly: adapters, optimizer, scheduler, RNG
     # states, data position, PPO's KL controller.
     save_every: int = _num(0, 0, BIG)
+    # Checkpoints kept (the newest K; older ones are deleted as new ones land).
     keep_last: int = _num(2, 1, 1000)
     # off | auto (continue the latest complete checkpoint if there is one) | must (the same,
     # but fail if there is none; `--resume` on the command line). The run folder is run.name's,
@@ -134,7 +146,9 @@ class RunConfig:
     # Steps whose loss or gradients are NaN/inf are skipped (no update) and counted; after this
     # many the run stops with an error, its last checkpoint intact.
     max_nonfinite_steps: int = _num(10, 0, BIG)
+    # Log metrics every N optimizer steps / iterations.
     log_every: int = _num(1, 1, BIG)
+    # Write plots.png (and PPO's held-out plots) at the end.
     plot: bool = True
     # Experiment trackers that also get the metrics (tensorboard, wandb); none by default, and
     # neither is a dependency of align: install the one you name.
@@ -143,24 +157,37 @@ class RunConfig:
 
 @dataclass
 class DPOTrainConfig:
+    # DPO's beta: the strength of the pull towards the reference (the implicit reward is beta *
+    # log(pi/ref)).
     beta: float = _num(0.1, 0, 100, lo_open=True)
     # LoRA's best LR is ~10x full fine-tuning's (LoRA Without Regret). Measured on this CPU
     # (SmolLM2-135M, r=8): 5e-5 left the loss at 0.693 for 75 steps; 5e-4 moved it.
     learning_rate: float = _lr(5e-4)
+    # Pairs per optimizer step and process.
     batch_size: int = _num(8, 1, 65536)
+    # Micro-batches accumulated per optimizer step (the step sees batch_size x grad_accum
+    # pairs).
     grad_accum: int = _num(1, 1, 65536)
+    # Passes over the training pairs.
     epochs: int = _num(1, 1, 1000)
     max_steps: int = _num(0, 0, BIG)  # 0 = as many as epochs give
+    # Share of the steps over which the learning rate rises linearly from 0 (then linear decay
+    # to 0).
     warmup_ratio: float = _num(0.05, 0.0, 1.0)
+    # AdamW's decoupled weight decay on the LoRA weights.
     weight_decay: float = _num(0.0, 0.0, 10.0)
+    # Gradients are clipped to this global norm.
     max_grad_norm: float = _num(1.0, 0, 1e4, lo_open=True)
     # Truncation: the prompt keeps its *last* tokens (latest turns), answers their first. Sized
     # for a 2-core CPU: 128/64 packs 163k tokens for 1,000 HH pairs (192/96: 214k; none: 349k),
     # and compute is ~linear in tokens.
     max_length: int = _num(128, 2, MAX_TOKENS)
+    # Tokens of the prompt kept (its last ones), within max_length.
     max_prompt_length: int = _num(64, 1, MAX_TOKENS)
+    # TRL's DPO loss variant (sigmoid = the DPO paper's; ipo, hinge, robust, ...).
     loss_type: str = _choice("sigmoid", "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
                              "nca_pair", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
+    # Conservative DPO / robust: the assumed share of flipped preference labels.
     label_smoothing: float = _num(0.0, 0.0, 0.5, hi_open=True)
 
 
@@ -171,7 +198,9 @@ class EvalConfig:
     generate: bool = False
     prompts: str = ""                 # a prompt dataset ("" = the job's own held-out data)
     prompt_subsets: list[str] = field(default_factory=list)  # "" = the job's held-out subsets
+    # Held-out prompts answered by both the adapter and the base.
     num_prompts: int = _num(64, 1, BIG)
+    # Tokens generated per answer in that comparison.
     max_new_tokens: int = _num(64, 1, 65536)
     judge: str = ""                   # classifier:PATH | dpo:PATH | function:FILE.py:FN (required)
 
@@ -204,12 +233,14 @@ class PromptDataConfig:
     first_words: int = _num(0, 0, BIG)
     # Wrapped in the chat template as one user turn; {text} is the field's text (the only field).
     template: str = "{text}"
+    # HH-RLHF (or a folder of files): the subsets/files prompts are read from ([] = all).
     subsets: list[str] = field(default_factory=list)
     # HH-RLHF: held-out prompts from these subsets instead of from `subsets` (never trained on).
     eval_subsets: list[str] = field(default_factory=list)
     # Rows [start:stop) of the source (0 = to the end): keep prompts apart from data a reward
     # model was fitted on.
     rows_start: int = _num(0, 0, HUGE)
+    # End of that row range (exclusive; 0 = to the end).
     rows_stop: int = _num(0, 0, HUGE)
     # The first `eval_prompts` of those rows (after a seeded shuffle) are held out -- or, with
     # eval_dataset, the first `eval_prompts` of that (0 = all of it).
@@ -223,6 +254,7 @@ class PromptDataConfig:
     answer_field: str = "answer"
     # The row field naming each problem's difficulty/kind: accuracy is also reported per value.
     difficulty_field: str = "difficulty"
+    # Seed of the prompts' shuffle (which are held out, in which order they are used).
     seed: int = _num(0, 0, SEED_MAX)
 
 
@@ -230,8 +262,9 @@ class PromptDataConfig:
 class RolloutConfig:
     # An engine of align/rollout/__init__.py: hf | vllm (in-process, one engine per trainer
     # process) | vllm-server (a `vllm serve` process that align starts, on
-    # rollout.server_devices: trainer and generator apart)
-    engine: str = "hf"
+    # rollout.server_devices: trainer and generator apart). The names are declared here (config
+    # imports no other part of align); tests/test_structure.py keeps them equal to ENGINES.
+    engine: str = _choice("hf", "hf", "vllm", "vllm-server")
     server_devices: str = ""  # CUDA_VISIBLE_DEVICES of the vllm-server process ("" = inherit)
     # vllm-server: where it listens. Loopback by default; another host exposes the server's
     # runtime adapter loading, so it always requires an API key (server_api_key, or a random
@@ -243,13 +276,20 @@ class RolloutConfig:
     # Prompts longer than this keep their *last* tokens (the latest turns); the count is
     # reported. The engine's context is max_prompt_tokens + max_new_tokens.
     max_prompt_tokens: int = _num(512, 1, MAX_TOKENS)
+    # Tokens sampled per answer at most; an answer cut here without an end-of-turn is truncated
+    # (see reward.truncation_penalty).
     max_new_tokens: int = _num(24, 1, 65536)
+    # Sampling temperature of rollouts (and of pass@k at evaluation); held-out greedy answers
+    # use 0.
     temperature: float = _num(1.0, 0, 10.0, lo_open=True)
+    # Nucleus sampling: sample from the smallest set of tokens holding this much probability (1
+    # = all).
     top_p: float = _num(1.0, 0.0, 1.0, lo_open=True)
     # vLLM adapter sync: lora (swap in a new LoRARequest) | merged | auto
     sync: str = _choice("lora", "lora", "merged", "auto")
     # Greedy-decode this many prompts in engine and trainer after each sync (0 = off).
     parity_prompts: int = _num(2, 0, 1000)
+    # Run that check every N syncs (0 = never).
     parity_every: int = _num(1, 0, BIG)
 
 
@@ -270,6 +310,7 @@ class RewardConfig:
     # models that err differently average out some of each other's errors. Each term is
     # multiplied by its entry of also_weights (empty = 1 each).
     also: list[str] = field(default_factory=list)
+    # One weight per `also` term (empty = 1 each).
     also_weights: list[float] = field(default_factory=list)
     # Added to the score of answers cut at max_new_tokens without an EOS (0 = no penalty).
     truncation_penalty: float = _num(0.0, -1e6, 1e6)
@@ -287,35 +328,53 @@ class JudgeConfig:
     # held-out evaluation it scores the answers, and at the end policy vs base answers give a
     # win rate with a 95% CI. none | function | classifier | dpo, as for `reward`.
     kind: str = _choice("none", "none", "function", "classifier", "dpo")
+    # `path/to/file.py:function` or `package.module:function` (kind function).
     function: str = ""
+    # A run folder or adapter folder (kinds classifier and dpo), trained on the policy's base.
     adapter: str = ""
+    # kind dpo: beta of the implicit reward (0 = the DPO run's train.beta, else 0.1).
     beta: float = _num(0.0, 0.0, 100.0)
+    # A judge call that takes longer stops the run with an error naming the function.
     timeout_seconds: float = _num(300.0, 0, 86400.0, lo_open=True)
 
 
 @dataclass
 class PPOTrainConfig:
+    # Iterations (sample, score, update) at most; time_budget_minutes may stop earlier.
     iterations: int = _num(40, 1, BIG)
+    # Prompts sampled per iteration (all processes together).
     prompts_per_iteration: int = _num(16, 1, 65536)
+    # Answers sampled per prompt (k; grpo/rloo need >= 2: the group's baseline).
     samples_per_prompt: int = _num(2, 1, 1024)
     # An estimator of align/ppo/advantages.py: gae (actor-critic, a LoRA critic + value head),
     # grpo / rloo (critic-free group baselines, samples_per_prompt >= 2).
     advantage: str = "gae"
+    # The policy adapter's learning rate (LoRA's best is ~10x full fine-tuning's).
     learning_rate: float = _lr(5e-4)
+    # gae: the critic's learning rate (its adapter and value head).
     value_learning_rate: float = _lr(5e-4)
+    # Passes over each iteration's answers (1 = on-policy: the ratio is 1 at the first step).
     ppo_epochs: int = _num(2, 1, 100)
+    # Answers per optimizer step (all processes together).
     minibatch_size: int = _num(16, 1, BIG)
     # 0 = each minibatch in one pass; else gradients accumulated over chunks of this many answers
     # (the same update, a fraction of the activation memory)
     micro_batch_size: int = _num(0, 0, BIG)
+    # PPO's ratio clip: the ratio is held within [1 - clip_range, 1 + clip_range(_high)].
     clip_range: float = _num(0.2, 0, 10.0, lo_open=True)
     # The ratio's upper clip 1 + clip_range_high (DAPO's "clip-higher": room for unlikely tokens
     # to gain); 0 = clip_range, symmetric.
     clip_range_high: float = _num(0.0, 0.0, 10.0)
+    # gae: the value prediction may move this far from the old one before its loss is clipped.
     value_clip_range: float = _num(0.2, 0, 1e4, lo_open=True)
+    # gae: weight of the value loss (beside the policy loss with critic=shared; with separate it
+    # scales the critic's own gradient).
     vf_coef: float = _num(0.5, 0.0, 100.0)
+    # Entropy bonus: minus this times the token-mean entropy is added to the loss.
     entropy_coef: float = _num(0.0, 0.0, 10.0)
+    # gae: discount per token (1 = none: an answer's reward is its last token's).
     gamma: float = _num(1.0, 0.0, 1.0)
+    # gae: lambda, trading the critic's bias (0) for the return's variance (1).
     lam: float = _num(0.95, 0.0, 1.0)
     # KL(policy || reference) penalty per token; adaptive control when kl_target > 0.
     kl_coef: float = _num(0.05, 0.0, 100.0)
@@ -326,8 +385,12 @@ class PPOTrainConfig:
     kl_penalty: str = _choice("reward", "reward", "loss")
     # k1 = log(pi/ref); k2 = k1^2 / 2 (its gradient is KL's, on-policy); k3 = (r - 1) - log r.
     kl_estimator: str = _choice("k1", "k1", "k2", "k3")
+    # Adaptive KL control (Ziegler et al.): kl_coef is steered so the KL per answer approaches
+    # this (0 = a fixed kl_coef).
     kl_target: float = _num(0.0, 0.0, 1e4)
+    # Adaptive KL control's horizon in answers: how fast kl_coef moves.
     kl_horizon: int = _num(10000, 1, HUGE)
+    # Normalise each batch's advantages to mean 0, std 1.
     whiten_advantages: bool = True
     # grpo/rloo: what a group-centred score is divided by -- group (its group's std, GRPO), batch
     # (the std of the batch's scores), none (Dr. GRPO: no division); auto = group for grpo, none
@@ -352,11 +415,13 @@ class PPOTrainConfig:
     # checks the engine serves the trained policy). Critic-free estimators only.
     old_logprobs: str = _choice("trainer", "trainer", "engine")
     # Score the k answers of a prompt in one packed row (the prompt computed once), where that
-    # is exact for the model (align/packing.py); false: one row per answer.
+    # is exact for the model (align/scoring/packing.py); false: one row per answer.
     pack: bool = True
+    # Gradients are clipped to this global norm.
     max_grad_norm: float = _num(1.0, 0, 1e4, lo_open=True)
     # Stop this batch's epochs once approx-KL(old||new) exceeds this (0 = never).
     target_approx_kl: float = _num(0.1, 0.0, 100.0)
+    # Evaluate on the held-out prompts every N iterations (0 = first and last only).
     eval_every: int = _num(5, 0, BIG)
     # With held-out prompts that carry data.answer_field: besides greedy accuracy, pass@k from
     # k answers sampled per prompt at rollout.temperature (0 = greedy accuracy only).
@@ -382,16 +447,25 @@ class PPOJobConfig:
 
 @dataclass
 class RMTrainConfig:
+    # The reward adapter's (and score head's) learning rate.
     learning_rate: float = _lr(5e-4)
+    # Pairs per optimizer step and process.
     batch_size: int = _num(8, 1, 65536)
+    # Passes over the training pairs.
     epochs: int = _num(1, 1, 1000)
+    # Stop after this many optimizer steps (0 = as many as epochs give).
     max_steps: int = _num(0, 0, BIG)
+    # Share of the steps over which the learning rate rises linearly from 0 (then linear decay
+    # to 0).
     warmup_ratio: float = _num(0.05, 0.0, 1.0)
+    # AdamW's decoupled weight decay on the trained weights.
     weight_decay: float = _num(0.0, 0.0, 10.0)
+    # Gradients are clipped to this global norm.
     max_grad_norm: float = _num(1.0, 0, 1e4, lo_open=True)
     # Training truncation, as DPO's: the prompt keeps its last tokens, answers their first.
     # 192/96 fits 1,112 pairs into ~22 min on this CPU (256/128 measured 1,641 s per 1,000 pairs).
     max_length: int = _num(192, 2, MAX_TOKENS)
+    # Tokens of the prompt kept (its last ones), within max_length.
     max_prompt_length: int = _num(96, 1, MAX_TOKENS)
     # Held-out evaluation length (0 = untruncated: what the model meets in PPO).
     eval_max_length: int = _num(0, 0, MAX_TOKENS)
@@ -401,7 +475,7 @@ class RMTrainConfig:
 
 @dataclass
 class RMJobConfig:
-    """`align rm`: a LoRA reward model (TRL RewardTrainer) on preference pairs."""
+    """`align rm`: a LoRA reward model (a sequence classifier trained by a transformers Trainer on packed pairs, Bradley-Terry loss) on preference pairs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -409,6 +483,7 @@ class RMJobConfig:
         train_rows="half-a", validation_pairs=200, max_train_pairs=0))
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(save_every=20))
+    # Evaluate on the held-out subsets at the end of training.
     evaluate: bool = True
 
 
@@ -697,12 +772,6 @@ def validate(cfg, where: str = "config") -> None:
         if micro and (ppo.minibatch_size % micro or micro % ppo.samples_per_prompt):
             bad("ppo.micro_batch_size", f"must divide ppo.minibatch_size ({ppo.minibatch_size}) and be a "
                 f"multiple of ppo.samples_per_prompt ({ppo.samples_per_prompt}), got {micro}")
-    rollout = getattr(cfg, "rollout", None)
-    if rollout is not None:
-        from .rollout import ENGINES  # names only: no engine is imported
-
-        if rollout.engine not in ENGINES:
-            bad("rollout.engine", f"must be {_or_list(ENGINES)}, got {rollout.engine!r}")
     data = getattr(cfg, "data", None)
     if isinstance(data, PromptDataConfig):
         _check_template(data.template, bad)
@@ -746,3 +815,72 @@ def to_dict(cfg) -> dict:
 
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# Every key explained: `align config JOB --explain`
+# --------------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: its explanation} for one config dataclass, read from the comments written above
+    (or beside) each field in this file -- the one place a key is documented, so the printed
+    explanation cannot drift from the code. A field typed as another section is explained by
+    that section's docstring (or the comments above it)."""
+    import inspect
+
+    lines = inspect.getsource(cls).splitlines()
+    docs, pending = {}, []
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("#").strip())
+            continue
+        m = re.match(r"(\w+)\s*:", text)
+        if m and not text.startswith(("def ", "class ", '"""')):
+            trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            docs[m.group(1)] = " ".join(pending + ([trailing] if trailing else [])).strip()
+        pending = []
+    return docs
+
+
+def _range_text(f) -> str:
+    choices, bounds = f.metadata.get("choices"), f.metadata.get("range")
+    if choices is not None:
+        return "one of " + ", ".join(str(c) for c in choices)
+    if bounds is not None:
+        return _bound_text(*bounds).replace("must be ", "")
+    return ""
+
+
+def explain(cfg, prefix: str = "") -> list[tuple[str, Any, str, str]]:
+    """(dotted key, value, meaning, accepted range) for every key of a resolved config."""
+    out = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += explain(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", value, docs.get(f.name, ""), _range_text(f)))
+    return out
+
+
+def dump_explained(cfg) -> str:
+    """The resolved config as YAML with each key's meaning and range as comments above it."""
+    import textwrap
+
+    rows = {key: (doc, rng) for key, _, doc, rng in explain(cfg)}
+    out, section = [], None
+    for line in dump_yaml(cfg).splitlines():
+        m = re.match(r"(\s*)([\w-]+):", line)
+        if m and not m.group(1):
+            section = m.group(2)
+        key = f"{section}.{m.group(2)}" if m and m.group(1) else (m.group(2) if m else None)
+        if key in rows:
+            doc, rng = rows[key]
+            text = doc + (f" [{rng}]" if rng else "")
+            indent = m.group(1)
+            out += textwrap.wrap(text, 96, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+        out.append(line)
+    return "\n".join(out) + "\n"

@@ -20,60 +20,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .artifacts import resolve
 
 NO_LIMIT = 1 << 30
 
 
 class EvalError(ValueError):
     """A target or option `align eval` cannot use; the message names it."""
-
-
-@dataclass
-class Target:
-    name: str
-    path: Path            # adapter folder, or merged model folder
-    kind: str             # "adapter" (causal LM: DPO/PPO policy), "reward" (`align rm`), "merged"
-    base: str             # the base it sits on (a merged model: itself)
-    beta: float = 0.1     # implicit reward's beta (a DPO run's train.beta)
-    job: str = ""         # dpo | ppo | rm | "" (unknown)
-    metrics: dict = field(default_factory=dict)
-
-
-def resolve_target(text: str) -> Target:
-    """A run folder (``adapter/`` + ``config.yaml``), one of its checkpoints
-    (``RUN/checkpoints/step-N``, named ``RUN@step-N``), an adapter folder, or a merged model."""
-    import yaml
-
-    from .adapters import read_adapter_config
-
-    p = Path(text)
-    if not p.exists():
-        raise EvalError(f"target '{text}' does not exist (a run folder, an adapter folder or an exported model)")
-    cfg, adapter, name = {}, p, p.name
-    run = p.parent.parent if p.parent.name == "checkpoints" else p
-    if (run / "config.yaml").is_file() and (p / "adapter").is_dir():
-        cfg, adapter = yaml.safe_load((run / "config.yaml").read_text()) or {}, p / "adapter"
-        name = p.name if run == p else f"{run.name}@{p.name}"
-    elif (p / "training_config.yaml").is_file():  # an export carries its run's config
-        cfg = yaml.safe_load((p / "training_config.yaml").read_text()) or {}
-    if (adapter / "adapter_config.json").is_file():
-        acfg = read_adapter_config(adapter)
-        base = (cfg.get("model") or {}).get("name") or acfg.get("base_model_name_or_path")
-        if not base:
-            raise EvalError(f"target '{text}': its adapter names no base (base_model_name_or_path)")
-        from .runs import job_from_config
-
-        job = job_from_config(cfg)
-        kind = "reward" if acfg.get("task_type") == "SEQ_CLS" else "adapter"
-        beta = float(cfg.get("train", {}).get("beta", 0.1)) if job == "dpo" else 0.1
-        return Target(name, adapter, kind, base, beta, job)
-    if (p / "config.json").is_file():
-        return Target(p.name, p, "merged", str(p), job=(cfg.get("ppo") and "ppo") or "")
-    raise EvalError(f"target '{text}' is neither a run folder, an adapter folder nor a model folder")
 
 
 def load_targets(texts: list[str], base_override: str | None):
@@ -83,7 +40,7 @@ def load_targets(texts: list[str], base_override: str | None):
     from .models import load_base
     from .roles import Roles
 
-    targets = [resolve_target(t) for t in texts]
+    targets = [resolve(t) for t in texts]
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         for i, t in enumerate(targets):
@@ -105,11 +62,10 @@ def load_targets(texts: list[str], base_override: str | None):
 
 def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, batch_size: int = 8) -> dict:
     """Per target (and the base): accuracies on tokenized ``pairs`` through the packed scorer."""
-    from .dpo.evaluate import implicit_reward_metrics, reference_free_accuracy, score_pairs
-    from .dpo.packing import PackedPairCollator, install_packed_forward, truncation_report
-    from .models import load_base
     from .config import ModelConfig
-    from .rm import pair_scores, pairwise_metrics
+    from .models import load_base
+    from .scoring.pairs import (PackedPairCollator, implicit_reward_metrics, install_packed_forward, pair_scores,
+                                pairwise_metrics, reference_free_accuracy, score_pairs, truncation_report)
 
     limit = max_length or NO_LIMIT  # truncated as DPO trains: the prompt at most half, its last tokens
     collator = PackedPairCollator(tok.pad_token_id, limit, max(1, limit // 2) if max_length else NO_LIMIT - 1)
@@ -143,7 +99,7 @@ def _columns(pairs):
 
 
 class _RewardPairs(torch.nn.Module):
-    """A reward-model role, called the way :func:`align.rm.pair_scores` calls a classifier."""
+    """A reward-model role, called the way :func:`align.scoring.pairs.pair_scores` calls a classifier."""
 
     def __init__(self, roles, name: str):
         super().__init__()
@@ -154,7 +110,7 @@ class _RewardPairs(torch.nn.Module):
         return self.roles.device
 
     def forward(self, **batch):
-        from .dpo.packing import answer_end_states
+        from .scoring.pairs import answer_end_states
 
         with self.roles.role(self.name):
             states = answer_end_states(self.roles.lm(), batch)
@@ -226,18 +182,13 @@ def compare(answers: dict, judge_scores: dict, kls: dict) -> dict:
     """Per target against the base: win rate (ties 1/2) with a 95% CI, mean judge score, mean
     KL, mean length, and the win rate once the judge's linear dependence on answer length (fit
     on every answer of the base and the targets) is taken out."""
-    from .ppo.evaluate import mean_ci95
+    from .scoring.stats import length_slope, win_rate
 
     lengths = {k: [len(c.token_ids) for c in v] for k, v in answers.items()}
     xs = [n for k in answers for n in lengths[k]]
-    ys = [s for k in answers for s in judge_scores[k]]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    slope = length_slope(xs, [s for k in answers for s in judge_scores[k]])
+    mx = sum(xs) / len(xs)
     adjusted = {k: [s - slope * (n - mx) for s, n in zip(judge_scores[k], lengths[k])] for k in answers}
-
-    def win(a, b):
-        return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
 
     out = {"base": {"judge_mean": sum(judge_scores["base"]) / len(judge_scores["base"]),
                     "length_mean": sum(lengths["base"]) / len(lengths["base"])},
@@ -245,10 +196,10 @@ def compare(answers: dict, judge_scores: dict, kls: dict) -> dict:
     for k in answers:
         if k == "base":
             continue
-        m, lo, hi = mean_ci95(win(judge_scores[k], judge_scores["base"]))
-        lm, llo, lhi = mean_ci95(win(adjusted[k], adjusted["base"]))
-        out[k] = {"win_rate": m, "win_rate_ci95": [lo, hi], "length_controlled_win_rate": lm,
-                  "length_controlled_ci95": [llo, lhi], "judge_mean": sum(judge_scores[k]) / len(judge_scores[k]),
+        m, ci = win_rate(judge_scores[k], judge_scores["base"])
+        lm, lci = win_rate(adjusted[k], adjusted["base"])
+        out[k] = {"win_rate": m, "win_rate_ci95": ci, "length_controlled_win_rate": lm,
+                  "length_controlled_ci95": lci, "judge_mean": sum(judge_scores[k]) / len(judge_scores[k]),
                   "length_mean": sum(lengths[k]) / len(lengths[k]),
                   "kl_to_base_mean": (sum(kls[k]) / len(kls[k])) if k in kls else None}
     return out
@@ -320,7 +271,8 @@ def _accuracy(tlist, roles, tok, base_name, rows, graded, max_new_tokens, use_vl
     """Greedy accuracy of the base and every adapter on the same graded prompts, and each
     adapter's paired difference from the base."""
     from .chat import encode_prompts
-    from .verifiable import GRADERS, greedy_report, paired_difference
+    from .scoring.stats import paired_difference
+    from .verifiable import GRADERS, greedy_report
 
     source, answer_field, difficulty_field = graded
     te = time.time()
@@ -351,7 +303,7 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
     from .config import PromptDataConfig
     from .scorers import section_of
 
-    found = [resolve_target(t) for t in targets]
+    found = [resolve(t) for t in targets]
     plan = {"targets": [f"{t.name} ({t.kind} on {t.base})" for t in found], "out": str(out_dir)}
     if data:
         plan["pairs"] = len(_load_pairs(data, subsets, split, pairs, seed, rows, lambda m: None))
@@ -369,8 +321,7 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
             from reward.api import load_reward_fn
 
             load_reward_fn(section.function)
-        elif not (Path(section.adapter) / "adapter_config.json").is_file() and \
-                not (Path(section.adapter) / "adapter" / "adapter_config.json").is_file():
+        elif resolve(section.adapter, what=f"--judge {judge}:").kind == "merged":
             raise EvalError(f"--judge {judge}: '{section.adapter}' is neither an adapter folder nor a run folder")
         plan["judge"] = judge
     log("dry run: " + json.dumps(plan) + "; nothing was loaded or written")
@@ -386,7 +337,7 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
 
     t0 = time.time()
     for t in targets:  # cheap checks before the model loads: targets, then the data
-        resolve_target(t)
+        resolve(t)
     kept = _load_pairs(data, subsets, split, pairs, seed, rows, log) if data else []
     graded_rows = _graded_prompts(graded, seed) if graded else []
     tlist, roles, tok, base_name = load_targets(targets, base)
@@ -422,7 +373,7 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
     from .chat import encode_prompts
     from .config import PromptDataConfig, RewardConfig
     from .data.prompts import load_prompts
-    from .ppo.experience import score_completions
+    from .scorers import score_completions
     from .scorers import make_reward, section_of
 
     for t in tlist:
@@ -457,13 +408,14 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
             "samples": samples}
 
 
-def report_after_job(cfg, run_path: Path, dataset: str, held_out_subsets: list[str], held_out=None) -> str:
+def report_after_job(cfg, run_path: Path, held_out=None) -> str:
     """``eval.generate``: the job's adapter against its base on held-out prompts (``eval.prompts``,
-    else the job's own: ``held_out`` prompts, or ``dataset``'s held-out subsets); the report's path."""
+    else the job's own: ``held_out`` prompts, or ``data.dataset``'s held-out subsets); the
+    report's path. Jobs reach it through :data:`align.runs.AFTER_JOB`, importing no eval code."""
     ev = cfg.eval
     out = run_path / "eval-report"
-    run_eval([str(run_path)], generate=True, prompts=ev.prompts or dataset,
-             prompt_subsets=ev.prompt_subsets or held_out_subsets, num_prompts=ev.num_prompts,
+    run_eval([str(run_path)], generate=True, prompts=ev.prompts or cfg.data.dataset,
+             prompt_subsets=ev.prompt_subsets or cfg.data.eval_subsets, num_prompts=ev.num_prompts,
              max_new_tokens=ev.max_new_tokens, judge=ev.judge, out=str(out), seed=cfg.run.seed,
              prompt_list=None if ev.prompts else held_out)
     return str(out / "report.html")

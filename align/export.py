@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from .adapters import AdapterError, check_weights, load_with_adapter, read_adapter_config, set_base_name
+from .adapters import AdapterError, check_weights, load_with_adapter, set_base_name
+from .artifacts import Artifact, ArtifactError, resolve
 from .atomic import atomic_dir, atomic_write_text
 from .chat import prompt_ids
+from .scoring.logprobs import next_token_logprobs
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 VERIFY_PROMPTS = [
@@ -35,77 +35,29 @@ class ExportError(ValueError):
     """A problem with the source, the base or the output folder; the message names it."""
 
 
-@dataclass
-class Source:
-    adapter_dir: Path
-    run_dir: Path | None
-    base_name: str
-    run_config: dict | None
-    eval: dict | None
-
-
-def find_source(path: str | Path, checkpoint: str = "final") -> Source:
-    """A run folder (``adapter/`` + ``config.yaml``) or a bare PEFT adapter folder."""
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"'{path}' does not exist (expected a run folder or an adapter folder)")
-    run_dir = path if (path / "config.yaml").is_file() else None
-    if run_dir is not None:
-        adapter = _pick_checkpoint(run_dir, checkpoint)
-    else:
-        if checkpoint != "final":
-            raise ExportError(f"--checkpoint {checkpoint} needs a run folder, '{path}' is an adapter")
-        adapter = path
+def find_source(path: str | Path, checkpoint: str = "final", base: str | None = None) -> Artifact:
+    """The adapter to export: a run folder (its final adapter or ``checkpoint``), one of its
+    checkpoints, or a bare PEFT adapter folder (:func:`align.artifacts.resolve`)."""
+    try:
+        src = resolve(path, checkpoint, what="source")
+    except ArtifactError as e:
+        raise ExportError(str(e)) from None
+    if src.kind == "merged":
+        raise ExportError(f"'{path}' is a model folder, not a run or an adapter: nothing to export")
     for name in ADAPTER_FILES:
-        f = adapter / name
+        f = src.path / name
         if not f.is_file():
             raise ExportError(f"adapter file '{f}' is missing")
-    cfg = read_adapter_config(adapter)
-    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else None
-    base = (run_cfg or {}).get("model", {}).get("name") or cfg.get("base_model_name_or_path")
-    if not base:
-        raise ExportError(f"{adapter / 'adapter_config.json'}: no base_model_name_or_path; pass --base")
-    ev = None  # DPO: eval.json; PPO: the held-out before/after in summary.json
-    if run_dir is not None and (run_dir / "eval.json").is_file():
-        ev = json.loads((run_dir / "eval.json").read_text())
-    elif run_dir is not None and (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
-        ev = summary if "eval_final" in summary else None
-    return Source(adapter, run_dir, base, run_cfg, ev)
-
-
-def _pick_checkpoint(run_dir: Path, checkpoint: str) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    steps = {}
-    if ckpt_root.is_dir():
-        for d in ckpt_root.glob("step-*"):
-            if (d / "adapter_model.safetensors").is_file() or (d / "adapter" / "adapter_model.safetensors").is_file():
-                steps[int(d.name.split("-")[1])] = d / "adapter" if (d / "adapter").is_dir() else d
-    if checkpoint == "final":
-        return run_dir / "adapter"
-    if checkpoint == "best":
-        scored = {}
-        for step, d in steps.items():
-            ev = d.parent / "eval.json" if d.name == "adapter" else d / "eval.json"
-            if ev.is_file():  # DPO: implicit accuracy; PPO: held-out reward
-                data = json.loads(ev.read_text())
-                scored[step] = data.get("implicit_accuracy", data.get("reward_mean"))
-        scored = {s: v for s, v in scored.items() if v is not None}
-        if not scored:
-            raise ExportError(f"--checkpoint best: no evaluated checkpoints under '{ckpt_root}'")
-        return steps[max(scored, key=scored.get)]
-    if checkpoint.isdigit():
-        if int(checkpoint) not in steps:
-            raise ExportError(f"--checkpoint {checkpoint}: no such step under '{ckpt_root}' "
-                              f"(have: {sorted(steps) or 'none'})")
-        return steps[int(checkpoint)]
-    raise ExportError(f"--checkpoint must be 'final', 'best' or a step number, got '{checkpoint}'")
+    src.base = base or src.base
+    if not src.base:
+        raise ExportError(f"{src.path / 'adapter_config.json'}: no base_model_name_or_path; pass --base")
+    return src
 
 
 @torch.no_grad()
 def prompt_logprobs(model, tok, prompts=VERIFY_PROMPTS) -> list[torch.Tensor]:
     """Next-token log-probs over each chat-formatted prompt (fp32), for parity checks."""
-    return [model(input_ids=torch.tensor([prompt_ids(tok, p)])).logits[0].float().log_softmax(-1)
+    return [next_token_logprobs(model(input_ids=torch.tensor([prompt_ids(tok, p)])).logits[0])
             for p in prompts]
 
 
@@ -118,18 +70,16 @@ def _top1_agreement(a, b) -> float:
     return same / sum(x.shape[0] for x in a)
 
 
-def model_card(src: Source, merged: bool, dtype: str) -> str:
-    rc = src.run_config or {}
-    from .runs import job_from_config
-
-    method = {"ppo": "PPO", "dpo": "DPO", "rm": "RM"}.get(job_from_config(rc), "unknown")
+def model_card(src: Artifact, merged: bool, dtype: str) -> str:
+    rc = src.config or {}
+    method = {"ppo": "PPO", "dpo": "DPO", "rm": "RM"}.get(src.job, "unknown")
     lora, data = rc.get("lora", {}), rc.get("data", {})
     what = "Merged model" if merged else "LoRA adapter"
     lines = [
-        "---", f"base_model: {src.base_name}", f"library_name: {'transformers' if merged else 'peft'}",
+        "---", f"base_model: {src.base}", f"library_name: {'transformers' if merged else 'peft'}",
         f"tags: [align, lora, {method.lower()}{', merged' if merged else ''}]", "---", "",
-        f"# {what} for {src.base_name} ({method}, trained with align)", "",
-        f"- **Base model:** `{src.base_name}`",
+        f"# {what} for {src.base} ({method}, trained with align)", "",
+        f"- **Base model:** `{src.base}`",
         f"- **LoRA:** r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
         f"targets={lora.get('target_modules')}",
     ]
@@ -149,7 +99,7 @@ def model_card(src: Source, merged: bool, dtype: str) -> str:
                   f"{p.get('samples_per_prompt')} samples per iteration, {p.get('ppo_epochs')} PPO epochs"]
     if merged:
         lines.append(f"- **This folder:** the adapter merged into the base (merged in float32, saved as {dtype})")
-    ev = src.eval
+    ev = src.held_out()
     if ev and "implicit_accuracy" in ev:
         lines += ["", "## Held-out evaluation", "", f"On {ev.get('pairs')} pairs of {ev.get('eval_subsets')} "
                   "(never trained on):", "", "| metric | value |", "|---|---|"]
@@ -168,9 +118,9 @@ def model_card(src: Source, merged: bool, dtype: str) -> str:
                   "The LoRA adapter it was merged from is in `adapter/`.", ""]
     else:
         lines += ["from peft import PeftModel",
-                  f"base = AutoModelForCausalLM.from_pretrained('{src.base_name}')",
+                  f"base = AutoModelForCausalLM.from_pretrained('{src.base}')",
                   "model = PeftModel.from_pretrained(base, 'PATH_TO_THIS_FOLDER')", "```", ""]
-    if src.run_config:
+    if src.config:
         lines += ["The full training config is in `training_config.yaml`.", ""]
     return "\n".join(lines)
 
@@ -212,37 +162,35 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"output folder '{out}' exists and is not empty (use --force to replace it)")
-    src = find_source(source, checkpoint)
+    src = find_source(source, checkpoint, base)
     if dtype is None:  # the merged model in the dtype the run trained in
         from .runs import read_manifest
 
         dtype = (read_manifest(src.run_dir).get("dtype") if src.run_dir else None) or "float32"
-    _refuse_overlap(out, [d for d in (src.run_dir, src.adapter_dir) if d is not None])
-    if base:
-        src.base_name = base
-    check_weights(src.adapter_dir)
-    report: dict = {"source": str(src.adapter_dir), "base": src.base_name, "out": str(out)}
+    _refuse_overlap(out, [d for d in (src.run_dir, src.path) if d is not None])
+    check_weights(src.path)
+    report: dict = {"source": str(src.path), "base": src.base, "out": str(out)}
     if dry_run:
         report["would_write"] = f"{'a merged model (' + dtype + ')' if merge else 'a PEFT adapter'}, verified"
         log("dry run: " + json.dumps(report) + "; nothing was loaded or written")
         return report
 
     # Load once: this fails early, before anything is written, on a mismatched base.
-    model, tok = load_with_adapter(src.base_name, src.adapter_dir)
+    model, tok = load_with_adapter(src.base, src.path)
     ref_logps = prompt_logprobs(model, tok) if verify else None
 
     with atomic_dir(out) as tmp:
         adapter_out = tmp if not merge else tmp / "adapter"
         adapter_out.mkdir(exist_ok=True)
         for name in ADAPTER_FILES:
-            shutil.copy2(src.adapter_dir / name, adapter_out / name)
-        set_base_name(adapter_out, src.base_name, inference_mode=True)  # the id users know
+            shutil.copy2(src.path / name, adapter_out / name)
+        set_base_name(adapter_out, src.base, inference_mode=True)  # the id users know
         card = model_card(src, merged=merge, dtype=dtype)
         atomic_write_text(tmp / "README.md", card)
         if src.run_dir is not None:
             shutil.copy2(src.run_dir / "config.yaml", tmp / "training_config.yaml")
         if verify:
-            exported, _ = load_with_adapter(src.base_name, adapter_out)
+            exported, _ = load_with_adapter(src.base, adapter_out)
             diff = _max_diff(ref_logps, prompt_logprobs(exported, tok))
             report["adapter_max_logprob_diff"] = diff
             if diff > 1e-5:
@@ -252,7 +200,7 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         if merge:
             _write_merged(model, tok, tmp, dtype, ref_logps, report)
         if verify and vllm_check:  # in the temp folder: --out only ever gets a verified export
-            vllm = _verify_in_vllm(tmp, src.base_name, merge, tok)
+            vllm = _verify_in_vllm(tmp, src.base, merge, tok)
             if vllm is not None:
                 report["vllm"] = vllm
     log(json.dumps(report, indent=2))

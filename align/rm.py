@@ -12,7 +12,6 @@ plus ``center_coef * (r_chosen + r_rejected)^2``, which keeps scores near zero s
 from __future__ import annotations
 
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,9 @@ from transformers import Trainer, TrainingArguments
 
 from .adapters import save_adapter
 from .checkpoints import AtomicCheckpoints, hf_warmup
-from .dpo.packing import PackedPairCollator, answer_end_states, grouped_sampler, packed_length, truncation_report
+from .scoring.pairs import (LengthGroupedPairBatches, PackedPairCollator, install_packed_scorer, pair_scores,
+                            pairwise_metrics, truncation_report)
+from .scoring.stats import tie_half_accuracy
 from .models import resolve_device, resolve_dtype
 
 NO_LIMIT = 1 << 30  # a max_length of "no truncation"
@@ -40,31 +41,17 @@ def new_reward_model(model_cfg, lora_cfg):
     return model, tok
 
 
-def install_packed_scorer(seqcls) -> None:
-    """``model(packed_input_ids=..., ...)`` returns the (B, 2) scores of each pair's chosen and
-    rejected conversation; without ``packed_input_ids`` the classifier's own forward runs."""
-    plain_forward = type(seqcls).forward.__get__(seqcls)
-
-    def forward(self, *args, packed_input_ids=None, **kwargs):
-        if packed_input_ids is None:
-            return plain_forward(*args, **kwargs)
-        states = answer_end_states(self, {"packed_input_ids": packed_input_ids, **kwargs})
-        return self.score(states).squeeze(-1).float()
-
-    seqcls.forward = types.MethodType(forward, seqcls)
-
-
 def pair_loss(scores: torch.Tensor, center_coef: float) -> tuple[torch.Tensor, dict]:
     """Bradley-Terry on (B, 2) scores [chosen, rejected], mean over pairs, plus the centering
     term; also the batch's accuracy (ties 1/2) and mean margin."""
     margin = scores[:, 0] - scores[:, 1]
     loss = -F.logsigmoid(margin).mean() + center_coef * scores.sum(1).pow(2).mean()
     with torch.no_grad():
-        acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-    return loss, {"accuracy": float(acc), "margin": float(margin.mean().detach())}
+        acc = tie_half_accuracy(margin)
+    return loss, {"accuracy": acc, "margin": float(margin.mean().detach())}
 
 
-class PackedRewardTrainer(AtomicCheckpoints, Trainer):
+class PackedRewardTrainer(AtomicCheckpoints, LengthGroupedPairBatches, Trainer):
     center_coef: float = 0.0
 
     def __init__(self, *args, center_coef: float = 0.0, **kwargs):
@@ -84,38 +71,6 @@ class PackedRewardTrainer(AtomicCheckpoints, Trainer):
                 logs[k] = sum(s[k] for s in self._pending) / len(self._pending)
             self._pending = []
         super().log(logs, *args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset=None):
-        a = self.args
-        return grouped_sampler(train_dataset if train_dataset is not None else self.train_dataset,
-                               self.data_collator, a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
-                               a.data_seed if a.data_seed is not None else a.seed)
-
-
-@torch.no_grad()
-def pair_scores(model, pairs: list[dict], collator: PackedPairCollator, batch_size: int = 8) -> torch.Tensor:
-    """(N, 2) scores [chosen, rejected] of tokenized pairs, in their order (batched by length)."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: packed_length(
-        len(pairs[i]["prompt_ids"]), len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]),
-        collator.max_length, collator.max_prompt_length))
-    out = torch.empty(len(pairs), 2)
-    for s in tqdm(range(0, len(order), batch_size), desc="reward-model scores", leave=False):
-        idx = order[s:s + batch_size]
-        batch = {k: v.to(model.device) for k, v in collator([pairs[i] for i in idx]).items()}
-        out[idx] = model(**batch).float().cpu()
-    model.train(was_training)
-    return out
-
-
-def pairwise_metrics(scores: torch.Tensor) -> dict:
-    margin = scores[:, 0] - scores[:, 1]
-    return {"pairs": len(scores), "pairwise_accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
-            "mean_margin": float(margin.mean()), "score_mean": float(scores.mean()),
-            "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}
 
 
 def rm_args(cfg, output_dir: str) -> TrainingArguments:
@@ -139,12 +94,15 @@ def run_rm(cfg) -> dict:
     from . import guards
     from .chat import tokenize_pair
     from .data import hold_out, load_preference_splits
+    from .deps import transformers_internals
     from .runs import is_main_process, plot_metrics, start_run
 
     t0 = time.time()
+    transformers_internals.check()  # before the run folder exists
     with start_run(cfg, "rm") as run:
         train_rows, eval_rows, _ = load_preference_splits(cfg.data)
         train_rows, val_rows = hold_out(train_rows, cfg.data.validation_pairs, cfg.data.seed)
+        run.record(data={"train_pairs": len(train_rows), "validation_pairs": len(val_rows), "eval_pairs": len(eval_rows)})
         model, tok = new_reward_model(cfg.model, cfg.lora)
         t = cfg.train
         collator = PackedPairCollator(tok.pad_token_id, t.max_length, t.max_prompt_length)

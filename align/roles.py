@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .logprobs import token_logprobs
+from .scoring.logprobs import token_logprobs
 from .models import POLICY, add_policy_adapter
 
 
@@ -90,7 +90,7 @@ class Roles(nn.Module):
 
     def hidden_at(self, tb) -> torch.Tensor:
         """Hidden states (B, T, H) at the positions that predict each answer token of the
-        :class:`~align.batch.TokenBatch` ``tb`` (one row per sample, or packed groups)."""
+        :class:`~align.scoring.batch.TokenBatch` ``tb`` (one row per sample, or packed groups)."""
         lm = self.lm()
         h = lm.base_model(**tb.model_inputs(lm.config, lm.get_input_embeddings().weight.dtype),
                           use_cache=False).last_hidden_state

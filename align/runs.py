@@ -29,6 +29,70 @@ MANIFEST = "run.json"
 JOB_NAMES = ("dpo", "ppo", "rm")
 
 
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "math-verify")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def source_state() -> dict:
+    """The commit of align's own source tree and whether it had uncommitted changes (None
+    outside a git checkout, e.g. a wheel install): what a number in a run folder came from."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def describe_run(cfg, job: str, dtype: str | None) -> dict:
+    """``run.json`` at a run's start: the job, the base (id, the folder it resolved to, its
+    snapshot revision where the path holds one), the adapters and the role of each, the data,
+    the seed, the dtype, the library versions and align's commit."""
+    from importlib import metadata
+
+    from .assets import resolve_model
+
+    try:
+        base_path = str(resolve_model(cfg.model.name))
+    except (OSError, ValueError):
+        base_path = None
+    parts = Path(base_path).parts if base_path else ()
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+    adapters = {"adapter": "policy"}
+    for role in ("reward", "judge"):
+        section = getattr(cfg, role, None)
+        if section is not None and section.kind in ("classifier", "dpo") and section.adapter:
+            adapters[section.adapter] = role
+    for spec in getattr(getattr(cfg, "reward", None), "also", []) or []:
+        kind, _, path = spec.partition(":")
+        if kind in ("classifier", "dpo"):
+            adapters[path] = "reward term"
+    data = cfg.data
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {"job": job, "dtype": dtype, "started": _now(),
+            "base": {"id": cfg.model.name, "path": base_path, "revision": revision},
+            "adapters": adapters,
+            "data": {k: getattr(data, k) for k in ("dataset", "train_subsets", "eval_subsets", "subsets", "train_rows",
+                                                  "eval_dataset", "max_train_pairs", "max_eval_pairs", "seed")
+                     if hasattr(data, k)},
+            "seed": cfg.run.seed, "versions": versions, "source": source_state()}
+
+
 def read_manifest(folder: Path) -> dict:
     """The run's ``run.json`` ({} where there is none): what the run is, and the settings it
     resolved when it started (``dtype``), which a resumed run keeps."""
@@ -117,9 +181,19 @@ class RunDir:
                            "or choose another run.name")
         atomic_write_text(self.path / "config.yaml", dump_yaml(cfg))
         manifest = read_manifest(self.path)
-        if manifest.get("job") != job or (dtype and manifest.get("dtype") != dtype):
-            atomic_write_text(self.path / MANIFEST, json.dumps({**manifest, "job": job, **(
-                {"dtype": dtype} if dtype else {})}) + "\n")
+        if fresh or manifest.get("job") != job:
+            manifest = describe_run(cfg, job, dtype)
+        else:  # a resumed run keeps what it recorded at its start (its dtype above all)
+            manifest.setdefault("resumed", []).append({"at": _now(), "source": source_state()})
+        atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    def record(self, **fields) -> None:
+        """Add what the job learns after the start (pair and prompt counts) to ``run.json``."""
+        if is_main_process():
+            manifest = read_manifest(self.path)
+            for key, value in fields.items():
+                manifest[key] = {**manifest.get(key, {}), **value} if isinstance(value, dict) else value
+            atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     def __enter__(self) -> "RunDir":
         return self
@@ -276,6 +350,26 @@ def _acquire_lock(folder: Path):
     f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
     f.flush()
     return f
+
+
+# What a finished job may be asked for in its config, by key of the summary it adds: "module:function"
+# targets, imported only when asked for, so the jobs import no evaluation code (the registry test
+# in tests/test_structure.py checks each target exists).
+AFTER_JOB = {"eval_report": ("eval.generate", "align.evaluation:report_after_job")}
+
+
+def after_job(cfg, run_path: Path, **kwargs) -> dict:
+    """The reports ``cfg`` asks for once the job's adapter is saved (e.g. ``eval.generate``),
+    as summary entries {key: what the report returned}."""
+    import importlib
+
+    out = {}
+    for key, (switch, target) in AFTER_JOB.items():
+        section, name = switch.split(".")
+        if getattr(getattr(cfg, section), name):
+            module, fn = target.split(":")
+            out[key] = getattr(importlib.import_module(module), fn)(cfg, run_path, **kwargs)
+    return out
 
 
 def is_main_process() -> bool:

@@ -18,8 +18,8 @@ import torch
 
 from reward.api import call_reward, load_reward_fn
 
-from .batch import rows_batch, score_by_length
-from .chat import answer_ids
+from .scoring.batch import rows_batch, score_by_length
+from .chat import tokenize_pair
 from .rollout.base import Completion
 
 
@@ -42,7 +42,8 @@ def _make_term(section, roles, tok, role: str, base_name: str, key: str = ""):
     if section.kind == "function":
         return load_reward_fn(section.function)
     key = key or f"{role}.adapter"
-    path = find_adapter(section.adapter, key, base_name)
+    found = find_adapter(section.adapter, key, base_name)
+    path = found.path
     has_head = roles.add_scorer(role, path)
     if has_head != (section.kind == "classifier"):
         from .config import ConfigError
@@ -50,7 +51,7 @@ def _make_term(section, roles, tok, role: str, base_name: str, key: str = ""):
         kind_key = f"{role}.kind" if key == f"{role}.adapter" else "the kind"
         raise ConfigError(f"key '{key}': '{path}' is {'a reward model (score head)' if has_head else 'a causal-LM adapter (no score head)'}, "
                           f"so {kind_key} should be {'classifier' if has_head else 'dpo'}, not {section.kind}")
-    beta = (section.beta or _dpo_beta(path)) if section.kind == "dpo" else 0.0
+    beta = (section.beta or found.beta) if section.kind == "dpo" else 0.0
     return AdapterReward(roles, tok, role, section.kind, beta, path)
 
 
@@ -67,44 +68,60 @@ def section_of(spec: str):
     return JudgeConfig(kind=kind, adapter=rest)
 
 
-def find_adapter(path_text: str, key: str, base_name: str) -> Path:
-    """A run folder (its ``adapter/``) or an adapter folder, trained on the policy's base; ``key``
-    (``reward.adapter``, ``reward.also[0]``...) is named in errors."""
-    from .adapters import read_base_name
+def score_completions(reward_fn, prompts: list[dict], completions: list[Completion], reward_cfg,
+                      device=None, cancelled=None, penalize: bool = True) -> torch.Tensor:
+    """The reward function's scores (bounded by ``reward.timeout_seconds``; NaN where it gave
+    ``None``), plus ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``.
+    ``prompts`` (one per completion) carry ``messages`` -- the function sees the whole dialogue
+    -- and ``fields``, the data row's other fields, each passed as a keyword (one value per
+    completion; a row without the field gives None)."""
+    truncated = [not c.finished for c in completions]
+    texts = [c.text for c in completions]
+    asked = [p["messages"][-1]["content"] for p in prompts]
+    if getattr(reward_cfg, "completions", "text") == "messages":  # TRL's conversational form
+        texts = [[{"role": "assistant", "content": t}] for t in texts]
+        asked = [p["messages"] for p in prompts]
+    names = sorted({k for p in prompts for k in p.get("fields", {})})
+    fields = {k: [p.get("fields", {}).get(k) for p in prompts] for k in names}
+    scores = torch.tensor(call_reward(
+        reward_fn, asked, texts, timeout=reward_cfg.timeout_seconds, cancelled=cancelled, **fields,
+        truncated=truncated, messages=[p["messages"] for p in prompts],
+        prompt_ids=[c.prompt_ids for c in completions], completion_ids=[c.token_ids for c in completions]),
+        device=device)
+    if penalize and getattr(reward_cfg, "truncation_penalty", 0.0):
+        scores = scores + reward_cfg.truncation_penalty * torch.tensor([float(t) for t in truncated],
+                                                                       device=device)
+    return scores
+
+
+def find_adapter(path_text: str, key: str, base_name: str):
+    """The adapter a run folder, a checkpoint or an adapter folder holds (an
+    :class:`align.artifacts.Artifact`), trained on the policy's base; ``key`` (``reward.adapter``,
+    ``reward.also[0]``...) is named in errors."""
+    from .artifacts import ArtifactError, resolve
     from .assets import resolve_model
     from .config import ConfigError
 
     if not path_text:
         raise ConfigError(f"key '{key}' is empty: name the `align rm` / `align dpo` run or adapter folder")
-    path = Path(path_text)
-    if (path / "adapter" / "adapter_config.json").is_file():
-        path = path / "adapter"
-    if not (path / "adapter_config.json").is_file():
+    try:
+        found = resolve(path_text, what=f"key '{key}':")
+    except ArtifactError:
+        found = None
+    if found is None or found.kind == "merged":
         raise ConfigError(f"key '{key}': '{path_text}' is neither an adapter folder nor a run folder "
                           "with adapter/ (train one with `align rm` or `align dpo`)")
-    trained_on = read_base_name(path) or ""
-    if trained_on and resolve_model(trained_on) != resolve_model(base_name):
-        raise ConfigError(f"key '{key}': '{path}' was trained on '{trained_on}', the policy's base is "
+    if found.base and resolve_model(found.base) != resolve_model(base_name):
+        raise ConfigError(f"key '{key}': '{found.path}' was trained on '{found.base}', the policy's base is "
                           f"'{base_name}': a reward adapter must sit on the same base")
-    return path
-
-
-def _dpo_beta(adapter: Path) -> float:
-    """train.beta of the DPO run the adapter came from (0.1 when that is not known)."""
-    import yaml
-
-    cfg = adapter.parent / "config.yaml"
-    if cfg.is_file():
-        beta = (yaml.safe_load(cfg.read_text()) or {}).get("train", {}).get("beta")
-        if isinstance(beta, (int, float)) and beta > 0:
-            return float(beta)
-    return 0.1
+    return found
 
 
 def template_suffix(tok) -> list[int]:
     """The tokens the chat template puts after the end-of-turn token (``\\n`` for ChatML): a
     reward model was trained on conversations that end with them."""
-    ids = answer_ids(tok, [{"role": "user", "content": "x"}], [{"role": "assistant", "content": "y"}])
+    turn = [{"role": "assistant", "content": "y"}]
+    ids = tokenize_pair(tok, {"prompt": [{"role": "user", "content": "x"}], "chosen": turn, "rejected": turn})["chosen_ids"]
     return ids[ids.index(tok.eos_token_id) + 1:] if tok.eos_token_id in ids else []
 
 

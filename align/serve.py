@@ -35,7 +35,7 @@ class Served:
 def plan(adapters: list[str], names: list[str], base: str | None, max_lora_rank: int = 0) -> tuple[str, list[Served], int]:
     """(the base, the adapters to serve, vLLM's max LoRA rank) -- or a ServeError before anything starts."""
     from .assets import resolve_model
-    from .evaluation import EvalError, resolve_target
+    from .artifacts import ArtifactError, resolve
     from .rollout.vllm_engine import EngineStartError, _lora_rank_slot
 
     named = []
@@ -46,8 +46,8 @@ def plan(adapters: list[str], names: list[str], base: str | None, max_lora_rank:
     served, bases = [], {}
     for name, text in [(Path(a).name, a) for a in adapters] + named:
         try:
-            t = resolve_target(text)
-        except EvalError as e:
+            t = resolve(text)
+        except ArtifactError as e:
             raise ServeError(str(e)) from e
         if t.kind != "adapter":
             raise ServeError(f"'{text}' is a {'reward model' if t.kind == 'reward' else 'merged model'}: "

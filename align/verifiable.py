@@ -9,24 +9,14 @@ Used by `align ppo`'s evaluations and by `align eval --accuracy`.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 from reward.verify import number_only_match, numeric_match
 
 from .rollout.base import SamplingConfig
+from .scoring.stats import wilson_ci95
 
 GRADERS = {"strict": number_only_match, "lenient": numeric_match}
-
-
-def wilson_ci95(hits: float, n: int) -> tuple[float, float]:
-    """Wilson's 95 % interval of a proportion (sound near 0 and 1, where the normal one is not)."""
-    if n == 0:
-        return 0.0, 1.0
-    z, p = 1.959964, hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def graded(prompts: list[dict], answer_field: str) -> list[dict]:
@@ -100,16 +90,26 @@ def greedy_report(rows: list[dict], comps: list, answer_field: str, difficulty_f
     return _summarise(marks, kinds), samples
 
 
-def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of b - a over the same items, with a normal 95 % interval of the paired differences
-    (two models graded on the same problems: the per-item pairing removes the problems' spread)."""
-    d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
-    half = 1.959964 * sd / math.sqrt(n) if n else 0.0
-    return {"difference": mean, "ci95": [mean - half, mean + half], "n": n,
-            "only_b_right": sum(v > 0 for v in d), "only_a_right": sum(v < 0 for v in d)}
+def accuracy_change(samples_path) -> dict | None:
+    """The first and the last evaluation's greedy answers graded on the same held-out problems
+    (``eval_greedy`` records of a run's samples.jsonl): per grader, the paired difference in
+    accuracy with its 95 % interval -- the noise a before/after comparison has to beat."""
+    import json
+
+    from .scoring.stats import paired_difference
+
+    by_it: dict[int, list[dict]] = {}
+    for line in open(samples_path):
+        rec = json.loads(line)
+        if rec.get("split") == "eval_greedy":
+            by_it.setdefault(rec["iteration"], []).append(rec)
+    if len(by_it) < 2:
+        return None
+    first, last = by_it[min(by_it)], by_it[max(by_it)]
+    if [r["prompt"] for r in first] != [r["prompt"] for r in last]:
+        return None
+    out = {name: paired_difference([r[name] for r in first], [r[name] for r in last]) for name in GRADERS}
+    return {"from_iteration": min(by_it), "to_iteration": max(by_it), **out}
 
 
 def flat(report: dict | None) -> dict[str, float]:

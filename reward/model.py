@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -18,12 +17,13 @@ from tqdm.auto import tqdm
 
 def load_reward_model(path: str):
     """(model, tokenizer) from a classifier folder, or an adapter folder on the base it names."""
-    from align.adapters import CONFIG, load_with_adapter, read_base_name
+    from align.adapters import load_with_adapter
+    from align.artifacts import resolve
 
-    p = Path(path)
-    if (p / CONFIG).is_file():
-        return load_with_adapter(read_base_name(p), p, kind="classifier")
-    return load_with_adapter(str(p), kind="classifier")
+    found = resolve(path, what="ALIGN_REWARD_MODEL")
+    if found.kind == "merged":
+        return load_with_adapter(str(found.path), kind="classifier")
+    return load_with_adapter(found.base, found.path, kind="classifier")
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ def child(variant: str, batch: int, length: int, steps: int) -> dict:
     from align.assets import DEFAULT_MODEL_ID
     from align.compute import matmul_peak_gflops
     from align.config import LoraConfig, ModelConfig
-    from align.logprobs import token_logprobs
+    from align.scoring.logprobs import token_logprobs
     from align.models import add_policy_adapter, load_base
 
     base, _ = load_base(ModelConfig(name=DEFAULT_MODEL_ID, dtype="bfloat16" if variant == "bf16_base" else "float32"))

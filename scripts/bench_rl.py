@@ -223,7 +223,7 @@ def run_base_only(out: str) -> dict:
     from align.chat import encode_prompts
     from align.data.prompts import load_prompts
     from align.models import load_base
-    from align.batch import rows_batch
+    from align.scoring.batch import rows_batch
     from align.rollout.base import SamplingConfig
     from align.rollout.hf import HFEngine
 

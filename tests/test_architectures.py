@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from align.config import LoraConfig, ModelConfig
-from align.dpo.packing import PACKED_KEYS, PackedPairCollator, install_packed_forward
+from align.scoring.pairs import PACKED_KEYS, PackedPairCollator, install_packed_forward
 from align.models import add_policy_adapter, live_copies, load_base, reference_mode
 from align.tiny import ARCHITECTURES, make_tiny_model
 

@@ -107,7 +107,7 @@ def _cli_config(tmp, text: str, *overrides):
 
 def _too_long_pairs(tmp):
     """Not an error: pairs longer than train.max_length are cut, and the count is reported."""
-    from align.dpo.packing import truncation_report
+    from align.scoring.pairs import truncation_report
 
     ds = {"prompt_ids": [[1] * 300, [1] * 10, [1] * 10], "chosen_ids": [[2] * 5, [2] * 500, [2] * 5],
           "rejected_ids": [[3] * 5, [3] * 5, [3] * 5]}

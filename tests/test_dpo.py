@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from align.config import LoraConfig, load_config
-from align.dpo.evaluate import PairScores, _tie_half_accuracy, implicit_reward_metrics, reference_free_accuracy
-from align.dpo.packing import PACKED_KEYS, PackedPairCollator, install_packed_forward, truncate_pair
+from align.scoring.stats import tie_half_accuracy
+from align.scoring.pairs import (PACKED_KEYS, PackedPairCollator, PairScores, implicit_reward_metrics,
+                                 install_packed_forward, reference_free_accuracy, truncate_pair)
 from align.models import add_policy_adapter, live_copies, reference_mode
 
 EXAMPLES = [
@@ -73,8 +74,8 @@ def test_truncation_keeps_prompt_end_and_answer_start():
 
 
 def test_ties_count_half():
-    assert _tie_half_accuracy(torch.tensor([1.0, 0.0, -1.0, 0.0])) == 0.5
-    assert _tie_half_accuracy(torch.tensor([2.0, 0.0])) == 0.75
+    assert tie_half_accuracy(torch.tensor([1.0, 0.0, -1.0, 0.0])) == 0.5
+    assert tie_half_accuracy(torch.tensor([2.0, 0.0])) == 0.75
     same = PairScores(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0]),
                       torch.tensor([3.0, 5.0]), torch.tensor([2.0, 2.0]))
     # an unchanged policy: every pair is a tie -> exactly 0.5, margin 0
@@ -131,7 +132,7 @@ def test_real_dpo_lowers_loss_and_writes_adapter(real_dpo_run):
 
 def test_score_pairs_in_dataset_order(policy):
     """Scoring sorts by length for batching; results must come back in dataset order."""
-    from align.dpo.evaluate import score_pairs
+    from align.scoring.pairs import score_pairs
 
     model, tok = policy
     packed, plain = _packed_and_plain(model, tok)
@@ -162,3 +163,37 @@ def test_trainer_holds_no_reference_model(tiny_model_path, tmp_path):
     assert trainer.ref_model is None
     # process-wide: a reference model TRL loaded (or deep-copied) anywhere would be one more
     assert live_copies(base.get_input_embeddings().weight) == copies
+
+
+def test_one_pair_tokenization_for_dpo_rm_and_eval(real_model_path):
+    """DPO trains on TRL's tokenization; its held-out pairs, `align rm` and `align eval` use
+    chat.tokenize_pair: the two split every pair at the same place -- plain text (tokens merging
+    across the boundary, an answer that already ends with EOS) and chat messages."""
+    import types
+
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from align.chat import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(real_model_path)
+    user = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    bot = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
+    rows = [
+        {"prompt": "Answer: ", "chosen": "yes", "rejected": "no, never"},     # " yes" is one token
+        {"prompt": "Say hi", "chosen": " hi" + tok.eos_token, "rejected": "\nno"},
+        {"prompt": "The capital of France is", "chosen": " Paris", "rejected": "Paris."},
+        {"prompt": user("Hi?") + bot("Hello.") + user("Sum 2 and 3."), "chosen": bot("5"), "rejected": bot("six")},
+    ]
+    args = DPOConfig(output_dir=".", use_cpu=True, bf16=False)
+    trl = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok), datasets.Dataset.from_list(rows[:3]),
+                                      tok, args, "plain")
+    trl_chat = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok), datasets.Dataset.from_list(rows[3:]),
+                                           tok, args, "chat")
+    for row, theirs in zip(rows, list(trl) + list(trl_chat)):
+        ours = tokenize_pair(tok, row)
+        assert {k: list(theirs[k]) for k in ours} == ours, row
+    merged = tokenize_pair(tok, rows[0])
+    assert tok.decode(merged["chosen_ids"]).startswith(" yes") and merged["chosen_ids"][-1] == tok.eos_token_id
+    assert tokenize_pair(tok, rows[1])["chosen_ids"].count(tok.eos_token_id) == 1

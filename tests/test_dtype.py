@@ -79,7 +79,7 @@ def test_bf16_reference_is_the_base_and_packed_pairs_match_rows(tiny_model_path)
     by bf16 rounding of the different summation orders: 0.05 nats on log-probs of ~5-10 (~1 %,
     bf16 keeps 8 bits of mantissa), where the defects packing could bring are whole tokens of
     context (>= 0.2 nats)."""
-    from align.dpo.packing import PACKED_KEYS, PackedPairCollator, install_packed_forward
+    from align.scoring.pairs import PACKED_KEYS, PackedPairCollator, install_packed_forward
     from align.models import add_policy_adapter, load_base, reference_mode
 
     base, tok = load_base(ModelConfig(name=tiny_model_path, dtype="bfloat16"))

@@ -228,11 +228,11 @@ def test_a_checkpoint_of_a_run_is_a_target_named_after_its_run(folders):
     that says which run and step it is."""
     import shutil
 
-    from align.evaluation import resolve_target
+    from align.artifacts import resolve
 
     root, run = folders
     ckpt = run / "checkpoints" / "step-10"
     shutil.copytree(run / "adapter", ckpt / "adapter")
-    t = resolve_target(str(ckpt))
+    t = resolve(str(ckpt))
     assert (t.name, t.path, t.kind, t.job, t.beta) == ("dpo-run@step-10", ckpt / "adapter", "adapter", "dpo", 0.2)
-    assert resolve_target(str(run)).name == "dpo-run"
+    assert resolve(str(run)).name == "dpo-run"

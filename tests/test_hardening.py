@@ -88,7 +88,8 @@ def test_a_run_writes_its_manifest_and_a_folder_made_before_it_still_resumes(tmp
         run.log({"step": 1})
     from align.models import resolve_dtype
 
-    assert json.loads((tmp_path / "r" / "run.json").read_text()) == {"job": "dpo", "dtype": resolve_dtype("auto")}
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert (manifest["job"], manifest["dtype"], manifest["base"]["id"]) == ("dpo", resolve_dtype("auto"), tiny_model_path)
     (tmp_path / "r" / "run.json").unlink()  # as today's older runs are: config.yaml only
     (tmp_path / "r" / "checkpoints" / "step-1").mkdir(parents=True)
     cfg = load_config("dpo", None, [f"model.name={tiny_model_path}", f"run.output_dir={tmp_path}", "run.name=r",

@@ -27,7 +27,7 @@ def ac(tiny_model):
 
 
 def _batch(ids, pred_pos, targets):
-    from align.batch import TokenBatch
+    from align.scoring.batch import TokenBatch
 
     return TokenBatch(ids, torch.ones_like(ids), None, torch.arange(len(ids)), torch.tensor(pred_pos),
                       torch.tensor(targets), torch.ones(len(targets), len(targets[0])))
@@ -176,7 +176,7 @@ def _groups(tok):
 
 
 def test_packed_answers_score_like_separate_rows(ac, tiny_model):
-    from align.batch import packed_batch, rows_batch
+    from align.scoring.batch import packed_batch, rows_batch
 
     ac, _ = ac
     _, tok = tiny_model
@@ -201,7 +201,7 @@ def test_packed_answers_score_like_separate_rows(ac, tiny_model):
 def test_scoring_in_chunks_equals_one_pass(ac, tiny_model):
     """in_chunks (no-grad scoring under ppo.micro_batch_size) gives one pass's numbers, in
     both layouts, including a chunk size that is not a multiple of the group."""
-    from align.batch import in_chunks, packed_batch, rows_batch
+    from align.scoring.batch import in_chunks, packed_batch, rows_batch
 
     ac, _ = ac
     _, tok = tiny_model
@@ -217,7 +217,7 @@ def test_scoring_in_chunks_equals_one_pass(ac, tiny_model):
 
 
 def test_length_sorted_chunks_cover_every_index_once_longest_first():
-    from align.batch import length_sorted_chunks
+    from align.scoring.batch import length_sorted_chunks
 
     lengths = [5, 40, 7, 40, 1, 12, 30]
     chunks = length_sorted_chunks(lengths, 3)
@@ -230,7 +230,7 @@ def test_length_sorted_chunks_cover_every_index_once_longest_first():
 def test_update_on_packed_rows_equals_the_update_on_separate_rows(ac, tiny_model):
     """The PPO loss's gradients (policy, critic, value head) are the same in both layouts."""
     from align.ppo import losses
-    from align.batch import packed_batch, rows_batch
+    from align.scoring.batch import packed_batch, rows_batch
 
     ac, _ = ac
     _, tok = tiny_model
@@ -256,7 +256,7 @@ def test_kl_penalty_in_the_loss(tiny_model):
     """ppo.kl_penalty=loss: the update's gradient is the policy loss's plus kl_coef x the
     token-mean KL to the reference (the adapter-off model), the score alone makes the
     advantage, and the KL logged is k1. k1 in the loss is a config error naming the key."""
-    from align.batch import packed_batch
+    from align.scoring.batch import packed_batch
     from align.config import ConfigError
     from align.ppo import losses
     from align.ppo.advantages import get_estimator
@@ -315,7 +315,7 @@ def test_micro_batches_make_the_same_update(ac, tiny_model):
     """ppo.micro_batch_size accumulates gradients over chunks of a minibatch: the step's
     gradients (policy, critic, value head) and logged losses equal one pass over it."""
 
-    from align.batch import packed_batch
+    from align.scoring.batch import packed_batch
     from align.ppo.experience import Experience
     from align.ppo.update import ppo_update
 

@@ -34,8 +34,9 @@ def test_packed_reward_scores_equal_the_plain_classifier(tiny_model_path):
 
     from align.chat import chat_text, tokenize_pair
     from align.config import LoraConfig, ModelConfig
-    from align.dpo.packing import PackedPairCollator
-    from align.rm import new_reward_model, pair_scores
+    from align.scoring.pairs import PackedPairCollator
+    from align.rm import new_reward_model
+    from align.scoring.pairs import pair_scores
 
     model, tok = new_reward_model(ModelConfig(name=tiny_model_path), LoraConfig(r=4))
     torch.manual_seed(0)

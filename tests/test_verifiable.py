@@ -118,7 +118,7 @@ def test_row_fields_reach_trl_reward_functions_unchanged():
     reference) runs as the reward with reward.completions=messages; None becomes NaN."""
     from trl.rewards import accuracy_reward
 
-    from align.ppo.experience import score_completions
+    from align.scorers import score_completions
 
     samples, comps = _samples_and_completions(["\\boxed{4}", "5", "\\boxed{6}"], ["$4$", "$4$", "\\frac{"])
     cfg = load_config("ppo", None, ["reward.completions=messages"]).reward
@@ -214,7 +214,8 @@ def test_gae_refuses_sequence_aggregation():
 
 def test_accuracy_report_by_hand():
     from align.rollout.base import Completion
-    from align.verifiable import accuracy, wilson_ci95
+    from align.scoring.stats import wilson_ci95
+    from align.verifiable import accuracy
 
     prompts = [{"messages": [{"role": "user", "content": f"q{i}"}], "ids": [i],
                 "fields": {"answer": str(i), "difficulty": "easy" if i < 2 else "hard"}} for i in range(4)]
@@ -258,7 +259,7 @@ def test_pass_at_k_reuses_the_sampled_answers():
 
 
 def test_paired_difference_by_hand():
-    from align.verifiable import paired_difference
+    from align.scoring.stats import paired_difference
 
     a, b = [1, 0, 0, 1, 0], [1, 1, 1, 0, 0]
     d = paired_difference(a, b)

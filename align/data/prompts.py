@@ -43,7 +43,9 @@ def _read_rows(path: Path, field: str):
 # ambiguous, so it is an error that names both.
 REWARD_KEYWORDS = ("prompts", "completions", "messages", "truncated", "prompt_ids", "completion_ids")
 BUILTIN_TASKS = ("arithmetic",)  # generated training prompts
-BUILTIN_HELDOUT = ("arithmetic-heldout",)  # fixed held-out files (the task's default eval_dataset)
+# Fixed held-out sets: the task's default eval_dataset, and every 4th of its problems (25 of each
+# kind: the smoke run's quick yardstick, a subset of the same fixed file)
+BUILTIN_HELDOUT = ("arithmetic-heldout", "arithmetic-heldout-100")
 
 
 def is_builtin(name: str) -> bool:
@@ -140,11 +142,13 @@ def _key(row: dict) -> str:
 def load_heldout(source: str, cfg) -> list[dict]:
     """The held-out prompts of ``source`` (``data.eval_dataset``, `align eval --accuracy`), in
     file order (a fixed set is not shuffled: its first ``eval_prompts`` are the same in every run)."""
-    if is_builtin(source) and source == "arithmetic-heldout":
+    if is_builtin(source) and source in BUILTIN_HELDOUT:
         from .arithmetic import HELDOUT_FILE
 
-        source = str(HELDOUT_FILE)
-    rows, _ = _rows_of(source, cfg)
+        rows, _ = _rows_of(str(HELDOUT_FILE), cfg)
+        rows = rows[::4] if source.endswith("-100") else rows
+    else:
+        rows, _ = _rows_of(source, cfg)
     return [_row(p, where, fields, cfg) for where, p, fields in rows]
 
 

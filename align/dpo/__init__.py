@@ -10,16 +10,12 @@ __all__ = ["run_dpo"]
 
 
 def compute_report(model, tokens: dict, seconds: dict) -> dict:
-    """Model FLOPs of each phase and the rate reached, to compare with the machine's peak.
+    """Model FLOPs of each phase (counted by :mod:`align.compute`: every token of a packed row
+    through the backbone, answer tokens only through the LM head; training = 2 forwards) and the
+    rate reached, to compare with the machine's peak. ``tokens[split]`` = (packed, answers)."""
+    from ..compute import flop_counts, forward_gflop
 
-    Forward FLOPs per token: 2 x the backbone's weights (all tokens of a packed row) plus 2 x the
-    LM head's (answer tokens only); attention scores are left out (a few % at these lengths).
-    Training costs 2 forwards: the backward computes activation gradients only, the base being
-    frozen (the LoRA weight gradients are ~4% of that). ``tokens[phase]`` = (packed, answers)."""
-    base = model.get_base_model()
-    head = base.get_output_embeddings().weight.numel()
-    backbone = sum(p.numel() for n, p in base.named_parameters()
-                   if "lora_" not in n and "embed_tokens" not in n and "lm_head" not in n)
+    backbone, head = flop_counts(model)
     # phase: (the data it covers, forward-equivalents per token)
     phases = {"reference_train": ("train", 1), "train": ("train", 2),
               "reference_eval": ("eval", 1), "policy_eval": ("eval", 1)}
@@ -28,7 +24,7 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
         if phase not in seconds or split not in tokens:
             continue
         packed, answers = tokens[split]
-        gflop = n_pass * (2 * backbone * packed + 2 * head * answers) / 1e9
+        gflop = forward_gflop((backbone, head), packed, answers, passes=n_pass)
         sec = seconds[phase]
         out["phases"][phase] = {"seconds": round(sec, 1), "gflop": round(gflop, 3),
                                 "gflop_per_s": round(gflop / sec, 1) if sec >= 1 else None}
@@ -44,13 +40,17 @@ def run_dpo(cfg) -> dict:
     from ..adapters import save_adapter
     from ..data import load_preference_splits
     from ..models import add_policy_adapter, load_base
-    from ..runs import is_main_process, plot_metrics, start_run
+    from ..runs import after_job, is_main_process, plot_metrics, start_run
     from .evaluate import cached_reference
-    from .packing import truncation_report
+    from ..deps import transformers_internals, trl_internals
+    from ..scoring.pairs import truncation_report
 
     t0 = time.time()
+    trl_internals.check()  # before the run folder exists: an incompatible TRL writes nothing
+    transformers_internals.check()
     with start_run(cfg, "dpo") as run:
         train_rows, eval_rows, _ = load_preference_splits(cfg.data)
+        run.record(data={"train_pairs": len(train_rows), "eval_pairs": len(eval_rows)})
         base, tok = load_base(cfg.model)
         model = add_policy_adapter(base, cfg.lora)
         model.print_trainable_parameters()
@@ -79,10 +79,7 @@ def run_dpo(cfg) -> dict:
         summary["wall_seconds"] = round(time.time() - t0, 1)
         if not is_main_process():
             return summary
-        if cfg.eval.generate:
-            from ..evaluation import report_after_job
-
-            summary["eval_report"] = report_after_job(cfg, run.path, cfg.data.dataset, cfg.data.eval_subsets)
+        summary.update(after_job(cfg, run.path))
         run.write_json("summary.json", summary)
         if cfg.run.plot:
             plot_metrics(run.read_metrics(), ["loss", "rewards/accuracies", "rewards/margins"],
@@ -121,12 +118,15 @@ def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens):
     """Tokenized held-out pairs and their reference scores (before training: the reference
     pass runs while the adapter is still untouched, and is cached for a resumed run)."""
     from .evaluate import cached_reference
-    from .packing import truncation_report
+    import datasets
+
+    from ..chat import tokenize_pair
+    from ..scoring.pairs import truncation_report
 
     if not (cfg.evaluate and eval_rows):
         return None
-    # TRL's private tokenization (pinned by the DPO job tests): the same one training data gets.
-    eval_ds = trainer._prepare_dataset(_as_dataset(eval_rows), tok, trainer.args, "eval")
+    # The pair tokenization training data gets from TRL (chat.tokenize_pair reproduces it; tested).
+    eval_ds = datasets.Dataset.from_list([tokenize_pair(tok, r) for r in eval_rows])
     eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
     tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
     with _timed(seconds, "reference_eval"):

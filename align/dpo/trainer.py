@@ -2,7 +2,7 @@
 
 TRL 1.16 scores log-probs through a fused LM head that, without Triton, loops in Python over
 small token x vocabulary tiles of *every* position (prompt and padding included). Here the
-model's ``fused_lm_head`` path is replaced by :mod:`align.dpo.packing`: each pair is one packed
+model's ``fused_lm_head`` path is replaced by :func:`align.scoring.pairs.install_packed_forward`: each pair is one packed
 row (prompt once), and only answer tokens go through the vocabulary projection. TRL keeps the
 loss variants, metrics, optimizer/scheduler and the PEFT reference (adapter disabled, no second
 model); reference log-probs are computed once before training and reused.
@@ -13,10 +13,11 @@ from trl import DPOConfig, DPOTrainer
 
 from ..checkpoints import AtomicCheckpoints, hf_warmup
 from ..models import resolve_device, resolve_dtype
-from .packing import PackedPairCollator, grouped_sampler, install_packed_forward
+from ..deps.trl_internals import use_precomputed_reference
+from ..scoring.pairs import LengthGroupedPairBatches, PackedPairCollator, install_packed_forward
 
 
-class PackedDPOTrainer(AtomicCheckpoints, DPOTrainer):
+class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
     def __init__(self, *args, max_length: int, max_prompt_length: int, **kwargs):
         tok = kwargs["processing_class"]
         kwargs.setdefault("data_collator", PackedPairCollator(
@@ -37,7 +38,7 @@ class PackedDPOTrainer(AtomicCheckpoints, DPOTrainer):
             install_packed_forward(self.ref_model)
 
     def attach_reference_logps(self, ref_scores) -> None:
-        """Use reference log-probs computed once by :func:`align.dpo.evaluate.score_pairs`
+        """Use reference log-probs computed once by :func:`align.scoring.pairs.score_pairs`
         (length-sorted batches) instead of recomputing the reference at every step."""
         ds = self.train_dataset
         for name in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -46,14 +47,7 @@ class PackedDPOTrainer(AtomicCheckpoints, DPOTrainer):
         ds = ds.add_column("ref_chosen_logps", ref_scores.chosen_logp.tolist())
         ds = ds.add_column("ref_rejected_logps", ref_scores.rejected_logp.tolist())
         self.train_dataset = ds
-        self.precompute_ref_logps = True  # TRL's _compute_loss then reads them from the batch
-
-    def _get_train_sampler(self, train_dataset=None):
-        """Length-grouped batches over the global batch (:func:`align.dpo.packing.grouped_sampler`)."""
-        a = self.args
-        return grouped_sampler(train_dataset if train_dataset is not None else self.train_dataset,
-                               self.data_collator, a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
-                               a.data_seed if a.data_seed is not None else a.seed)
+        use_precomputed_reference(self)  # TRL's loss then reads them from the batch
 
 
 def dpo_args(cfg, output_dir: str) -> DPOConfig:

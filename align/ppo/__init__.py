@@ -25,7 +25,7 @@ def run_ppo(cfg) -> dict:
     from ..data.prompts import load_prompts
     from ..models import load_base, resolve_device
     from ..rollout import make_engine
-    from ..runs import start_run
+    from ..runs import after_job, start_run
     from .actor_critic import ActorCritic
     from .advantages import get_estimator
     from .trainer import train_ppo
@@ -39,6 +39,7 @@ def run_ppo(cfg) -> dict:
         run.open_trackers(cfg.run.report_to, cfg)
         train_prompts, eval_prompts = load_prompts(cfg.data)
         print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
+        run.record(data={"train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts)})
         base, tok = load_base(cfg.model)
         cut = encode_prompts(tok, train_prompts + eval_prompts, cfg.rollout.max_prompt_tokens)
         print(f"prompts: {cut} of {len(train_prompts) + len(eval_prompts)} are longer than "
@@ -56,11 +57,7 @@ def run_ppo(cfg) -> dict:
         summary["wall_seconds"] = round(time.time() - t0, 1)
         summary["engine"] = cfg.rollout.engine
         summary["processes"] = distributed.world_size()
-        if cfg.eval.generate:
-            from ..evaluation import report_after_job
-
-            summary["eval_report"] = report_after_job(cfg, run.path, cfg.data.dataset, cfg.data.eval_subsets,
-                                                      held_out=eval_prompts)
+        summary.update(after_job(cfg, run.path, held_out=eval_prompts))
         run.write_json("summary.json", summary)
         _report(cfg, run, summary)
         return summary
@@ -109,6 +106,12 @@ def _report(cfg, run, summary: dict) -> None:
             print(f"held-out {'greedy accuracy' if mode == 'greedy' else mode} on {b['n']} prompts: " + "; ".join(
                 f"{g} {100 * a[g]:.1f} % -> {100 * b[g]:.1f} % [{100 * b[g + '_ci95'][0]:.1f}, {100 * b[g + '_ci95'][1]:.1f}]"
                 for g in ("strict", "lenient")))
+    change = summary.get("accuracy_change")
+    if change:
+        print(f"held-out greedy accuracy change, paired on the same {change['lenient']['n']} problems "
+              f"(iteration {change['from_iteration']} -> {change['to_iteration']}): " + "; ".join(
+                  f"{g} {100 * change[g]['difference']:+.1f} points [{100 * change[g]['ci95'][0]:+.1f}, "
+                  f"{100 * change[g]['ci95'][1]:+.1f}]" for g in ("strict", "lenient")))
     sbs = summary.get("side_by_side") or {}
     for who in ("reward", "judge"):
         if f"{who}_win_rate" in sbs:

@@ -14,7 +14,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from ..logprobs import token_logprobs
+from ..scoring.logprobs import token_logprobs
 from ..models import POLICY, lora_peft_config
 from ..roles import Roles
 

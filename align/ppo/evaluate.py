@@ -7,9 +7,11 @@ import math
 
 import torch
 
-from ..batch import in_chunks
+from ..scoring.batch import in_chunks
+from ..scoring.stats import win_rate
 from ..rollout.base import SamplingConfig
-from .experience import collate, score_completions
+from ..scorers import score_completions
+from .experience import collate
 
 
 @torch.no_grad()
@@ -47,15 +49,6 @@ def evaluate_prompts(ac, engine, tok, prompts, reward_fn, cfg, seed: int, cancel
     return out
 
 
-def mean_ci95(x: list[float]) -> tuple[float, float, float]:
-    """Mean and a normal-approximation 95% interval of the mean."""
-    n = len(x)
-    m = sum(x) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1)) if n > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(n) if n else 0.0
-    return m, m - half, m + half
-
-
 def side_by_side(samples_path, out_path) -> dict | None:
     """The base's answers (the held-out eval at iteration 0, where the policy *is* the base: its
     LoRA starts at zero) against the last evaluation's, per prompt, written to ``out_path``;
@@ -84,8 +77,7 @@ def side_by_side(samples_path, out_path) -> dict | None:
             scored = [(b, p) for b, p in pairs if math.isfinite(b[key]) and math.isfinite(p[key])]
             if not scored:
                 continue
-            wins = [1.0 if p[key] > b[key] else 0.5 if p[key] == b[key] else 0.0 for b, p in scored]
-            m, lo, hi = mean_ci95(wins)
+            m, (lo, hi) = win_rate([p[key] for _, p in scored], [b[key] for b, _ in scored])
             out[f"{key}_win_rate"], out[f"{key}_win_rate_ci95"] = round(m, 4), [round(lo, 4), round(hi, 4)]
             out[f"{key}_mean_base"] = sum(b[key] for b, _ in scored) / len(scored)
             out[f"{key}_mean_policy"] = sum(p[key] for _, p in scored) / len(scored)

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from reward.api import call_reward
-
 from .. import distributed
 from ..compute import NullMeter, forward_gflop
 from ..memory import release_freed_memory
 from ..rollout.base import Completion, SamplingConfig
-from ..batch import TokenBatch, in_chunks, make_batch, rows_batch
+from ..scorers import score_completions
+from ..scoring.batch import TokenBatch, in_chunks, make_batch, rows_batch
 from . import losses
 
 
@@ -160,32 +159,6 @@ def advantages_of(estimator, scores, old_logp, ref_logp, mask, values, kl_coef: 
     if p.whiten_advantages:
         advantages = estimator.normalize(advantages, mask, all_sum=distributed.all_sum)
     return kl, advantages, returns
-
-
-def score_completions(reward_fn, prompts: list[dict], completions: list[Completion], reward_cfg,
-                      device=None, cancelled=None, penalize: bool = True) -> torch.Tensor:
-    """The reward function's scores (bounded by ``reward.timeout_seconds``; NaN where it gave
-    ``None``), plus ``reward.truncation_penalty`` for answers cut without EOS when ``penalize``.
-    ``prompts`` (one per completion) carry ``messages`` -- the function sees the whole dialogue
-    -- and ``fields``, the data row's other fields, each passed as a keyword (one value per
-    completion; a row without the field gives None)."""
-    truncated = [not c.finished for c in completions]
-    texts = [c.text for c in completions]
-    asked = [p["messages"][-1]["content"] for p in prompts]
-    if getattr(reward_cfg, "completions", "text") == "messages":  # TRL's conversational form
-        texts = [[{"role": "assistant", "content": t}] for t in texts]
-        asked = [p["messages"] for p in prompts]
-    names = sorted({k for p in prompts for k in p.get("fields", {})})
-    fields = {k: [p.get("fields", {}).get(k) for p in prompts] for k in names}
-    scores = torch.tensor(call_reward(
-        reward_fn, asked, texts, timeout=reward_cfg.timeout_seconds, cancelled=cancelled, **fields,
-        truncated=truncated, messages=[p["messages"] for p in prompts],
-        prompt_ids=[c.prompt_ids for c in completions], completion_ids=[c.token_ids for c in completions]),
-        device=device)
-    if penalize and getattr(reward_cfg, "truncation_penalty", 0.0):
-        scores = scores + reward_cfg.truncation_penalty * torch.tensor([float(t) for t in truncated],
-                                                                       device=device)
-    return scores
 
 
 def _engine_logprobs(completions: list[Completion], mask: torch.Tensor) -> torch.Tensor | None:

@@ -264,6 +264,9 @@ class PPOLoop:
                 pairs = side_by_side(self.samples_path, self.run.path / "heldout_side_by_side.jsonl")
                 if pairs is not None:
                     out["side_by_side"] = pairs
+                change = verifiable.accuracy_change(self.samples_path) if "accuracy_lenient" in last else None
+                if change is not None:
+                    out["accuracy_change"] = change
         return out
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..chat import trim_at_eos
+from ..scoring.logprobs import sampled_logprobs
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
 
 
@@ -62,7 +63,7 @@ class HFEngine(RolloutEngine):
             res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), return_dict_in_generate=True,
                                       output_logits=params.logprobs, **kwargs)
             seqs = res.sequences[:, L:]
-            lps = _sampled_logprobs(res.logits, seqs) if params.logprobs else None
+            lps = sampled_logprobs(res.logits, seqs) if params.logprobs else None
             for i, (p, row) in enumerate(zip(chunk, seqs.tolist())):
                 row, finished = trim_at_eos(row, eos)
                 out.append(Completion(p, row, finished, lps[i, :len(row)].tolist() if lps is not None else None,
@@ -71,15 +72,6 @@ class HFEngine(RolloutEngine):
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
         self.stats.seconds += time.perf_counter() - t0
         return out
-
-
-def _sampled_logprobs(logits: tuple, seqs: torch.Tensor) -> torch.Tensor:
-    """(B, steps) log-probs of the generated tokens under the model's raw logits (before any
-    temperature or top-p): the policy's own log-probs, as PPO's ratio needs them."""
-    out = torch.zeros(seqs.shape, dtype=torch.float32)
-    for t, step in enumerate(logits):
-        out[:, t] = step.float().log_softmax(-1).gather(-1, seqs[:, t:t + 1].to(step.device)).squeeze(-1).cpu()
-    return out
 
 
 class RowSeededSampler(LogitsProcessor):

@@ -8,6 +8,7 @@ samples would be silently off-policy, so the run stops.
 from __future__ import annotations
 
 from ..chat import greedy_ids, prompt_ids
+from ..scoring.logprobs import next_token_logprobs
 from .base import RolloutEngine, SamplingConfig
 
 
@@ -59,7 +60,7 @@ def choice_gap(peft_model, context: list[int], token: int) -> float:
     peft_model.eval()
     with torch.no_grad():
         x = torch.tensor([context], device=peft_model.device)
-        logp = peft_model(input_ids=x).logits[0, -1].float().log_softmax(-1)
+        logp = next_token_logprobs(peft_model(input_ids=x).logits[0, -1])
     peft_model.train(was_training)
     return float(logp.max() - logp[token])
 

@@ -1,15 +1,17 @@
-"""Compute less per DPO pair: the shared prompt once, the LM head only on answer tokens.
+"""Preference pairs, scored: the layout, forwards and metrics DPO, the reward model and `align eval` share.
 
 A pair ``(prompt, chosen, rejected)`` is laid out as ONE packed row ``prompt + chosen +
 rejected``. Position ids restart the rejected answer right after the prompt, and a 4-D
 attention mask stops rejected tokens from seeing chosen ones, so each answer sees exactly
 ``prompt + itself`` -- the same numbers as two separate rows, for ~(P+C+R)/(2P+C+R) of the
-backbone cost. The vocabulary projection runs only where a label is scored.
+backbone cost (:mod:`align.scoring.packing`). The collator also emits the "virtual" layout
+(chosen rows, then rejected rows) that TRL's DPOTrainer reads, and the fallback uses.
 
-TRL's DPOTrainer keeps doing everything else (loss variants, metrics, reference handling): the
-collator also emits TRL's usual "virtual" layout (chosen rows, then rejected rows), and
-:func:`install_packed_forward` makes the model's ``fused_lm_head=True`` path read the packed
-tensors and return per-token values in that virtual layout.
+Two forwards read that layout: :func:`install_packed_forward` (a causal LM: the log-prob of each
+answer token, the LM head run on answer tokens only -- TRL's ``fused_lm_head=True`` path, so
+DPOTrainer trains through it) and :func:`install_packed_scorer` (a reward model: the score at
+each answer's last token). On them: :func:`score_pairs` (summed log-probs: the DPO implicit reward
+and the reference-free accuracy) and :func:`pair_scores` (reward-model scores), in data order.
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from ..logprobs import entropy
-from ..packing import attention_mask_for, packing_blocker
+from ..deps.trl_internals import fused_lm_output
+from .logprobs import token_logprobs
+from .packing import attention_mask_for, packing_blocker
+from .stats import tie_half_accuracy
 
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_attention_mask", "packed_src")
 
@@ -50,6 +55,17 @@ def grouped_sampler(ds, collator, batch_size: int, seed: int) -> EpochSeededLeng
     lengths = [packed_length(len(p), len(c), len(r), collator.max_length, collator.max_prompt_length)
                for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return EpochSeededLengthGroupedSampler(batch_size, lengths=lengths, seed=seed)
+
+
+class LengthGroupedPairBatches:
+    """Mixin for a transformers Trainer over packed pairs (DPO, RM): its training batches come
+    from :func:`grouped_sampler` over the global batch (``align_train_sampler`` is the hook
+    :class:`align.deps.transformers_internals.TrainerHooks` calls)."""
+
+    def align_train_sampler(self, dataset):
+        a = self.args
+        return grouped_sampler(dataset, self.data_collator, a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                               a.data_seed if a.data_seed is not None else a.seed)
 
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int],
@@ -146,10 +162,30 @@ class PackedPairCollator:
         return batch
 
 
-def _output_type():
-    from trl.trainer.utils import FusedCausalLMOutput
+def answer_end_states(lm, batch: dict) -> torch.Tensor:
+    """Hidden states (B, 2, H) at the last token of the chosen and the rejected answer -- what a
+    reward model scores -- from one packed row per pair where that is exact, else from two
+    ordinary rows per pair (:func:`packing_blocker`). ``lm`` is a transformers model whose
+    ``base_model`` is the backbone (a causal LM or a sequence classifier)."""
+    backbone = lm.base_model
+    B = batch["packed_input_ids"].size(0)
+    if packing_blocker(lm.config, batch["packed_position_ids"]) is None:
+        mask = attention_mask_for(lm.config, batch["packed_attention_mask"], lm.get_input_embeddings().weight.dtype)
+        hidden = backbone(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
+                          attention_mask=mask, use_cache=False).last_hidden_state
+        return hidden[torch.arange(B, device=hidden.device)[:, None], batch["packed_ends"]]
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
+    rows = torch.arange(B, device=hidden.device)
+    return torch.stack([hidden[rows, batch["row_ends"][:, 0]], hidden[B + rows, batch["row_ends"][:, 1]]], 1)
 
-    return FusedCausalLMOutput
+
+def length_order(pairs, collator: PackedPairCollator) -> list[int]:
+    """Indices of tokenized ``pairs`` by packed length: scored in this order batches pad little;
+    the scores are put back in data order."""
+    return sorted(range(len(pairs)), key=lambda i: packed_length(
+        len(pairs[i]["prompt_ids"]), len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]),
+        collator.max_length, collator.max_prompt_length))
 
 
 def install_packed_forward(model) -> None:
@@ -192,24 +228,6 @@ def install_packed_forward(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def answer_end_states(lm, batch: dict) -> torch.Tensor:
-    """Hidden states (B, 2, H) at the last token of the chosen and the rejected answer -- what a
-    reward model scores -- from one packed row per pair where that is exact, else from two
-    ordinary rows per pair (:func:`packing_blocker`). ``lm`` is a transformers model whose
-    ``base_model`` is the backbone (a causal LM or a sequence classifier)."""
-    backbone = lm.base_model
-    B = batch["packed_input_ids"].size(0)
-    if packing_blocker(lm.config, batch["packed_position_ids"]) is None:
-        mask = attention_mask_for(lm.config, batch["packed_attention_mask"], lm.get_input_embeddings().weight.dtype)
-        hidden = backbone(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
-                          attention_mask=mask, use_cache=False).last_hidden_state
-        return hidden[torch.arange(B, device=hidden.device)[:, None], batch["packed_ends"]]
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-    rows = torch.arange(B, device=hidden.device)
-    return torch.stack([hidden[rows, batch["row_ends"][:, 0]], hidden[B + rows, batch["row_ends"][:, 1]]], 1)
-
-
 def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
     """Gather the hidden states that predict each scored label and project only those."""
     B2 = labels.size(0)
@@ -220,11 +238,9 @@ def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
     h = hidden[rows[mask], packed_src[mask]]  # (N, H)
     lm_head = model.get_output_embeddings()
     logits = F.linear(h, lm_head.weight, lm_head.bias).float()
-    logp_all = logits.log_softmax(-1)
     targets = shift[mask]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp, ent = token_logprobs(logits, targets, with_entropy=True, entropy_grad=False)
     with torch.no_grad():
-        ent = entropy(logp_all)
         mean_logits = logits.mean(-1)
         is_top1 = logits.argmax(-1) == targets
 
@@ -233,7 +249,7 @@ def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
 
     log_probs = scatter(logp)
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return _output_type()(
+    return fused_lm_output(
         loss=-log_probs.sum() / denom,
         log_probs=log_probs,
         entropy=scatter(ent),
@@ -243,3 +259,90 @@ def score_labels(model, hidden, labels, packed_src, num_items_in_batch=None):
         label_mask=mask,
         aux_loss=None,
     )
+
+
+def install_packed_scorer(seqcls) -> None:
+    """``model(packed_input_ids=..., ...)`` returns the (B, 2) scores of each pair's chosen and
+    rejected conversation; without ``packed_input_ids`` the classifier's own forward runs."""
+    plain_forward = type(seqcls).forward.__get__(seqcls)
+
+    def forward(self, *args, packed_input_ids=None, **kwargs):
+        if packed_input_ids is None:
+            return plain_forward(*args, **kwargs)
+        states = answer_end_states(self, {"packed_input_ids": packed_input_ids, **kwargs})
+        return self.score(states).squeeze(-1).float()
+
+    seqcls.forward = types.MethodType(forward, seqcls)
+
+
+@dataclass
+class PairScores:
+    chosen_logp: torch.Tensor    # summed log-prob of each chosen answer
+    rejected_logp: torch.Tensor
+    chosen_tokens: torch.Tensor  # number of scored tokens
+    rejected_tokens: torch.Tensor
+
+
+@torch.no_grad()
+def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 8,
+                desc: str = "scoring") -> PairScores:
+    """Summed log-probs of chosen/rejected for every tokenized pair, in dataset order."""
+    was_training = model.training
+    model.eval()
+    out = {k: [] for k in ("c", "r", "cn", "rn")}
+    rows = [dataset[i] for i in range(len(dataset))]
+    # Score in length order (little padding), then put results back in dataset order.
+    order = length_order(rows, collator)
+    rows = [rows[i] for i in order]
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
+        batch = collator(rows[start:start + batch_size])
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=labels, fused_lm_head=True, **{k: batch[k] for k in PACKED_KEYS})
+        logps = res.log_probs.sum(1)
+        n = res.label_mask.sum(1)
+        B = len(logps) // 2
+        out["c"].append(logps[:B]); out["r"].append(logps[B:])
+        out["cn"].append(n[:B]); out["rn"].append(n[B:])
+    model.train(was_training)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    cat = {k: torch.cat(v).float()[inverse] for k, v in out.items()}
+    return PairScores(cat["c"], cat["r"], cat["cn"], cat["rn"])
+
+
+def implicit_reward_metrics(policy: PairScores, ref: PairScores, beta: float) -> dict:
+    r_c = beta * (policy.chosen_logp - ref.chosen_logp)
+    r_r = beta * (policy.rejected_logp - ref.rejected_logp)
+    margin = r_c - r_r
+    return {"implicit_accuracy": tie_half_accuracy(margin),
+            "mean_margin": float(margin.mean()),
+            "reward_chosen": float(r_c.mean()), "reward_rejected": float(r_r.mean())}
+
+
+def reference_free_accuracy(s: PairScores) -> float:
+    mean_c = s.chosen_logp / s.chosen_tokens.clamp(min=1)
+    mean_r = s.rejected_logp / s.rejected_tokens.clamp(min=1)
+    return tie_half_accuracy(mean_c - mean_r)
+
+
+@torch.no_grad()
+def pair_scores(model, pairs: list[dict], collator: PackedPairCollator, batch_size: int = 8) -> torch.Tensor:
+    """(N, 2) scores [chosen, rejected] of tokenized pairs, in their order (batched by length)."""
+    was_training = model.training
+    model.eval()
+    order = length_order(pairs, collator)
+    out = torch.empty(len(pairs), 2)
+    for s in tqdm(range(0, len(order), batch_size), desc="reward-model scores", leave=False):
+        idx = order[s:s + batch_size]
+        batch = {k: v.to(model.device) for k, v in collator([pairs[i] for i in idx]).items()}
+        out[idx] = model(**batch).float().cpu()
+    model.train(was_training)
+    return out
+
+
+def pairwise_metrics(scores: torch.Tensor) -> dict:
+    margin = scores[:, 0] - scores[:, 1]
+    return {"pairs": len(scores), "pairwise_accuracy": tie_half_accuracy(margin),
+            "mean_margin": float(margin.mean()), "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}

@@ -1,7 +1,7 @@
 """What a model reads for a batch of answers to score, and where it reads each answer.
 
 Two layouts, one interface. ``rows``: one right-padded row per answer (prompt + answer).
-``packed``: one row per *prompt* holding all k of its answers (:func:`align.packing.packed_group`),
+``packed``: one row per *prompt* holding all k of its answers (:func:`align.scoring.packing.packed_group`),
 so the prompt is computed once instead of k times -- with long prompts and k >= 2 the larger
 part of PPO's scoring and update compute. Used by PPO (experience, update, evaluation) and by
 the reward kinds and `align eval`. Either way ``pred_pos[s, t]`` is the row position

@@ -4,7 +4,7 @@ A row ``prompt + answer_1 + ... + answer_k`` gives every answer the positions it
 after the prompt alone, and a 4-D mask lets each answer see the prompt and its own earlier
 tokens only. The hidden states are then exactly those of k separate rows (tests pin this for
 every architecture in tests/test_architectures.py). DPO packs (chosen, rejected) pairs this way
-(:mod:`align.dpo.packing`); PPO packs the k samples of each prompt (:mod:`align.batch`).
+(:mod:`align.scoring.pairs`); PPO packs the k samples of each prompt (:mod:`align.scoring.batch`).
 
 Where a packed row would not be exact -- an attention backend that takes no custom mask, or a
 sliding window shorter than the row -- callers fall back to separate rows
