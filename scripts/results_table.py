@@ -1,0 +1,121 @@
+"""results/TABLE.md: the headline numbers, read from the JSON files in results/ -- so no prose can
+drift from the files (tests/test_results_table.py regenerates it and compares).
+
+    python scripts/results_table.py            # rewrite results/TABLE.md
+    python scripts/results_table.py --check    # exit 1 if results/TABLE.md is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+TABLE = RESULTS / "TABLE.md"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _minutes(s: float | None) -> str:
+    return f"{s / 60:.1f} min" if s else "—"
+
+
+def _ci(ci: list[float], scale: float = 100, sign: bool = False) -> str:
+    f = "{:+.1f}" if sign else "{:.1f}"
+    return f"[{f.format(scale * ci[0])}, {f.format(scale * ci[1])}]"
+
+
+def _dtype(d: dict) -> str:
+    return d.get("dtype") or (d.get("compute") or {}).get("peak_dtype") or "float32"
+
+
+def rows() -> list[tuple[str, str, str, str, str, str]]:
+    """(result, file, measure, value, dtype, wall) per headline, in a fixed order."""
+    out = []
+    if (d := _load("smoke_summary.json")) and "accuracy_change" in d:
+        c, i, f = d["accuracy_change"]["lenient"], d["eval_initial"], d["eval_final"]
+        out.append(("smoke run (`configs/smoke.yaml`)", "smoke_summary.json",
+                    f"held-out greedy accuracy, lenient, {c['n']} problems, paired",
+                    f"{_pct(i['accuracy_lenient'])} → {_pct(f['accuracy_lenient'])}: {100 * c['difference']:+.1f} points "
+                    f"{_ci(c['ci95'], sign=True)}", _dtype(d), _minutes(d.get("wall_seconds"))))
+    if d := _load("dpo_hh_rlhf_summary.json"):
+        e = d["eval"]
+        out.append(("DPO, HH-RLHF (`align dpo`)", "dpo_hh_rlhf_summary.json",
+                    f"held-out implicit accuracy, {e['pairs']} helpful-base pairs", f"{e['implicit_accuracy']:.3f}",
+                    _dtype(d), _minutes(d.get("wall_seconds"))))
+    if d := _load("rm_hh_rlhf_summary.json"):
+        e = d["eval"]
+        out.append(("reward model, HH-RLHF (`align rm`)", "rm_hh_rlhf_summary.json",
+                    f"held-out pairwise accuracy, {e['pairs']} pairs", f"{e['pairwise_accuracy']:.3f}",
+                    _dtype(d), _minutes(d.get("wall_seconds"))))
+    if d := _load("grpo_arithmetic_summary.json"):
+        i, f = d["eval_initial"], d["eval_final"]
+        g = f["accuracy"]["greedy"]
+        out.append(("GRPO, arithmetic (`configs/grpo_arithmetic.yaml`)", "grpo_arithmetic_summary.json",
+                    "held-out greedy accuracy, lenient, 400 problems",
+                    f"{_pct(i['accuracy_lenient'])} → {_pct(f['accuracy_lenient'])} {_ci(g['lenient_ci95'])}",
+                    _dtype(d), _minutes(d.get("wall_seconds"))))
+    if d := _load("bench_rl_arithmetic.json"):
+        out.append(("time to target accuracy, align vs TRL GRPOTrainer", "bench_rl_arithmetic.json",
+                    "align's training time / TRL's (base + 15 points)", f"{d['align_time_over_trl_time']:.2f}x",
+                    "float32", "—"))
+    if d := _load("ppo_imdb_demo_summary.json"):
+        f = d["eval_final"]
+        out.append(("PPO demo, IMDB sentiment", "ppo_imdb_demo_summary.json",
+                    "held-out reward gain (initial std) at KL/answer",
+                    f"{d['reward_gain_in_initial_std']:+.2f} at {f['kl_per_answer']:.1f} nats", _dtype(d),
+                    _minutes(d.get("wall_seconds"))))
+    if d := _load("ppo_hh_rlhf_summary.json"):
+        s = d["side_by_side"]
+        out.append(("RLHF on HH (DPO + RM reward, RM judge)", "ppo_hh_rlhf_summary.json",
+                    f"judge prefers the policy, {s['prompts']} held-out prompts",
+                    f"{_pct(s['judge_win_rate'])} {_ci(s['judge_win_rate_ci95'])}", _dtype(d), _minutes(d.get("wall_seconds"))))
+    if d := _load("eval_ppo_hh_judge256.json"):
+        g = d["generation"]
+        c = g["comparison"]["ppo-hh-sum"]
+        out.append(("RLHF on HH, judged again (`align eval`)", "eval_ppo_hh_judge256.json",
+                    f"judge prefers the policy, {g['n']} held-out prompts (length-controlled)",
+                    f"{_pct(c['win_rate'])} {_ci(c['win_rate_ci95'])} ({_pct(c['length_controlled_win_rate'])} "
+                    f"{_ci(c['length_controlled_ci95'])})", "float32", _minutes(g.get("seconds"))))
+    if d := _load("bench_rollout.json"):
+        r = d["throughput_ratios"]
+        out.append(("rollouts, vLLM vs transformers", "bench_rollout.json",
+                    f"tokens/s ratio, batch {d['batch']} x {d['max_new_tokens']}",
+                    f"merged {r['vllm_merged_over_hf']:.2f}x, LoRA {r['vllm_lora_over_hf']:.2f}x", "float32", "—"))
+    return out
+
+
+def render() -> str:
+    lines = ["# Headline results", "",
+             "Generated by `python scripts/results_table.py` from the JSON files beside it (do not edit by hand);",
+             "what each file is and the command that made it: [README.md](README.md). Measured on a 2-core",
+             "x86 CPU (AVX2), each run alone.", "",
+             "| result | measure | value | dtype | wall | file |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r} | {m} | {v} | {dt} | {w} | `{f}` |" for r, f, m, v, dt, w in rows()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="compare with results/TABLE.md instead of writing it")
+    a = p.parse_args(argv)
+    text = render()
+    if a.check:
+        same = TABLE.is_file() and TABLE.read_text() == text
+        print("results/TABLE.md is up to date" if same else "results/TABLE.md is out of date: run scripts/results_table.py")
+        return 0 if same else 1
+    TABLE.write_text(text)
+    print(f"wrote {TABLE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
