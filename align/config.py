@@ -423,6 +423,10 @@ class PPOTrainConfig:
     target_approx_kl: float = _num(0.1, 0.0, 100.0)
     # Evaluate on the held-out prompts every N iterations (0 = first and last only).
     eval_every: int = _num(5, 0, BIG)
+    # Each held-out evaluation samples one answer per prompt for the reward, the judge and the KL
+    # to the reference. false: with graded prompts, greedy accuracy (and pass@k) only -- a quicker
+    # yardstick (configs/smoke.yaml); the training samples' KL is still logged every iteration.
+    eval_sampled: bool = True
     # With held-out prompts that carry data.answer_field: besides greedy accuracy, pass@k from
     # k answers sampled per prompt at rollout.temperature (0 = greedy accuracy only).
     eval_pass_k: int = _num(0, 0, 1024)

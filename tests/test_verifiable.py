@@ -301,6 +301,33 @@ def test_ppo_on_the_arithmetic_task_reports_accuracy(tmp_path, tiny_model_path):
     assert summary["best_heldout"]["iteration"] in (0, 2, 3)
     assert summary["eval_initial"]["accuracy"]["greedy"]["by_difficulty"].keys() <= {
         "1-digit +", "1-digit *", "2-digit +", "2-digit -"}
+    change = summary["accuracy_change"]  # first vs last greedy answers, paired, regraded by hand
+    first = [r for r in greedy if r["iteration"] == 0]
+    last = [r for r in greedy if r["iteration"] == 3]
+    diff = [b["lenient"] - a["lenient"] for a, b in zip(first, last)]
+    assert change["lenient"]["difference"] == pytest.approx(sum(diff) / 8) and change["lenient"]["n"] == 8
+    assert (change["from_iteration"], change["to_iteration"]) == (0, 3)
+
+
+def test_greedy_only_evaluation(tmp_path, tiny_model_path):
+    """ppo.eval_sampled=false (the smoke run's quicker yardstick): no sampled held-out answers,
+    reward or KL -- only the graded greedy answers and their paired change."""
+    from align.ppo import run_ppo
+
+    summary = run_ppo(load_config("ppo", None, [
+        f"model.name={tiny_model_path}", "data.dataset=arithmetic", "data.rows_stop=32",
+        "data.eval_dataset=arithmetic-heldout-100", "data.eval_prompts=0", "rollout.max_new_tokens=3",
+        "ppo.iterations=1", "ppo.prompts_per_iteration=2", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4",
+        "ppo.advantage=grpo", "ppo.eval_sampled=false", "reward.function=reward.verify:numeric_match",
+        f"run.output_dir={tmp_path}", "run.name=g", "run.plot=false"]))
+    rows = [json.loads(line) for line in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+    splits = {r["split"] for r in rows}
+    assert "eval_greedy" in splits and "eval" not in splits  # no sampled held-out answers
+    assert "reward_mean" not in summary["eval_final"] and "reward_gain_in_initial_std" not in summary
+    assert summary["eval_final"]["accuracy"]["greedy"]["n"] == 100
+    kinds = summary["eval_final"]["accuracy"]["greedy"]["by_difficulty"]
+    assert {k: v["n"] for k, v in kinds.items()} == {"1-digit +": 25, "1-digit *": 25, "2-digit +": 25, "2-digit -": 25}
+    assert summary["accuracy_change"]["lenient"]["n"] == 100
 
 
 @pytest.mark.real

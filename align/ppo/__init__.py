@@ -99,8 +99,9 @@ def _report(cfg, run, summary: dict) -> None:
     print("\n== PPO summary ==")
     if "eval_final" in summary:
         i, f = summary["eval_initial"], summary["eval_final"]
-        print(f"held-out reward {i['reward_mean']:.3f} ± {i['reward_std']:.3f} -> {f['reward_mean']:.3f} "
-              f"({summary['reward_gain_in_initial_std']:+.2f} initial std), KL/answer {f['kl_per_answer']:.2f}")
+        if "reward_mean" in f:
+            print(f"held-out reward {i['reward_mean']:.3f} ± {i['reward_std']:.3f} -> {f['reward_mean']:.3f} "
+                  f"({summary['reward_gain_in_initial_std']:+.2f} initial std), KL/answer {f['kl_per_answer']:.2f}")
         for mode in [m for m in f.get("accuracy", {}) if m in i.get("accuracy", {})]:
             a, b = i["accuracy"][mode], f["accuracy"][mode]
             print(f"held-out {'greedy accuracy' if mode == 'greedy' else mode} on {b['n']} prompts: " + "; ".join(

@@ -201,7 +201,8 @@ class PPOLoop:
             return None
         with self._reward_interruptible(), self.meter.time("evaluate"):
             ev = evaluate_prompts(self.ac, self.engine, self.tok, self.eval_prompts, self.reward_fn, self.cfg,
-                                  self.cfg.run.seed + 12345, cancelled=self._cancelled, judge_fn=self.judge_fn)
+                                  self.cfg.run.seed + 12345, cancelled=self._cancelled, judge_fn=self.judge_fn) \
+                if self.cfg.ppo.eval_sampled else {"completions": None, "answers": []}
             acc, greedy = self.accuracy(ev.pop("completions"), pass_k=it == 0 or final)
         release_freed_memory()
         with open(self.samples_path, "a") as f:
@@ -213,10 +214,10 @@ class PPOLoop:
         ev.update(iteration=it, train_seconds=round(time.time() - self.t_start - evaluated, 1),
                   **verifiable.flat(acc), **({"accuracy": acc} if acc else {}))
         self.run.log({"step": it, **{f"eval/{k}": v for k, v in ev.items() if k != "accuracy"}})
-        self.log(f"[eval it {it}] reward {ev['reward_mean']:.3f} ± {ev['reward_std']:.3f}, "
-                 f"KL/answer {ev['kl_per_answer']:.2f}" + (
-                     f", greedy accuracy strict {acc['greedy']['strict']:.3f} lenient {acc['greedy']['lenient']:.3f}"
-                     if acc else ""))
+        sampled = f"reward {ev['reward_mean']:.3f} ± {ev['reward_std']:.3f}, KL/answer {ev['kl_per_answer']:.2f}" \
+            if "reward_mean" in ev else ""
+        graded = f"greedy accuracy strict {acc['greedy']['strict']:.3f} lenient {acc['greedy']['lenient']:.3f}" if acc else ""
+        self.log(f"[eval it {it}] " + ", ".join(x for x in (sampled, graded) if x))
         self.history.append(ev)
         return ev
 
@@ -252,9 +253,9 @@ class PPOLoop:
                "compute": self.meter.report()}
         if self.history and self.history[0] and self.history[-1]:
             init, last = self.history[0], self.history[-1]
-            out.update(eval_initial=init, eval_final=last,
-                       reward_gain_in_initial_std=(last["reward_mean"] - init["reward_mean"])
-                       / max(init["reward_std"], 1e-9))
+            out.update(eval_initial=init, eval_final=last)
+            if "reward_mean" in last:
+                out["reward_gain_in_initial_std"] = (last["reward_mean"] - init["reward_mean"]) / max(init["reward_std"], 1e-9)
             if "accuracy_lenient" in last:  # recorded, never used to pick the reported (final) numbers
                 best = max(self.history, key=lambda e: e.get("accuracy_lenient", -1))
                 out["best_heldout"] = {"iteration": best["iteration"], "accuracy_lenient": best["accuracy_lenient"],
