@@ -60,6 +60,9 @@ def _reward_rows(add) -> None:
         "0.2", (), ("judge.kind=dpo", "judge.adapter=runs/judge"))
     add("ppo", "judge.timeout_seconds", "when judge.kind is none", lambda c: jkind(c) == "none",
         "10", (), ("judge.kind=function", "judge.function=f.py:fn"))
+    add("ppo", "judge.kind", "when ppo.eval_sampled is false (the judge scores the sampled held-out answers)",
+        lambda c: not c.ppo.eval_sampled, "function", ("ppo.eval_sampled=false", "judge.function=f.py:fn"),
+        ("judge.function=f.py:fn",))
 
 
 def _ppo_rows(add) -> None:
