@@ -5,7 +5,8 @@ adapter or an export uses (`align eval`, `align serve`, `align export`, reward/j
 A path is, in this order:
 
 - a **run folder** of align (``run.json``, or -- runs made before it -- an align
-  ``config.yaml``) with its final ``adapter/``, or a chosen checkpoint of it;
+  ``config.yaml``) with its final ``adapter/`` (``model/`` after full fine-tuning), or a chosen
+  checkpoint of it;
 - one **checkpoint** of a run, ``RUN/checkpoints/step-N`` (named ``RUN@step-N``);
 - an **export** (``align export``: ``training_config.yaml`` beside the adapter or merged model);
 - a bare **adapter folder** (``adapter_config.json``);
@@ -22,6 +23,7 @@ from pathlib import Path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+WEIGHT_FOLDERS = ("adapter", "model")  # a run's policy: LoRA, or the whole model (lora.r: full)
 
 
 class ArtifactError(ValueError):
@@ -70,14 +72,14 @@ def resolve(text: str | Path, checkpoint: str = "final", what: str = "target") -
     config, run_dir, adapter, name = None, None, p, p.name
     if p.parent.name == "checkpoints" and _is_run(p.parent.parent):  # RUN/checkpoints/step-N
         run_dir = p.parent.parent
-        adapter, name = (p / "adapter" if (p / "adapter").is_dir() else p), f"{run_dir.name}@{p.name}"
+        adapter, name = _weights(p, p), f"{run_dir.name}@{p.name}"
     elif _is_run(p):
         run_dir, adapter = p, pick_checkpoint(p, checkpoint)
         if checkpoint not in ("final", ""):
-            name = f"{p.name}@{(adapter.parent if adapter.name == 'adapter' else adapter).name}"
+            name = f"{p.name}@{(adapter.parent if adapter.name in WEIGHT_FOLDERS else adapter).name}"
     if run_dir is not None:
         config = _yaml(run_dir / "config.yaml")
-        if not (adapter / ADAPTER_CONFIG).is_file():
+        if not (adapter / ADAPTER_CONFIG).is_file() and not (adapter / "config.json").is_file():
             raise ArtifactError(f"adapter file '{adapter / ADAPTER_CONFIG}' is missing (an unfinished run? "
                                 "name one of its checkpoints: --checkpoint N)")
     elif checkpoint not in ("final", ""):
@@ -92,10 +94,15 @@ def resolve(text: str | Path, checkpoint: str = "final", what: str = "target") -
         base = ((config or {}).get("model") or {}).get("name") or acfg.get("base_model_name_or_path") or ""
         kind = "reward" if acfg.get("task_type") == "SEQ_CLS" else "adapter"
         return Artifact(name, kind, adapter, base, job, run_dir, config)
-    if (p / "config.json").is_file():
-        return Artifact(p.name, "merged", p, str(p), job, None, config)
+    if (adapter / "config.json").is_file():  # a merged export, any model -- or a full fine-tuning run's model/
+        return Artifact(name, "merged", adapter, str(adapter), job, run_dir, config)
     raise ArtifactError(f"{what} '{text}' is neither a run folder, a checkpoint, an adapter folder nor a model "
                         f"folder (no {ADAPTER_CONFIG} or config.json in it)")
+
+
+def _weights(folder: Path, otherwise: Path) -> Path:
+    """A run's or checkpoint's policy: ``adapter/`` (LoRA) or ``model/`` (full fine-tuning)."""
+    return next((folder / w for w in WEIGHT_FOLDERS if (folder / w).is_dir()), otherwise)
 
 
 def _is_run(folder: Path) -> bool:
@@ -103,7 +110,7 @@ def _is_run(folder: Path) -> bool:
     folder laid out like one by hand (``config.yaml`` beside ``adapter/``)."""
     from .runs import run_job
 
-    has_weights = (folder / "adapter").is_dir() or (folder / "checkpoints").is_dir()
+    has_weights = any((folder / w).is_dir() for w in (*WEIGHT_FOLDERS, "checkpoints"))
     return has_weights and (run_job(folder) is not None or (folder / "config.yaml").is_file())
 
 
@@ -113,14 +120,14 @@ def pick_checkpoint(run_dir: Path, checkpoint: str) -> Path:
     steps = {}
     if ckpt_root.is_dir():
         for d in ckpt_root.glob("step-*"):
-            if (d / ADAPTER_WEIGHTS).is_file() or (d / "adapter" / ADAPTER_WEIGHTS).is_file():
-                steps[int(d.name.split("-")[1])] = d / "adapter" if (d / "adapter").is_dir() else d
+            if (d / ADAPTER_WEIGHTS).is_file() or any((d / w).is_dir() for w in WEIGHT_FOLDERS):
+                steps[int(d.name.split("-")[1])] = _weights(d, d)
     if checkpoint in ("final", ""):
-        return run_dir / "adapter"
+        return _weights(run_dir, run_dir / "adapter")
     if checkpoint == "best":
         scored = {}
         for step, d in steps.items():
-            ev = d.parent / "eval.json" if d.name == "adapter" else d / "eval.json"
+            ev = d.parent / "eval.json" if d.name in WEIGHT_FOLDERS else d / "eval.json"
             if ev.is_file():  # DPO: implicit accuracy; PPO: held-out reward
                 data = json.loads(ev.read_text())
                 scored[step] = data.get("implicit_accuracy", data.get("reward_mean"))

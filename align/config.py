@@ -84,7 +84,13 @@ class ModelConfig:
 class LoraConfig:
     # "LoRA Without Regret": rank 1-8 suffices for RL and preference tuning; all linear
     # layers (attention + MLP) matter more than the rank.
-    r: int = _num(8, 0, 1024, lo_open=True)
+    # ``full`` (align ppo only): no adapter -- every weight of the model trains and the reference
+    # is a frozen copy of the base, the one exception to "one copy of the base" (2 copies +
+    # gradients + Adam's 2 moments: ~5x the weights' bytes; refused where memory would not
+    # hold it). Critic-free advantages (grpo, rloo), a Python reward and the hf engine only;
+    # the run saves model/ (a transformers folder) instead of adapter/. For comparing LoRA
+    # with full fine-tuning (scripts/lora_without_regret.py).
+    r: int | str = _num(8, 0, 1024, lo_open=True)
     # Fixed across ranks: the update is scaled by alpha / r (the 1/r scaling under which the
     # best learning rate hardly depends on the rank).
     alpha: int = _num(16, 0, 4096, lo_open=True)
@@ -427,6 +433,9 @@ class PPOTrainConfig:
     # to the reference. false: with graded prompts, greedy accuracy (and pass@k) only -- a quicker
     # yardstick (configs/smoke.yaml); the training samples' KL is still logged every iteration.
     eval_sampled: bool = True
+    # false: no evaluation at iteration 0 -- the base's numbers, the same for every run of one
+    # base and held-out set; a sweep (scripts/lora_without_regret.py) evaluates the base once.
+    eval_at_start: bool = True
     # With held-out prompts that carry data.answer_field: besides greedy accuracy, pass@k from
     # k answers sampled per prompt at rollout.temperature (0 = greedy accuracy only).
     eval_pass_k: int = _num(0, 0, 1024)
@@ -749,6 +758,14 @@ def validate(cfg, where: str = "config") -> None:
         if tracker not in ("tensorboard", "wandb"):
             bad("run.report_to", f"lists tensorboard and/or wandb, got {tracker!r}")
     ppo = getattr(cfg, "ppo", None)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and isinstance(lora.r, str) and lora.r != "full":
+        bad("lora.r", f"must be a rank (an integer > 0) or full, got {lora.r!r}")
+    if lora is not None and lora.r == "full" and ppo is None:
+        bad("lora.r", "is full (full fine-tuning), a mode of align ppo only; DPO and reward models train "
+            "an adapter: give a rank, e.g. lora.r=8")
+    if ppo is not None and lora.r == "full":
+        _check_full_finetuning(cfg, bad)
     if ppo is not None:
         batch = ppo.prompts_per_iteration * ppo.samples_per_prompt
         if batch % ppo.minibatch_size:
@@ -782,6 +799,23 @@ def validate(cfg, where: str = "config") -> None:
     ev = getattr(cfg, "eval", None)
     if ev is not None and ev.generate and not ev.judge:
         bad("eval.judge", "must name a judge when eval.generate is true (classifier:PATH, dpo:PATH or function:SPEC)")
+
+
+def _check_full_finetuning(cfg, bad) -> None:
+    """What ``lora.r: full`` cannot do: every role but the policy and its frozen reference is an
+    adapter on the base, and an adapter needs a base that does not move."""
+    if cfg.ppo.advantage == "gae":
+        bad("ppo.advantage", "must be grpo or rloo with lora.r=full (a critic is an adapter on the "
+            "base, and full fine-tuning moves the base), got gae")
+    if cfg.reward.kind != "function" or any(not t.startswith("function:") for t in cfg.reward.also):
+        bad("reward.kind", "must be function (a Python reward) with lora.r=full: reward models are "
+            "adapters on the base, and full fine-tuning moves the base")
+    if cfg.judge.kind in ("classifier", "dpo"):
+        bad("judge.kind", "must be none or function with lora.r=full (an adapter judge sits on the base, "
+            "which full fine-tuning moves)")
+    if cfg.rollout.engine != "hf":
+        bad("rollout.engine", f"must be hf with lora.r=full (the vLLM engines sync LoRA adapters or "
+            f"merged LoRA weights; a full model's sync is not built), got {cfg.rollout.engine}")
 
 
 def _check_template(template: str, bad) -> None:

@@ -106,11 +106,7 @@ def model_card(src: Artifact, merged: bool, dtype: str) -> str:
         lines += [f"| {k} | {ev[k]:.4f} |" for k in ("implicit_accuracy", "mean_margin",
                   "reference_free_accuracy_base", "reference_free_accuracy_policy") if k in ev]
     elif ev and "eval_final" in ev:
-        i, f = ev["eval_initial"], ev["eval_final"]
-        lines += ["", "## Held-out evaluation", "", "| | reward mean | reward std | KL per answer |",
-                  "|---|---|---|---|",
-                  f"| before | {i['reward_mean']:.4f} | {i['reward_std']:.4f} | {i['kl_per_answer']:.2f} |",
-                  f"| after | {f['reward_mean']:.4f} | {f['reward_std']:.4f} | {f['kl_per_answer']:.2f} |"]
+        lines += ["", "## Held-out evaluation", ""] + _ppo_eval_rows(ev)
     lines += ["", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
     if merged:  # a full model: no PEFT, no base needed
         lines += ["model = AutoModelForCausalLM.from_pretrained('PATH_TO_THIS_FOLDER')",
@@ -257,3 +253,18 @@ def _verify_in_vllm(out: Path, base_name: str, merged: bool, tok) -> dict | None
         raise ExportError(f"verification failed: vLLM greedy decoding differs from transformers: "
                           f"{result['mismatches'][:1]}")
     return result
+
+
+def _ppo_eval_rows(ev: dict) -> list[str]:
+    """A PPO run's held-out table: sampled reward and KL where they were measured, graded greedy
+    accuracy where the prompts carry answers; "before" only where iteration 0 was evaluated."""
+    rows = [("before", ev["eval_initial"])] if "eval_initial" in ev else []
+    rows.append(("after", ev["eval_final"]))
+    cols = [(k, name, fmt) for k, name, fmt in (
+        ("reward_mean", "reward mean", ".4f"), ("reward_std", "reward std", ".4f"), ("kl_per_answer", "KL per answer", ".2f"),
+        ("accuracy_strict", "greedy accuracy (strict)", ".3f"), ("accuracy_lenient", "greedy accuracy (lenient)", ".3f"))
+        if all(k in r for _, r in rows)]
+    return [f"After iteration {ev['eval_final'].get('iteration', '?')}; before = the base"
+            + (" (not evaluated in this run)" if len(rows) == 1 else "") + ".", "",
+            f"| | {' | '.join(name for _, name, _ in cols)} |", "|---" * (len(cols) + 1) + "|"] + [
+        f"| {label} | {' | '.join(format(r[k], fmt) for k, _, fmt in cols)} |" for label, r in rows]

@@ -32,3 +32,28 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def available_bytes(device) -> int | None:
+    """Memory a new allocation on ``device`` can still take: the GPU's free memory, or the
+    kernel's MemAvailable on a CPU; None where it cannot be read."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def full_finetuning_bytes(model) -> int:
+    """What full fine-tuning adds to a loaded model: a frozen reference copy and the gradients
+    (each the weights' size) and Adam's two fp32 moments."""
+    n = sum(p.numel() for p in model.parameters())
+    size = next(model.parameters()).element_size()
+    return 2 * n * size + 2 * n * 4

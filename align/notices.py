@@ -122,11 +122,15 @@ def _command_rows(add) -> None:
     add("eval", ("--subsets", "--split", "--pairs", "--rows", "--max-length"), "without --data",
         lambda a: not a.data, {"--subsets": "helpful-base", "--split": "test", "--pairs": "10",
                                "--rows": "half-a", "--max-length": "256"}, (), ("--data", "pairs.jsonl"))
-    add("eval", ("--prompts", "--prompt-subsets", "--num-prompts", "--max-new-tokens", "--temperature", "--judge",
-                 "--no-vllm"), "without --generate", lambda a: not a.generate,
-        {"--prompts": "p.jsonl", "--prompt-subsets": "helpful-base", "--num-prompts": "8", "--max-new-tokens": "8",
-         "--temperature": "0.7", "--judge": "function:f.py:fn", "--no-vllm": ""},
+    add("eval", ("--prompts", "--prompt-subsets", "--num-prompts", "--temperature", "--judge"), "without --generate",
+        lambda a: not a.generate,
+        {"--prompts": "p.jsonl", "--prompt-subsets": "helpful-base", "--num-prompts": "8",
+         "--temperature": "0.7", "--judge": "function:f.py:fn"},
         ("--data", "pairs.jsonl"), ("--generate",))
+    # --accuracy generates (greedy) too: its answers' length and engine are these flags'
+    add("eval", ("--max-new-tokens", "--no-vllm"), "without --generate or --accuracy",
+        lambda a: not (a.generate or a.accuracy), {"--max-new-tokens": "8", "--no-vllm": ""},
+        ("--data", "pairs.jsonl"), ("--accuracy", "arithmetic-heldout"))
     add("export", "--dtype", "without --merge (an adapter export keeps the adapter's own weights)",
         lambda a: not a.merge, "bfloat16", (), ("--merge",))
     add("export", "--no-vllm-check", "with --no-verify (nothing is checked at all)",

@@ -78,6 +78,27 @@ def test_the_heldout_file_is_fixed_and_disjoint_from_training():
     assert make_train(50, seed=3) != make_train(50, seed=4)
 
 
+def test_the_1000_problem_heldout_file_is_fixed_and_held_out():
+    """The study set: the fixed 400 plus 300 more of each two-digit kind, all distinct, all
+    right; a run judged on it trains on none of its problems."""
+    from align.data.arithmetic import HELDOUT_1000_FILE, make_heldout_1000, normalise, read_heldout
+    from align.data.prompts import load_prompts
+
+    rows = read_heldout(HELDOUT_1000_FILE)
+    assert HELDOUT_1000_FILE.read_text() == "".join(json.dumps(r) + "\n" for r in make_heldout_1000())
+    assert rows[:400] == read_heldout() and len({normalise(r["prompt"]) for r in rows}) == 1000
+    assert {k: sum(r["difficulty"] == k for r in rows) for k in {r["difficulty"] for r in rows}} == {
+        "1-digit +": 100, "1-digit *": 100, "2-digit +": 400, "2-digit -": 400}
+    for r in rows:
+        a, op, b = r["prompt"].removeprefix("What is ").split("?")[0].split()
+        assert int(r["answer"]) == eval(f"{a} {op} {b}")
+    train, held = load_prompts(load_config("ppo", None, ["data.dataset=arithmetic", "data.eval_prompts=0",
+                                                         "data.eval_dataset=arithmetic-heldout-1000"]).data)
+    assert len(held) == 1000
+    texts = {normalise(m["messages"][-1]["content"]) for m in held}
+    assert not texts & {normalise(m["messages"][-1]["content"]) for m in train} and len(train) > 7000
+
+
 def test_load_prompts_keeps_row_fields_and_holds_out_the_fixed_file(tmp_path):
     from align.data.prompts import load_prompts
     from align.data.rows import DataError

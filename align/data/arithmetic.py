@@ -3,7 +3,8 @@
 ``data.dataset: arithmetic`` trains on seeded problems of graded difficulty; the held-out set
 is a *fixed file* (:data:`HELDOUT_FILE`, committed, written once by ``python -m
 align.data.arithmetic``), so every run -- and every result that cites it -- is judged on the same
-400 problems: 100 each of one-digit +, one-digit x, two-digit +, two-digit -.
+400 problems: 100 each of one-digit +, one-digit x, two-digit +, two-digit -. Studies that
+compare many runs use a superset of it, :data:`HELDOUT_1000_FILE` (``arithmetic-heldout-1000``).
 
 The one-digit + and x spaces hold 100 problems each (operands 0-9), all of them held out, so
 the training problems never contain them: a gain there is transfer from the harder problems
@@ -19,6 +20,10 @@ from pathlib import Path
 PROMPT = "What is {a} {op} {b}? Answer with the number only."
 HELDOUT_FILE = Path(__file__).with_name("arithmetic_heldout.jsonl")
 HELDOUT_PER_KIND = 100
+# A larger fixed set for studies that compare many runs (scripts/lora_without_regret.py): the 400
+# above plus 300 more of each two-digit kind -- 1,000 problems, paired across runs.
+HELDOUT_1000_FILE = Path(__file__).with_name("arithmetic_heldout_1000.jsonl")
+HELDOUT_1000_EXTRA = {"2-digit +": 300, "2-digit -": 300}
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -69,6 +74,18 @@ def make_heldout(seed: int = 20261129) -> list[dict]:
     return out
 
 
+def make_heldout_1000(seed: int = 20261130) -> list[dict]:
+    """The fixed 400 (:data:`HELDOUT_FILE`) and :data:`HELDOUT_1000_EXTRA` more two-digit problems,
+    none of them among the 400."""
+    base = read_heldout()
+    have = {normalise(r["prompt"]) for r in base}
+    rng = random.Random(seed)
+    out = list(base)
+    for kind, n in HELDOUT_1000_EXTRA.items():
+        out += rng.sample([r for r in _all(kind) if normalise(r["prompt"]) not in have], n)
+    return out
+
+
 def read_heldout(path: Path = HELDOUT_FILE) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -90,10 +107,11 @@ def make_train(n: int, seed: int = 0, heldout: list[dict] | None = None) -> list
     return out
 
 
-if __name__ == "__main__":  # writes the fixed held-out file once; refuses to change it
-    rows = make_heldout()
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if HELDOUT_FILE.exists() and HELDOUT_FILE.read_text() != text:
-        raise SystemExit(f"{HELDOUT_FILE} exists and differs: the held-out set is fixed; not overwriting it")
-    HELDOUT_FILE.write_text(text)
-    print(f"{HELDOUT_FILE}: {len(rows)} problems")
+if __name__ == "__main__":  # writes the fixed held-out files once; refuses to change them
+    for path, make in ((HELDOUT_FILE, make_heldout), (HELDOUT_1000_FILE, make_heldout_1000)):
+        rows = make()
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if path.exists() and path.read_text() != text:
+            raise SystemExit(f"{path} exists and differs: the held-out set is fixed; not overwriting it")
+        path.write_text(text)
+        print(f"{path}: {len(rows)} problems")

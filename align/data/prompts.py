@@ -43,9 +43,10 @@ def _read_rows(path: Path, field: str):
 # ambiguous, so it is an error that names both.
 REWARD_KEYWORDS = ("prompts", "completions", "messages", "truncated", "prompt_ids", "completion_ids")
 BUILTIN_TASKS = ("arithmetic",)  # generated training prompts
-# Fixed held-out sets: the task's default eval_dataset, and every 4th of its problems (25 of each
-# kind: the smoke run's quick yardstick, a subset of the same fixed file)
-BUILTIN_HELDOUT = ("arithmetic-heldout", "arithmetic-heldout-100")
+# Fixed held-out sets: the task's default eval_dataset, every 4th of its problems (25 of each
+# kind: the smoke run's quick yardstick, a subset of the same fixed file), and a 1,000-problem
+# superset of it for studies of many runs
+BUILTIN_HELDOUT = ("arithmetic-heldout", "arithmetic-heldout-100", "arithmetic-heldout-1000")
 
 
 def is_builtin(name: str) -> bool:
@@ -143,9 +144,9 @@ def load_heldout(source: str, cfg) -> list[dict]:
     """The held-out prompts of ``source`` (``data.eval_dataset``, `align eval --accuracy`), in
     file order (a fixed set is not shuffled: its first ``eval_prompts`` are the same in every run)."""
     if is_builtin(source) and source in BUILTIN_HELDOUT:
-        from .arithmetic import HELDOUT_FILE
+        from .arithmetic import HELDOUT_1000_FILE, HELDOUT_FILE
 
-        rows, _ = _rows_of(str(HELDOUT_FILE), cfg)
+        rows, _ = _rows_of(str(HELDOUT_1000_FILE if source.endswith("-1000") else HELDOUT_FILE), cfg)
         rows = rows[::4] if source.endswith("-100") else rows
     else:
         rows, _ = _rows_of(source, cfg)

@@ -20,15 +20,13 @@ def check_config(cfg) -> None:
 def run_ppo(cfg) -> dict:
     """Check the choices, then: prompts -> base + roles -> rollout engine -> the loop -> adapter."""
     from .. import distributed
-    from ..adapters import save_adapter
     from ..chat import encode_prompts
     from ..data.prompts import load_prompts
     from ..models import load_base, resolve_device
     from ..rollout import make_engine
     from ..runs import after_job, start_run
-    from .actor_critic import ActorCritic
     from .advantages import get_estimator
-    from .trainer import train_ppo
+    from .trainer import save_policy, train_ppo
 
     check_config(cfg)  # an unknown estimator fails before anything is written
     estimator = get_estimator(cfg.ppo)
@@ -44,8 +42,7 @@ def run_ppo(cfg) -> dict:
         cut = encode_prompts(tok, train_prompts + eval_prompts, cfg.rollout.max_prompt_tokens)
         print(f"prompts: {cut} of {len(train_prompts) + len(eval_prompts)} are longer than "
               f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} (their oldest tokens dropped)")
-        ac = ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic,
-                         critic=cfg.ppo.critic).to(resolve_device(cfg.model.device))
+        ac = _policy(base, cfg, estimator)
         engine = make_engine(cfg.rollout.engine, engine_options(cfg, run), ac.model, tok)
         try:
             summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
@@ -53,7 +50,7 @@ def run_ppo(cfg) -> dict:
             engine.close()
         if distributed.rank() != 0:
             return summary
-        summary["adapter"] = str(save_adapter(ac.model, run.path / "adapter", cfg.model.name))
+        summary["adapter"] = str(save_policy(ac, run.path, cfg.model.name, tok))
         summary["wall_seconds"] = round(time.time() - t0, 1)
         summary["engine"] = cfg.rollout.engine
         summary["processes"] = distributed.world_size()
@@ -61,6 +58,27 @@ def run_ppo(cfg) -> dict:
         run.write_json("summary.json", summary)
         _report(cfg, run, summary)
         return summary
+
+
+def _policy(base, cfg, estimator):
+    """The trained roles on ``base``: LoRA adapters (:class:`ActorCritic`), or with ``lora.r:
+    full`` the whole model and a frozen reference copy -- refused before the copy is made where
+    the device's free memory would not hold it."""
+    from ..config import ConfigError
+    from ..memory import available_bytes, full_finetuning_bytes
+    from ..models import resolve_device
+    from .actor_critic import ActorCritic, FullFineTuning
+
+    device = resolve_device(cfg.model.device)
+    if cfg.lora.r != "full":
+        return ActorCritic(base, cfg.lora, with_critic=estimator.needs_critic, critic=cfg.ppo.critic).to(device)
+    need, free = full_finetuning_bytes(base), available_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ConfigError(f"key 'lora.r': full fine-tuning of {cfg.model.name} needs ~{need / 2**30:.1f} GiB more "
+                          f"(a reference copy, gradients, Adam's moments) and {device} has {free / 2**30:.1f} GiB "
+                          "free; train an adapter instead (e.g. lora.r=8)")
+    print(f"full fine-tuning: every weight trains; the reference is a frozen copy (+{need / 2**30:.1f} GiB)")
+    return FullFineTuning(base).to(device)
 
 
 def engine_options(cfg, run):
@@ -71,7 +89,7 @@ def engine_options(cfg, run):
 
     return EngineOptions(base_path=resolve_model(cfg.model.name), base_name=cfg.model.name,
                          dtype=resolve_dtype(cfg.model.dtype),
-                         max_lora_rank=cfg.lora.r, seed=cfg.run.seed, sync=cfg.rollout.sync,
+                         max_lora_rank=cfg.lora.r if cfg.lora.r != "full" else 8, seed=cfg.run.seed, sync=cfg.rollout.sync,
                          max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
                          host=cfg.rollout.server_host, api_key=cfg.rollout.server_api_key,
                          server_devices=cfg.rollout.server_devices,
@@ -97,7 +115,7 @@ def _report(cfg, run, summary: dict) -> None:
                                           "eval/kl_per_answer", "entropy", "clipfrac"],
                      run.path / "plots.png", title=f"PPO {cfg.model.name} ({cfg.ppo.advantage})")
     print("\n== PPO summary ==")
-    if "eval_final" in summary:
+    if "eval_final" in summary and "eval_initial" in summary:
         i, f = summary["eval_initial"], summary["eval_final"]
         if "reward_mean" in f:
             print(f"held-out reward {i['reward_mean']:.3f} ± {i['reward_std']:.3f} -> {f['reward_mean']:.3f} "

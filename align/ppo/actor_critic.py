@@ -5,11 +5,14 @@
               or a head on the policy's own hidden states (``ppo.critic: shared``)
 - reference = the same model with every adapter disabled
 - scorers   = frozen adapters loaded from disk (reward model, judge): :class:`align.roles.Roles`
-Switching roles is switching adapters; no second copy of the base is ever loaded.
+Switching roles is switching adapters; no second copy of the base is ever loaded -- except in
+:class:`FullFineTuning` (``lora.r: full``), where the policy is the whole model and the
+reference must be a frozen copy.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -91,3 +94,51 @@ class ActorCritic(Roles):
 
     def critic_state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.value_head.state_dict().items()} if self.with_critic else {}
+
+
+class FullFineTuning(ActorCritic):
+    """``lora.r: full``: every weight of ``base`` trains; the reference is a frozen copy made
+    here (the one place align holds two copies of a base). The same interface as a critic-free
+    :class:`ActorCritic`, so the PPO loop, the HF engine and the evaluations run unchanged;
+    no adapter roles (config validation refuses critics, reward and judge adapters)."""
+
+    TRAINED = ()
+
+    def __init__(self, base):
+        nn.Module.__init__(self)
+        self.reference = copy.deepcopy(base).eval().requires_grad_(False)
+        self.model = base.requires_grad_(True)
+        self.score_heads = nn.ModuleDict()
+        self.with_critic = self.shared_critic = False
+        self._role = "policy"
+
+    def use_role(self, role: str) -> None:
+        if role not in ("policy", "reference"):
+            raise ValueError(f"no role '{role}' in full fine-tuning (only policy and reference)")
+        self._role = role
+
+    @contextlib.contextmanager
+    def role(self, role: str):
+        self.use_role(role)
+        try:
+            yield self
+        finally:
+            self._role = "policy"
+
+    def add_scorer(self, name, adapter_dir) -> bool:
+        raise ValueError("full fine-tuning (lora.r=full) holds no adapter roles: a reward or judge "
+                         "adapter needs a base that does not move")
+
+    def lm(self):
+        return self.reference if self._role == "reference" else self.model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()  # frozen: never in training mode (dropout)
+        return self
+
+    def policy_parameters(self):
+        return list(self.model.parameters())
+
+    def trained_state(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.named_parameters() if n.startswith("model.")}

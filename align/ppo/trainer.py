@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,10 +20,12 @@ from reward.api import RewardCancelled
 from .. import checkpoints, distributed, verifiable
 from ..compute import ComputeMeter
 from ..adapters import save_adapter
+from ..atomic import atomic_dir
 from ..memory import release_freed_memory
 from ..guards import GracefulStop, Interrupted, NonFiniteGuard, check_divergence
 from ..rollout.base import SamplingConfig
 from ..rollout.parity import TIE_MARGIN, guard_parity
+from .actor_critic import FullFineTuning
 from .advantages import get_estimator
 from .evaluate import evaluate_prompts, side_by_side
 from .experience import make_experience
@@ -87,7 +90,8 @@ class PPOLoop:
 
     # -- start / resume ----------------------------------------------------------------
     def start(self) -> int:
-        self.evaluate(0)  # the initial held-out numbers every later evaluation is compared with
+        if self.cfg.ppo.eval_at_start:
+            self.evaluate(0)  # the initial held-out numbers every later evaluation is compared with
         return 1
 
     def resume(self) -> int:
@@ -251,10 +255,12 @@ class PPOLoop:
         out = {"iterations": it, "train_seconds": round(time.time() - self.t_start, 1),
                "nonfinite_steps_skipped": self.guard.skipped, "resumed_from": str(self.run.resume_from or ""),
                "compute": self.meter.report()}
-        if self.history and self.history[0] and self.history[-1]:
+        if self.history and self.history[-1]:
             init, last = self.history[0], self.history[-1]
-            out.update(eval_initial=init, eval_final=last)
-            if "reward_mean" in last:
+            out["eval_final"] = last
+            if init["iteration"] == 0:  # not when ppo.eval_at_start=false
+                out["eval_initial"] = init
+            if "reward_mean" in last and "eval_initial" in out:
                 out["reward_gain_in_initial_std"] = (last["reward_mean"] - init["reward_mean"]) / max(init["reward_std"], 1e-9)
             if "accuracy_lenient" in last:  # recorded, never used to pick the reported (final) numbers
                 best = max(self.history, key=lambda e: e.get("accuracy_lenient", -1))
@@ -295,6 +301,17 @@ class PromptOrder:
         self.gen.set_state(d["gen"])
 
 
+def save_policy(ac, folder: Path, base_name: str, tok) -> Path:
+    """The trained policy into ``folder``: ``adapter/`` (PEFT), or with full fine-tuning
+    ``model/`` (a transformers folder with its tokenizer, loadable as a base or an export)."""
+    if not isinstance(ac, FullFineTuning):
+        return save_adapter(ac.model, folder / "adapter", base_name)
+    with atomic_dir(folder / "model") as tmp:
+        ac.model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return folder / "model"
+
+
 def save_checkpoint(loop: PPOLoop, it: int, ev: dict | None, state: dict):
     """Iteration ``it`` in the common checkpoint layout (:func:`align.checkpoints.save_checkpoint`):
     ``adapter/`` (PEFT, exportable), ``critic/`` + ``value_head.pt``, ``eval.json`` when the
@@ -303,7 +320,7 @@ def save_checkpoint(loop: PPOLoop, it: int, ev: dict | None, state: dict):
     ac, cfg = loop.ac, loop.cfg
 
     def write(folder):
-        save_adapter(ac.model, folder / "adapter", cfg.model.name)
+        save_policy(ac, folder, cfg.model.name, loop.tok)
         if ev is not None:
             (folder / "eval.json").write_text(json.dumps(ev, indent=2))
         if ac.with_critic and not ac.shared_critic:
