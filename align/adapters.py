@@ -82,22 +82,6 @@ def check_weights(adapter_dir) -> None:
         raise AdapterError(f"'{path}' is truncated or corrupt: {e}") from e
 
 
-def attach_adapter(base, adapter_dir, adapter_name: str = "default", trainable: bool = False,
-                   base_name: str | None = None):
-    """``base`` (a transformers model) wrapped in PEFT with the saved adapter loaded; an adapter
-    of another base's shape is an error naming both."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name,
-                                         is_trainable=trainable)
-    except RuntimeError as e:
-        if "size mismatch" in str(e):
-            raise AdapterError(f"adapter '{adapter_dir}' does not fit base '{base_name or base.name_or_path}' "
-                               f"(trained on another base?): {str(e).splitlines()[0]}") from e
-        raise
-
-
 def load_named_adapter(peft_model, name: str, adapter_dir):
     """Load a saved adapter into ``peft_model`` (a causal LM's PEFT model) as the frozen
     adapter ``name`` -- so several adapters share one base. A reward model's adapter (`align rm`,
@@ -136,11 +120,23 @@ def load_named_adapter(peft_model, name: str, adapter_dir):
 
 def load_with_adapter(base_name: str, adapter_dir=None, *, kind: str = "causal", dtype: str = "float32"):
     """(model, tokenizer): the base (``kind`` causal LM or 1-output ``classifier``) with the
-    adapter at ``adapter_dir`` on it, in eval mode -- what a user of the folder would load."""
+    adapter at ``adapter_dir`` on it, in eval mode -- what a user of the folder would load (export
+    verification, ``ALIGN_REWARD_MODEL``). The other way in, :func:`load_named_adapter`, adds a
+    frozen role to a base that other roles share."""
     from .config import ModelConfig
     from .models import load_base
 
+    from peft import PeftModel
+
     base, tok = load_base(ModelConfig(name=base_name, dtype=dtype), kind=kind)
-    model = attach_adapter(base, adapter_dir, base_name=base_name) if adapter_dir is not None else base
+    model = base
+    if adapter_dir is not None:
+        try:
+            model = PeftModel.from_pretrained(base, str(adapter_dir))  # PEFT's own loader: as a user loads it
+        except RuntimeError as e:
+            if "size mismatch" in str(e):
+                raise AdapterError(f"adapter '{adapter_dir}' does not fit base '{base_name}' (trained on another "
+                                   f"base?): {str(e).splitlines()[0]}") from e
+            raise
     model.eval()
     return model, tok

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .scoring.logprobs import token_logprobs
+from .scoring.pairs import states_at
 from .models import POLICY, add_policy_adapter
 
 
@@ -103,9 +104,7 @@ class Roles(nn.Module):
     def last_token_scores(self, tb, role: str) -> torch.Tensor:
         """A reward model's scores (B,): its head on each row's last real token (``tb`` in the
         one-row-per-sample layout)."""
-        lm = self.lm()
         with self.role(role):
-            h = lm.base_model(input_ids=tb.input_ids, attention_mask=tb.attention_mask,
-                              use_cache=False).last_hidden_state
-        last = tb.attention_mask.sum(1) - 1
-        return self.score_heads[role](h[torch.arange(len(last), device=h.device), last].float()).squeeze(-1)
+            h = states_at(self.lm(), tb.attention_mask.sum(1) - 1, input_ids=tb.input_ids,
+                          attention_mask=tb.attention_mask)
+        return self.score_heads[role](h.float()).squeeze(-1)

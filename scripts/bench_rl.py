@@ -90,7 +90,7 @@ def _cumulative(points):
 
 
 def _heldout(ac, engine, tok, cfg, held) -> dict:
-    from align.ppo.evaluate import evaluate_prompts
+    from align.ppo.heldout import evaluate_prompts
     from align.scorers import make_reward
 
     ev = evaluate_prompts(ac, engine, tok, held, make_reward(cfg.reward, ac, tok, "reward", cfg.model.name), cfg,

@@ -383,7 +383,7 @@ def test_align_eval_accuracy_of_base_and_adapter(real_model, tmp_path):
 def test_side_by_side_leaves_unscored_pairs_out(tmp_path):
     """A held-out answer the reward did not score (None -> NaN) is not a loss for the policy: the
     win rate is over the pairs scored on both sides."""
-    from align.ppo.evaluate import side_by_side
+    from align.ppo.heldout import side_by_side
 
     nan = float("nan")
     rows = [(0, 1.0), (0, 0.0), (0, nan), (3, 1.0), (3, 1.0), (3, 0.0)]  # (iteration, reward)

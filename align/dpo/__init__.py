@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from .evaluate import evaluate, score_reference
+from .heldout import evaluate, score_reference
 
 __all__ = ["run_dpo"]
 
@@ -41,7 +41,7 @@ def run_dpo(cfg) -> dict:
     from ..data import load_preference_splits
     from ..models import add_policy_adapter, load_base
     from ..runs import after_job, is_main_process, plot_metrics, start_run
-    from .evaluate import cached_reference
+    from .heldout import cached_reference
     from ..deps import transformers_internals, trl_internals
     from ..scoring.pairs import truncation_report
 
@@ -117,7 +117,7 @@ def _trainer(cfg, run, model, tok, train_rows, stop, guard):
 def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens):
     """Tokenized held-out pairs and their reference scores (before training: the reference
     pass runs while the adapter is still untouched, and is cached for a resumed run)."""
-    from .evaluate import cached_reference
+    from .heldout import cached_reference
     import datasets
 
     from ..chat import tokenize_pair

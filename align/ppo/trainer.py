@@ -27,7 +27,7 @@ from ..rollout.base import SamplingConfig
 from ..rollout.parity import TIE_MARGIN, guard_parity
 from .actor_critic import FullFineTuning
 from .advantages import get_estimator
-from .evaluate import evaluate_prompts, side_by_side
+from .heldout import evaluate_prompts, side_by_side
 from .experience import make_experience
 from .kl import make_kl_controller
 from ..scorers import make_reward

@@ -162,22 +162,27 @@ class PackedPairCollator:
         return batch
 
 
+def states_at(lm, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """The backbone's last hidden states at ``positions`` of each row of ``inputs`` (``positions``
+    (B,) or (B, k)): where a reward model reads an answer's score -- its last token. ``lm`` is a
+    transformers model whose ``base_model`` is the backbone (a causal LM or a classifier)."""
+    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    return hidden[rows[:, None] if positions.dim() == 2 else rows, positions]
+
+
 def answer_end_states(lm, batch: dict) -> torch.Tensor:
     """Hidden states (B, 2, H) at the last token of the chosen and the rejected answer -- what a
     reward model scores -- from one packed row per pair where that is exact, else from two
-    ordinary rows per pair (:func:`packing_blocker`). ``lm`` is a transformers model whose
-    ``base_model`` is the backbone (a causal LM or a sequence classifier)."""
-    backbone = lm.base_model
-    B = batch["packed_input_ids"].size(0)
+    ordinary rows per pair (:func:`packing_blocker`)."""
     if packing_blocker(lm.config, batch["packed_position_ids"]) is None:
         mask = attention_mask_for(lm.config, batch["packed_attention_mask"], lm.get_input_embeddings().weight.dtype)
-        hidden = backbone(input_ids=batch["packed_input_ids"], position_ids=batch["packed_position_ids"],
-                          attention_mask=mask, use_cache=False).last_hidden_state
-        return hidden[torch.arange(B, device=hidden.device)[:, None], batch["packed_ends"]]
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-    rows = torch.arange(B, device=hidden.device)
-    return torch.stack([hidden[rows, batch["row_ends"][:, 0]], hidden[B + rows, batch["row_ends"][:, 1]]], 1)
+        return states_at(lm, batch["packed_ends"], input_ids=batch["packed_input_ids"],
+                         position_ids=batch["packed_position_ids"], attention_mask=mask)
+    ends = batch["row_ends"]  # rows 0..B-1 the chosen answers, B..2B-1 the rejected ones
+    states = states_at(lm, torch.cat([ends[:, 0], ends[:, 1]]), input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"])
+    return torch.stack(states.chunk(2), 1)
 
 
 def length_order(pairs, collator: PackedPairCollator) -> list[int]:
