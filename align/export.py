@@ -42,6 +42,9 @@ def find_source(path: str | Path, checkpoint: str = "final", base: str | None = 
         src = resolve(path, checkpoint, what="source")
     except ArtifactError as e:
         raise ExportError(str(e)) from None
+    if src.kind == "merged" and src.run_dir is not None:
+        raise ExportError(f"'{path}' is a full fine-tuning run (lora.r=full): its '{src.path}' is a transformers "
+                          "model folder already (AutoModelForCausalLM.from_pretrained loads it); nothing to export")
     if src.kind == "merged":
         raise ExportError(f"'{path}' is a model folder, not a run or an adapter: nothing to export")
     for name in ADAPTER_FILES:

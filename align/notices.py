@@ -95,6 +95,10 @@ def _ppo_rows(add) -> None:
     add("ppo", "ppo.kl_horizon", "when ppo.kl_target is 0 (no adaptive KL control)",
         lambda c: c.ppo.kl_target == 0, "5000", (), ("ppo.kl_target=3",))
     add("ppo", "run.log_every", "ever (align ppo logs every iteration)", lambda c: True, "5", (), None)
+    add("ppo", ("lora.alpha", "lora.dropout", "lora.target_modules"),
+        "when lora.r is full (no adapter: every weight trains)", lambda c: c.lora.r == "full",
+        {"lora.alpha": "32", "lora.dropout": "0.1", "lora.target_modules": "[q_proj]"},
+        ("lora.r=full", "ppo.advantage=grpo", "ppo.samples_per_prompt=4", "rollout.engine=hf"), ())
 
 
 def _job_rows(add) -> None:

@@ -4,15 +4,14 @@ LoRA r=8 and full fine-tuning, same iterations, prompts and seeds; LoRA at 10x t
 learning rate ("LoRA Without Regret"). Held-out reward curves in one PNG, finals in JSON.
 
 Full fine-tuning needs a frozen reference copy of the weights -- exactly the cost align's LoRA
-design avoids; it exists only in this script.
+design avoids; it is `align ppo`'s ``lora.r: full`` mode (:class:`align.ppo.actor_critic.FullFineTuning`).
+The study on the verifiable task, with learning-rate sweeps: scripts/lora_without_regret.py.
 
     python scripts/lora_vs_full.py --iterations 12 --out runs/lora_vs_full.json
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import os
 import subprocess
@@ -22,53 +21,11 @@ from pathlib import Path
 import torch
 
 
-class FullFineTune(torch.nn.Module):
-    """Same interface as ActorCritic (critic-free): the whole base trains; reference = a frozen copy."""
-
-    with_critic = False
-
-    def __init__(self, base):
-        super().__init__()
-        from align.ppo.actor_critic import ActorCritic
-
-        self.reference = copy.deepcopy(base).eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
-        self.model = base
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        self._ref_active = False
-        # reuse ActorCritic's forward helpers, which go through self.lm()
-        self.hidden_at = ActorCritic.hidden_at.__get__(self)
-        self.token_logprobs = ActorCritic.token_logprobs.__get__(self)
-
-    def lm(self):
-        return self.reference if self._ref_active else self.model
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @contextlib.contextmanager
-    def role(self, role):
-        self._ref_active = role == "reference"
-        try:
-            yield self
-        finally:
-            self._ref_active = False
-
-    def policy_parameters(self):
-        return list(self.model.parameters())
-
-    def value_parameters(self):
-        return []
-
-
 def child(variant: str, iterations: int, lr_full: float, out_dir: str) -> dict:
     from align.config import load_config
     from align.data.prompts import load_prompts
     from align.models import load_base
-    from align.ppo.actor_critic import ActorCritic
+    from align.ppo.actor_critic import ActorCritic, FullFineTuning
     from align.rollout.hf import HFEngine
     from align.runs import RunDir
     from align.ppo.trainer import train_ppo
@@ -82,7 +39,7 @@ def child(variant: str, iterations: int, lr_full: float, out_dir: str) -> dict:
     torch.manual_seed(cfg.run.seed)
     train, held = load_prompts(cfg.data)
     base, tok = load_base(cfg.model)
-    ac = FullFineTune(base) if variant == "full" else ActorCritic(base, cfg.lora, with_critic=False)
+    ac = FullFineTuning(base) if variant == "full" else ActorCritic(base, cfg.lora, with_critic=False)
     engine = HFEngine(ac.model, tok)
     run = RunDir(cfg.run, cfg, "ppo")
     summary = train_ppo(ac, engine, tok, train, held, cfg, run)

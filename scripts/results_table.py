@@ -85,6 +85,15 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
                     f"judge prefers the policy, {g['n']} held-out prompts (length-controlled)",
                     f"{_pct(c['win_rate'])} {_ci(c['win_rate_ci95'])} ({_pct(c['length_controlled_win_rate'])} "
                     f"{_ci(c['length_controlled_ci95'])})", "float32", _minutes(g.get("seconds"))))
+    if d := _load("lora_without_regret.json"):
+        done = sum(v == "finished" for v in d["arms"].values())
+        for claim, v in d["claims"].items():
+            c = v.get("comparison")
+            value = (f"{100 * c['difference']:+.1f} points {_ci(c['ci95'], sign=True)}" if c else
+                     "; ".join(f"{k} {json.dumps(x)}" for k, x in v.items() if k not in ("verdict", "note")))
+            out.append((f"LoRA Without Regret: {claim}", "lora_without_regret.json",
+                        f"held-out greedy accuracy, lenient, {d['base']['n']} problems ({done} of {len(d['arms'])} runs)",
+                        f"{value}: **{v.get('verdict', '—')}**", d["protocol"]["dtype"], "—"))
     if d := _load("bench_rollout.json"):
         r = d["throughput_ratios"]
         out.append(("rollouts, vLLM vs transformers", "bench_rollout.json",

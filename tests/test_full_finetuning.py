@@ -76,6 +76,10 @@ def test_a_full_finetuning_run_saves_and_resolves_a_model(tmp_path, tiny_model_p
     assert len(moved) > len(before) // 2  # not an adapter: the base's own weights moved
     art = resolve(run)
     assert (art.kind, art.path, art.job) == ("merged", run / "model", "ppo")
+    from align.export import ExportError, export
+
+    with pytest.raises(ExportError, match="is a full fine-tuning run .* a transformers model folder already"):
+        export(str(run), str(tmp_path / "exp"), verify=False)
     step = resolve(run, checkpoint="1")
     assert step.path == run / "checkpoints" / "step-1" / "model"
     kl = [json.loads(line)["kl_per_answer"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -91,6 +95,7 @@ def test_full_finetuning_is_refused_where_memory_would_not_hold_it(tmp_path, tin
     with pytest.raises(ConfigError, match="key 'lora.r': full fine-tuning of .* needs ~.* GiB more"):
         run_ppo(load_config("ppo", None, [f"model.name={tiny_model_path}", *ARITH, "lora.r=full", "ppo.iterations=1",
                                           f"run.output_dir={tmp_path}", "run.name=nomem"]))
+    assert not (tmp_path / "nomem").exists()  # refused before anything of the run was kept
 
 
 def test_without_the_initial_evaluation(tmp_path, tiny_model_path):
