@@ -149,7 +149,7 @@ def _run(cmd: list[str], log: Path) -> tuple[int, float]:
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
         _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen, or it warns it still runs
     return p.returncode, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
@@ -178,7 +178,7 @@ def evaluate_base(a) -> Path:
     out = Path(a.runs) / "base_eval.json"
     if out.is_file():
         return out
-    code = ("import json, sys; from scripts.lora_without_regret import _base_child; _base_child(sys.argv[1:])")
+    code = "import sys; from scripts.lora_without_regret import _base_child; _base_child(sys.argv[1:])"
     rc, _ = _run([sys.executable, "-c", code, str(out), str(a.config), *common(a)], Path(a.runs) / "logs" / "base.log")
     if rc:
         raise SystemExit(f"the base evaluation failed; its log: {Path(a.runs) / 'logs' / 'base.log'}")

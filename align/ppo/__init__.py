@@ -26,7 +26,7 @@ def run_ppo(cfg) -> dict:
     from ..rollout import make_engine
     from ..runs import after_job, start_run
     from .advantages import get_estimator
-    from .trainer import save_policy, train_ppo
+    from .trainer import train_ppo
 
     check_config(cfg)  # an unknown estimator fails before anything is written
     estimator = get_estimator(cfg.ppo)
@@ -50,7 +50,7 @@ def run_ppo(cfg) -> dict:
             engine.close()
         if distributed.rank() != 0:
             return summary
-        summary["adapter"] = str(save_policy(ac, run.path, cfg.model.name, tok))
+        summary["adapter"] = str(ac.save_policy(run.path, cfg.model.name, tok))
         summary["wall_seconds"] = round(time.time() - t0, 1)
         summary["engine"] = cfg.rollout.engine
         summary["processes"] = distributed.world_size()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -92,6 +93,12 @@ class ActorCritic(Roles):
             for n, w in state.items():
                 params[n].copy_(w)
 
+    def save_policy(self, folder, base_name: str, tok=None):
+        """The trained policy into ``folder``: ``adapter/``, a PEFT folder naming ``base_name``."""
+        from ..adapters import save_adapter
+
+        return save_adapter(self.model, Path(folder) / "adapter", base_name)
+
     def critic_state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.value_head.state_dict().items()} if self.with_critic else {}
 
@@ -142,3 +149,12 @@ class FullFineTuning(ActorCritic):
 
     def trained_state(self) -> dict:
         return {n: p.detach().clone() for n, p in self.named_parameters() if n.startswith("model.")}
+
+    def save_policy(self, folder, base_name: str, tok=None):
+        """``model/``: a transformers folder with its tokenizer, loadable as a base or an export."""
+        from ..atomic import atomic_dir
+
+        with atomic_dir(Path(folder) / "model") as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        return Path(folder) / "model"

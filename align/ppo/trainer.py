@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -20,12 +19,10 @@ from reward.api import RewardCancelled
 from .. import checkpoints, distributed, verifiable
 from ..compute import ComputeMeter
 from ..adapters import save_adapter
-from ..atomic import atomic_dir
 from ..memory import release_freed_memory
 from ..guards import GracefulStop, Interrupted, NonFiniteGuard, check_divergence
 from ..rollout.base import SamplingConfig
 from ..rollout.parity import TIE_MARGIN, guard_parity
-from .actor_critic import FullFineTuning
 from .advantages import get_estimator
 from .heldout import evaluate_prompts, side_by_side
 from .experience import make_experience
@@ -301,17 +298,6 @@ class PromptOrder:
         self.gen.set_state(d["gen"])
 
 
-def save_policy(ac, folder: Path, base_name: str, tok) -> Path:
-    """The trained policy into ``folder``: ``adapter/`` (PEFT), or with full fine-tuning
-    ``model/`` (a transformers folder with its tokenizer, loadable as a base or an export)."""
-    if not isinstance(ac, FullFineTuning):
-        return save_adapter(ac.model, folder / "adapter", base_name)
-    with atomic_dir(folder / "model") as tmp:
-        ac.model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    return folder / "model"
-
-
 def save_checkpoint(loop: PPOLoop, it: int, ev: dict | None, state: dict):
     """Iteration ``it`` in the common checkpoint layout (:func:`align.checkpoints.save_checkpoint`):
     ``adapter/`` (PEFT, exportable), ``critic/`` + ``value_head.pt``, ``eval.json`` when the
@@ -320,7 +306,7 @@ def save_checkpoint(loop: PPOLoop, it: int, ev: dict | None, state: dict):
     ac, cfg = loop.ac, loop.cfg
 
     def write(folder):
-        save_policy(ac, folder, cfg.model.name, loop.tok)
+        ac.save_policy(folder, cfg.model.name, loop.tok)
         if ev is not None:
             (folder / "eval.json").write_text(json.dumps(ev, indent=2))
         if ac.with_critic and not ac.shared_critic:
