@@ -54,6 +54,25 @@ def source_state() -> dict:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
+def machine_state() -> dict:
+    """The processor a run ran on (model name, cores, native bf16), and the GPU where there is one:
+    seconds, memory and the dtype ``auto`` picks all depend on it, and sessions move between machines."""
+    import os
+
+    import torch
+
+    from .models import cpu_bf16_feature
+
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "cpu_bf16": cpu_bf16_feature(), "gpu": gpu}
+
+
 def describe_run(cfg, job: str, dtype: str | None) -> dict:
     """``run.json`` at a run's start: the job, the base (id, the folder it resolved to, its
     snapshot revision where the path holds one), the adapters and the role of each, the data,
@@ -93,7 +112,7 @@ def describe_run(cfg, job: str, dtype: str | None) -> dict:
             "data": {k: getattr(data, k) for k in ("dataset", "train_subsets", "eval_subsets", "subsets", "train_rows",
                                                   "eval_dataset", "max_train_pairs", "max_eval_pairs", "seed")
                      if hasattr(data, k)},
-            "seed": cfg.run.seed, "versions": versions, "source": source_state()}
+            "seed": cfg.run.seed, "versions": versions, "source": source_state(), "machine": machine_state()}
 
 
 def read_manifest(folder: Path) -> dict:

@@ -14,6 +14,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from align.assets import DEFAULT_MODEL_ID, resolve_model, shared_dir  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_where_the_machine_would_pick_bf16():
+    """``model.dtype: auto`` resolves as on a CPU without native bf16, on every machine: the
+    suite's exact equalities (packed == separate rows, two processes == one, hand computations)
+    are float32's, and CI machines differ (an AVX2 EPYC picks fp32, a Xeon with AMX bf16). The
+    bf16 path is tested where it is asked for by name (test_dtype.py, test_vllm.py's bf16 engine);
+    a test's own monkeypatch of ``cpu_bf16_feature`` still wins. Subprocess tests pass
+    ``model.dtype=float32`` themselves."""
+    import align.models
+
+    real = align.models.cpu_bf16_feature
+
+    def no_native_bf16_here(cpuinfo: str = "/proc/cpuinfo"):
+        return None if cpuinfo == "/proc/cpuinfo" else real(cpuinfo)  # other files read as written
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(align.models, "cpu_bf16_feature", no_native_bf16_here)
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     """../shared with the real data. Missing -> the test fails loudly (never skips)."""

