@@ -1,8 +1,11 @@
 """"LoRA Without Regret"'s claims, measured on align's verifiable arithmetic task.
 
-One command runs every arm as a normal `align ppo` run folder under ``--runs`` (a finished run --
-one with summary.json -- is skipped on a re-run), evaluates the base once, and writes
-``--out`` (JSON) and its PNG from whatever has finished:
+One command runs every arm as a normal `align ppo` run folder under ``--runs``, evaluates the
+base once, and writes ``--out`` (JSON) and its PNG and table from whatever has finished. Each
+finished arm also leaves a small record in ``--records`` (committed with the results: its curve,
+sizes, machine and its 1,000 per-problem final answers, which the paired CIs need), so the
+study goes on across sessions and machines although run folders are not kept: an arm with a
+record is never run again.
 
     python scripts/lora_without_regret.py                       # everything, resumable
     python scripts/lora_without_regret.py --only rank_lr        # one experiment
@@ -28,6 +31,13 @@ docs/lora-without-regret.md):
 - The best learning rate of an arm is picked on this held-out set's final accuracy (the
   paper's curves do the same); the second-seed repeats of the best points are the unselected
   check of those picks.
+
+Added after the first 8 runs (said in docs/lora-without-regret.md): ``model.dtype=float32`` is
+pinned (``auto`` picks bf16 on a CPU with native bf16, and the study began in float32); and a
+record made before records kept per-problem answers (the first 8, whose run folders were lost
+with their session's machine) counts for its grid, but when it is a rank's best -- so a claim's
+paired CI needs its answers -- that arm is run again and the new run replaces it (the first
+run's figures kept beside it as ``earlier``).
 """
 from __future__ import annotations
 
@@ -63,7 +73,7 @@ def _rank_overrides(rank: str) -> list[str]:
 
 
 def common(a) -> list[str]:
-    out = ["rollout.engine=hf", f"data.eval_dataset={a.heldout}", "data.eval_prompts=0", f"ppo.iterations={a.iterations}",
+    out = ["model.dtype=float32", "rollout.engine=hf", f"data.eval_dataset={a.heldout}", "data.eval_prompts=0", f"ppo.iterations={a.iterations}",
            f"ppo.eval_every={a.eval_every}", "ppo.eval_sampled=false", "ppo.eval_at_start=false", "ppo.eval_pass_k=0",
            "ppo.time_budget_minutes=0", "run.save_every=0", "run.plot=false"]
     return out + [f"model.name={a.model}"] * bool(a.model) + list(a.set)
@@ -81,6 +91,9 @@ def rank_lr_arms(a) -> dict[str, dict]:
             if best in (grid[0], grid[-1]):
                 step = grid[1] / grid[0]
                 grid.append(float(f"{best * step if best == grid[-1] else best / step:.0e}"))
+        # an extension that ran stays in its grid, even where a later re-run moves the best off the edge
+        grid += [lr for lr in (float(p.stem.split("-lr", 1)[1]) for p in Path(a.records).glob(f"r{rank}-lr*.json"))
+                 if lr not in grid]
         middle = len(grid[:3]) // 2
         grids[rank] = [grid[middle]] + [lr for i, lr in enumerate(grid) if i != middle]
     arms = {}
@@ -93,13 +106,20 @@ def rank_lr_arms(a) -> dict[str, dict]:
     return arms
 
 
+def best_names(a) -> dict[str, str | None]:
+    """Each rank's best finished experiment-1 run (final lenient accuracy), once all its grid has run."""
+    grid = rank_lr_arms(a)
+    best = {}
+    for rank in a.ranks:
+        scores = {n: final_lenient(a, n) for n, v in grid.items() if v["rank"] == rank}
+        best[rank] = max(scores, key=scores.get) if scores and None not in scores.values() else None
+    return best
+
+
 def best_lr(a, rank: str) -> float | None:
-    """The learning rate of ``rank``'s best finished experiment-1 run, once all its grid has run."""
-    arms = {n: v for n, v in rank_lr_arms(a).items() if v["rank"] == rank}
-    scores = {v["lr"]: final_lenient(a, n) for n, v in arms.items()}
-    if not scores or any(s is None for s in scores.values()):
-        return None
-    return max(scores, key=scores.get)
+    """The learning rate of ``rank``'s best experiment-1 run (None until its grid has run)."""
+    name = best_names(a).get(rank)
+    return rank_lr_arms(a)[name]["lr"] if name else None
 
 
 def later_arms(a) -> dict[str, dict]:
@@ -136,11 +156,32 @@ def run_folder(a, name: str) -> Path:
     return Path(a.runs) / name
 
 
+def record_path(a, name: str) -> Path:
+    return Path(a.records) / f"{name}.json"
+
+
+def read_record(a, name: str) -> dict | None:
+    """The arm's record; made from its run folder where that finished but has no record yet."""
+    f = record_path(a, name)
+    if f.is_file():
+        return json.loads(f.read_text())
+    if (run_folder(a, name) / "summary.json").is_file():
+        return write_record(a, name)
+    return None
+
+
 def final_lenient(a, name: str) -> float | None:
-    f = run_folder(a, name) / "summary.json"
-    if not f.is_file():
-        return None
-    return json.loads(f.read_text())["eval_final"]["accuracy_lenient"]
+    rec = read_record(a, name)
+    return None if rec is None else rec["final_lenient"]
+
+
+def needs_answers(a, name: str) -> bool:
+    """A record without per-problem answers (made before records kept them) that a claim needs:
+    its rank's best, once that rank's grid is complete (every claim pairs a rank's best)."""
+    rec = read_record(a, name)
+    if rec is None or rec.get("answers") is not None:
+        return False
+    return name in best_names(a).values()
 
 
 def _run(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -155,7 +196,8 @@ def _run(cmd: list[str], log: Path) -> tuple[int, float]:
 
 def run_arm(a, name: str, arm: dict) -> str:
     folder = run_folder(a, name)
-    if (folder / "summary.json").is_file():
+    rerun = needs_answers(a, name)
+    if read_record(a, name) is not None and not rerun:
         return "done"
     if arm["lr"] is None:
         return "waiting"
@@ -165,17 +207,21 @@ def run_arm(a, name: str, arm: dict) -> str:
         return "unfinished"
     cmd = [sys.executable, "-m", "align.cli", "ppo", "--config", str(a.config), *common(a), *arm["overrides"],
            f"run.output_dir={a.runs}", f"run.name={name}"]
-    print(f"  {name}: {' '.join(arm['overrides'])}", flush=True)
+    print(f"  {name}: {' '.join(arm['overrides'])}{' (again: its record has no per-problem answers)' * rerun}",
+          flush=True)
     rc, rss = _run(cmd, Path(a.runs) / "logs" / f"{name}.log")
     if rc:
         raise SystemExit(f"{name} failed (exit {rc}); its log: {Path(a.runs) / 'logs' / f'{name}.log'}")
     (folder / "peak_rss.json").write_text(json.dumps({"peak_rss_gib": round(rss, 3)}))
+    write_record(a, name)
     return "ran"
 
 
 def evaluate_base(a) -> Path:
-    """The base's greedy answers on the held-out set, once (every run starts from them)."""
-    out = Path(a.runs) / "base_eval.json"
+    """The base's greedy answers on the held-out set, once (every run starts from them); kept with
+    the records."""
+    out = Path(a.records) / "base.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file():
         return out
     code = "import sys; from scripts.lora_without_regret import _base_child; _base_child(sys.argv[1:])"
@@ -218,7 +264,11 @@ def _trainable(folder: Path) -> int:
     return n
 
 
-def read_run(a, name: str, arm: dict) -> dict:
+def write_record(a, name: str) -> dict:
+    """The arm's record from its finished run folder: what the study reads (curve, sizes, seconds,
+    RSS, KL, the dtype and machine it ran on) and the final per-problem answers (lenient, file order)."""
+    from align.runs import machine_state
+
     folder = run_folder(a, name)
     summary = json.loads((folder / "summary.json").read_text())
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -232,32 +282,42 @@ def read_run(a, name: str, arm: dict) -> dict:
         last = m["step"]
     weights = Path(summary["adapter"])
     rss = folder / "peak_rss.json"
+    manifest = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     final = curve[-1]
-    return {**{k: v for k, v in arm.items() if k != "overrides"}, "overrides": arm["overrides"], "curve": curve,
-            "final_lenient": final["lenient"], "final_strict": final["strict"], "final_kl": final["kl_per_answer"],
-            "final_lenient_by_difficulty": {k: v["lenient"] for k, v in
-                                            summary["eval_final"]["accuracy"]["greedy"]["by_difficulty"].items()},
-            "trainable_params": _trainable(weights), "weights_bytes": _size(weights),
-            "seconds_per_iteration": round(final["train_seconds"] / max(summary["iterations"], 1), 2),
-            "peak_rss_gib": json.loads(rss.read_text())["peak_rss_gib"] if rss.is_file() else None,
-            "iterations": summary["iterations"]}
-
-
-def final_answers(a, name: str) -> list[int]:
-    """1/0 per held-out problem (lenient) at the run's last evaluation, in file order."""
-    rows = [json.loads(line) for line in (run_folder(a, name) / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
     greedy = [r for r in rows if r.get("split") == "eval_greedy"]
-    last = max(r["iteration"] for r in greedy)
-    return [int(r["lenient"]) for r in greedy if r["iteration"] == last]
+    last_it = max(r["iteration"] for r in greedy)
+    rec = {"curve": curve, "final_lenient": final["lenient"], "final_strict": final["strict"],
+           "final_kl": final["kl_per_answer"],
+           "final_lenient_by_difficulty": {k: v["lenient"] for k, v in
+                                           summary["eval_final"]["accuracy"]["greedy"]["by_difficulty"].items()},
+           "trainable_params": _trainable(weights), "weights_bytes": _size(weights),
+           "seconds_per_iteration": round(final["train_seconds"] / max(summary["iterations"], 1), 2),
+           "peak_rss_gib": json.loads(rss.read_text())["peak_rss_gib"] if rss.is_file() else None,
+           "iterations": summary["iterations"], "dtype": manifest.get("dtype"),
+           "machine": manifest.get("machine") or machine_state(), "commit": (manifest.get("source") or {}).get("commit"),
+           "answers": [int(r["lenient"]) for r in greedy if r["iteration"] == last_it]}
+    old = record_path(a, name)
+    if old.is_file():  # a record without answers, run again: its figures stay beside the new ones
+        prev = json.loads(old.read_text())
+        rec["earlier"] = prev.get("earlier", []) + [{k: v for k, v in prev.items() if k != "earlier"}]
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_text(json.dumps(rec, indent=None, separators=(",", ":")) + "\n")
+    return rec
+
+
+def final_answers(a, name: str) -> list[int] | None:
+    """1/0 per held-out problem (lenient) at the run's last evaluation, in file order."""
+    rec = read_record(a, name)
+    return None if rec is None else rec.get("answers")
 
 
 def _paired(a, x: str, y: str) -> dict | None:
     """x minus y, paired on the same problems (lenient)."""
     from align.scoring.stats import paired_difference
 
-    try:
-        ax, ay = final_answers(a, x), final_answers(a, y)
-    except FileNotFoundError:
+    ax, ay = final_answers(a, x), final_answers(a, y)
+    if ax is None or ay is None:
         return None
     d = paired_difference(ay, ax)  # paired_difference(a, b) is b - a
     return {"a": x, "b": y, "difference": round(d["difference"], 4), "ci95": [round(v, 4) for v in d["ci95"]],
@@ -266,7 +326,7 @@ def _paired(a, x: str, y: str) -> dict | None:
 
 def verdict(diff: dict | None, margin: float = MARGIN) -> str:
     if diff is None:
-        return "not run yet"
+        return "not paired yet (an arm without per-problem answers runs again)"
     lo, hi = diff["ci95"]
     if -margin <= lo and hi <= margin:
         return "matches"
@@ -276,10 +336,12 @@ def verdict(diff: dict | None, margin: float = MARGIN) -> str:
 
 
 def report(a, arms: dict[str, dict]) -> dict:
-    runs = {n: read_run(a, n, v) for n, v in arms.items() if (run_folder(a, n) / "summary.json").is_file()}
-    grid = {r: [n for n, v in arms.items() if v["experiment"] == "rank_lr" and v["rank"] == r] for r in a.ranks}
-    best = {r: max(names, key=lambda n: runs[n]["final_lenient"]) if names and all(n in runs for n in names) else None
-            for r, names in grid.items()}  # a rank's best only once its whole grid has run
+    runs = {}
+    for n, v in arms.items():
+        rec = read_record(a, n)
+        if rec is not None:
+            runs[n] = {**v, **{k: x for k, x in rec.items() if k != "answers"}, "has_answers": rec.get("answers") is not None}
+    best = best_names(a)  # a rank's best only once its whole grid has run
     claims = {}
     if best.get("1") and best.get("full"):
         d = _paired(a, best["1"], best["full"])
@@ -312,8 +374,8 @@ def report(a, arms: dict[str, dict]) -> dict:
         claims["LoRA tolerates large batches less well than full fine-tuning"] = {
             f"gain_from_{BIG_BATCH}x_batch": {"lora_r8": round(lo, 4), "full": round(fu, 4)},
             "verdict": "holds" if lo < fu else "does not hold", "note": "one seed each: a direction, not a CI"}
-    base = json.loads((Path(a.runs) / "base_eval.json").read_text())["accuracy"]["greedy"] \
-        if (Path(a.runs) / "base_eval.json").is_file() else None
+    base = json.loads((Path(a.records) / "base.json").read_text())["accuracy"]["greedy"] \
+        if (Path(a.records) / "base.json").is_file() else None
     return {"protocol": {"heldout": a.heldout, "iterations": a.iterations, "eval_every": a.eval_every, "alpha": ALPHA,
                          "lora_lrs": list(a.lora_lrs), "full_lrs": list(a.full_lrs), "margin": MARGIN,
                          "model": a.model or "configs/grpo_arithmetic.yaml's", "dtype": "float32",
@@ -327,6 +389,11 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _machine(m: dict | None) -> str:
+    cpu = (m or {}).get("cpu") or "?"
+    return f"{cpu.replace('(R)', '')}, {m.get('cores', '?')} cores" if m else "?"
+
+
 def markdown(result: dict) -> str:
     """results/lora_without_regret.md: every finished run and every claim's comparison, from the
     JSON alone (so the docs' words never carry a number of their own)."""
@@ -335,14 +402,22 @@ def markdown(result: dict) -> str:
              f"Generated by `python scripts/lora_without_regret.py --report-only` from `lora_without_regret.json`. "
              f"Held-out: `{p['heldout']}`, greedy, lenient grader (strict beside it); {p['iterations']} iterations per "
              f"run, evaluated every {p['eval_every']}; LoRA alpha {p['alpha']} at every rank; {p['dtype']}; "
-             f"each run alone on a 2-core CPU. Base: {_pct(base and base['lenient'])} % lenient, "
-             f"{_pct(base and base['strict'])} % strict on {base and base['n']} problems.", "",
+             f"each run alone on a 2-core CPU (seconds and RSS compare only within one machine: the column says "
+             f"which). Base: {_pct(base and base['lenient'])} % lenient, "
+             f"{_pct(base and base['strict'])} % strict on {base and base['n']} problems. "
+             f"Paired: the record keeps the 1,000 per-problem answers a paired CI needs.", "",
              "| run | experiment | rank | LR | seed | lenient % | strict % | KL/answer | trainable params | "
-             "weights MB | s/iteration | peak RSS GiB |", "|---" * 12 + "|"]
+             "weights MB | s/iteration | peak RSS GiB | machine | paired |", "|---" * 14 + "|"]
     for name, r in result["runs"].items():
         lines.append(f"| {name} | {r['experiment']} | {r['rank']} | {r['lr']:.0e} | {r['seed']} | {_pct(r['final_lenient'])} | "
                      f"{_pct(r['final_strict'])} | {r['final_kl']:.2f} | {r['trainable_params']:,} | "
-                     f"{r['weights_bytes'] / 1e6:.2f} | {r['seconds_per_iteration']:.1f} | {r['peak_rss_gib'] or '—'} |")
+                     f"{r['weights_bytes'] / 1e6:.2f} | {r['seconds_per_iteration']:.1f} | {r['peak_rss_gib'] or '—'} | "
+                     f"{_machine(r.get('machine'))} | {'yes' if r.get('has_answers') else 'no'} |")
+    again = [(n, e) for n, r in result["runs"].items() for e in r.get("earlier", [])]
+    if again:
+        lines += ["", "Run again for their per-problem answers (the first run's figures, on its machine): " + "; ".join(
+            f"{n}: {_pct(e['final_lenient'])} % lenient, KL {e['final_kl']:.2f} ({_machine(e.get('machine'))})"
+            for n, e in again) + "."]
     waiting = [n for n, s in result["arms"].items() if s != "finished"]
     lines += ["", f"Not run yet ({len(waiting)}): {', '.join(waiting) or 'none'}.", "", "## Claims", "",
               f"Margin written down before the runs: ±{100 * p['margin']:.0f} points (paired 95 % CI on the same problems).", "",
@@ -406,6 +481,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs/lora_without_regret", help="the run folders' parent")
     ap.add_argument("--out", default="results/lora_without_regret.json")
+    ap.add_argument("--records", default="", help="one record per finished arm (default: --out without .json)")
     ap.add_argument("--config", default=str(CONFIG))
     ap.add_argument("--model", default="", help="another base (the tiny test model in the test)")
     ap.add_argument("--heldout", default=HELDOUT)
@@ -419,6 +495,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="one more config override for every run")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
+    a.records = a.records or str(Path(a.out).with_suffix(""))
     if not a.report_only:
         evaluate_base(a)
         started = 0

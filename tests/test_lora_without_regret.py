@@ -1,6 +1,8 @@
 """scripts/lora_without_regret.py in its tiny form: the tiny model, two iterations per run, a
-two-point grid. Every arm of the study appears in the JSON, and a re-run skips finished runs."""
+two-point grid. Every arm of the study appears in the JSON, and a re-run skips finished runs --
+also once their run folders are gone (a new machine), from the records alone."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +46,24 @@ def test_every_arm_runs_is_reported_and_a_rerun_skips_it(tmp_path, tiny_model_pa
     assert "lora.r=" not in log  # nothing started
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/summary.json")} == stamps
     assert again["runs"].keys() == result["runs"].keys()
+
+    # The run folders are lost (the next session's machine): the records carry the study on.
+    records = tmp_path / "lwr"
+    assert {p.stem for p in records.glob("*.json")} == set(result["runs"]) | {"base"}
+    assert all(len(json.loads((records / f"{n}.json").read_text())["answers"]) == 100 for n in result["runs"])
+    shutil.rmtree(tmp_path / "runs")
+    log, moved = _study(tmp_path, tiny_model_path)
+    assert "lora.r=" not in log and moved["runs"] == again["runs"] and moved["claims"] == again["claims"]
+
+    # A record without per-problem answers (made before records kept them) that is a rank's
+    # best is run again, its first figures kept beside the new ones; one that is not, is not.
+    best, other = moved["best"]["1"], next(n for n in moved["runs"] if n.startswith("r1-lr") and n != moved["best"]["1"])
+    for name in (best, other):
+        rec = json.loads((records / f"{name}.json").read_text())
+        (records / f"{name}.json").write_text(json.dumps({**rec, "answers": None}))
+    log, rerun = _study(tmp_path, tiny_model_path)
+    started = [line.split(":")[0].strip() for line in log.splitlines() if "lora.r=" in line]
+    assert started == [best] and "per-problem answers" in log
+    rec = json.loads((records / f"{best}.json").read_text())
+    assert len(rec["answers"]) == 100 and rec["earlier"][0]["answers"] is None
+    assert rerun["runs"][other]["has_answers"] is False and rerun["runs"][best]["has_answers"] is True
