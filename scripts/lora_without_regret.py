@@ -360,8 +360,12 @@ def report(a, arms: dict[str, dict]) -> dict:
             "does not hold at this grid's resolution"}
     if best.get("full") and lrs:
         full_lr = runs[best["full"]]["lr"]
+        ratio = {r: round(lr / full_lr, 2) for r, lr in lrs.items()}
+        step = a.lora_lrs[1] / a.lora_lrs[0]  # the grid's resolution
         claims["LoRA's best learning rate is ~10x full fine-tuning's"] = {
-            "ratio": {r: round(lr / full_lr, 2) for r, lr in lrs.items()}}
+            "ratio": ratio, "verdict": "holds within one grid step" if all(10 / step <= x <= 10 * step * 1.01 for x in
+                                                                        ratio.values()) else "does not hold",
+            "note": f"rule added after the grid ran: within one {step:.0f}x grid step of 10x"}
     if best.get("8"):
         for where, (r, _) in PLACEMENT.items():
             if f"{where}-r{r}" in runs:
