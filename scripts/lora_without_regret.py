@@ -335,6 +335,13 @@ def verdict(diff: dict | None, margin: float = MARGIN) -> str:
     return "inconclusive"
 
 
+def ten_x_verdict(ratios, step: float) -> str:
+    """LoRA's best rate over full fine-tuning's, against the paper's ~10x: a grid of ``step``-fold
+    rates cannot tell factors within one step apart (a rule set after the grid ran)."""
+    ok = all(abs(math.log(x / 10)) <= math.log(step) + 1e-9 for x in ratios)
+    return "holds within one grid step" if ok else "does not hold"
+
+
 def report(a, arms: dict[str, dict]) -> dict:
     runs = {}
     for n, v in arms.items():
@@ -363,8 +370,7 @@ def report(a, arms: dict[str, dict]) -> dict:
         ratio = {r: round(lr / full_lr, 2) for r, lr in lrs.items()}
         step = a.lora_lrs[1] / a.lora_lrs[0]  # the grid's resolution
         claims["LoRA's best learning rate is ~10x full fine-tuning's"] = {
-            "ratio": ratio, "verdict": "holds within one grid step" if all(10 / step <= x <= 10 * step * 1.01 for x in
-                                                                        ratio.values()) else "does not hold",
+            "ratio": ratio, "verdict": ten_x_verdict(ratio.values(), step),
             "note": f"rule added after the grid ran: within one {step:.0f}x grid step of 10x"}
     if best.get("8"):
         for where, (r, _) in PLACEMENT.items():

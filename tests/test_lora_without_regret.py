@@ -67,3 +67,17 @@ def test_every_arm_runs_is_reported_and_a_rerun_skips_it(tmp_path, tiny_model_pa
     rec = json.loads((records / f"{best}.json").read_text())
     assert len(rec["answers"]) == 100 and rec["earlier"][0]["answers"] is None
     assert rerun["runs"][other]["has_answers"] is False and rerun["runs"][best]["has_answers"] is True
+
+
+def test_verdicts_against_the_margin_by_hand():
+    sys.path.insert(0, str(ROOT))
+    from scripts.lora_without_regret import MARGIN, ten_x_verdict, verdict
+
+    assert MARGIN == 0.04  # written down before the first run
+    assert verdict({"ci95": [-0.008, 0.038]}) == "matches"        # inside +-4 points
+    assert verdict({"ci95": [-0.046, -0.010]}) == "differs"       # excludes 0 (and leaves the margin)
+    assert verdict({"ci95": [0.005, 0.030]}) == "matches"         # inside the margin, though it excludes 0
+    assert verdict({"ci95": [-0.050, 0.010]}) == "inconclusive"   # neither
+    assert verdict(None).startswith("not paired yet")
+    assert ten_x_verdict([30.0, 30.0], 3.0) == ten_x_verdict([10 / 3], 3.0) == "holds within one grid step"
+    assert ten_x_verdict([30.0, 100.0], 3.0) == ten_x_verdict([3.0], 3.0) == "does not hold"
