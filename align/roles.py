@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .scoring.logprobs import token_logprobs
-from .scoring.pairs import states_at
+from .scoring.batch import end_states
 from .models import POLICY, add_policy_adapter
 
 
@@ -102,9 +102,7 @@ class Roles(nn.Module):
         return token_logprobs(self.lm().get_output_embeddings()(self.hidden_at(tb)), tb.targets, with_entropy)
 
     def last_token_scores(self, tb, role: str) -> torch.Tensor:
-        """A reward model's scores (B,): its head on each row's last real token (``tb`` in the
-        one-row-per-sample layout)."""
+        """A reward model's scores (B,): its head on each answer's last token (either layout)."""
         with self.role(role):
-            h = states_at(self.lm(), tb.attention_mask.sum(1) - 1, input_ids=tb.input_ids,
-                          attention_mask=tb.attention_mask)
+            h = end_states(self.lm(), tb)
         return self.score_heads[role](h.float()).squeeze(-1)

@@ -53,6 +53,21 @@ def test_packed_pairs_match_separate_rows(policy):
     assert (packed - packed_ref).abs().max() > 1e-3  # the adapter really changes the scores
 
 
+def test_a_pairs_answer_ends_are_the_same_token_in_both_layouts():
+    """Where a reward model reads each answer (its last token) is the same token in the packed row
+    and in the answer's own row -- an empty answer's included: it reads the prompt's last token,
+    not the chosen answer's last one (which an empty rejected answer once did, packed)."""
+    pairs = EXAMPLES + [{"prompt_ids": [40, 41, 42], "chosen_ids": [43, 44], "rejected_ids": []}]
+    batch = PackedPairCollator(pad_token_id=0)(pairs)
+    B = len(pairs)
+    for i in range(B):
+        for j in range(2):
+            row, packed = batch["input_ids"][i + j * B], batch["packed_input_ids"][i]
+            assert row[batch["row_ends"][i, j]] == packed[batch["packed_ends"][i, j]]
+            assert batch["packed_position_ids"][i, batch["packed_ends"][i, j]] == batch["row_ends"][i, j]
+    assert batch["row_ends"][-1].tolist() == [4, 2] and batch["packed_ends"][-1].tolist() == [4, 2]
+
+
 def test_reference_is_base_with_adapter_off(policy, tiny_model):
     model, tok = policy
     base, _ = tiny_model

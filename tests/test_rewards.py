@@ -86,6 +86,13 @@ def test_reward_model_on_the_policy_base_scores_like_the_model_loaded_alone(tiny
     one_by_one = AdapterReward(ac, tok, "reward", "classifier", 0.0, rm_adapter, batch_size=1)(
         ["x", "y"], ANSWERS, prompt_ids=p, completion_ids=c, truncated=[False, False])
     assert one_by_one == pytest.approx(got, abs=1e-5)
+    # two answers to one prompt packed in one row score as in two rows (each at its own last token)
+    from align.scoring.batch import Answer, packed_batch, rows_batch
+
+    group = [Answer(p[0], c[0]), Answer(p[0], c[1])]
+    packed = ac.last_token_scores(packed_batch(group, 2, tok.pad_token_id), "reward")
+    torch.testing.assert_close(packed, ac.last_token_scores(rows_batch(group, tok.pad_token_id), "reward"), atol=1e-5, rtol=1e-5)
+    assert abs(float(packed[0] - packed[1])) > 1e-3
     # the scorer is frozen and stays out of what training changes and checkpoints hold
     assert not any(p.requires_grad for n, p in ac.named_parameters() if ".reward." in n or "score_heads" in n)
     assert not any(".reward." in n for n in ac.trained_state())

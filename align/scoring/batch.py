@@ -4,9 +4,11 @@ Two layouts, one interface. ``rows``: one right-padded row per answer (prompt + 
 ``packed``: one row per *prompt* holding all k of its answers (:func:`align.scoring.packing.packed_group`),
 so the prompt is computed once instead of k times -- with long prompts and k >= 2 the larger
 part of PPO's scoring and update compute. Used by PPO (experience, update, evaluation) and by
-the reward kinds and `align eval`. Either way ``pred_pos[s, t]`` is the row position
-whose hidden state predicts answer token t of sample s, and ``row[s]`` its row; the log-probs,
-values and gradients are the same (tests/test_ppo.py pins it).
+the reward kinds and `align eval`; DPO's and the reward model's pairs are groups of two answers
+built by the same functions (:class:`align.scoring.pairs.PackedPairCollator`). Either way
+``pred_pos[s, t]`` is the row position whose hidden state predicts answer token t of sample s,
+``ends[s]`` the position of its last token (where a reward model reads its score) and ``row[s]``
+its row; the log-probs, values and gradients are the same (tests/test_ppo.py pins it).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class TokenBatch:
     targets: torch.Tensor          # (B, T) answer token ids (pad where mask is 0)
     mask: torch.Tensor             # (B, T) 1.0 on real answer tokens
     row_tokens: torch.Tensor | None = None  # (R,) real tokens of each row (for compute accounting)
+    ends: torch.Tensor | None = None  # (B,) position of the answer's last token (the prompt's for an empty answer)
 
     @property
     def packed(self) -> bool:
@@ -41,7 +44,8 @@ class TokenBatch:
         return TokenBatch(self.input_ids[rows], self.attention_mask[rows],
                           None if self.position_ids is None else self.position_ids[rows],
                           new_row, self.pred_pos[idx], self.targets[idx], self.mask[idx],
-                          None if self.row_tokens is None else self.row_tokens[rows.cpu()])
+                          None if self.row_tokens is None else self.row_tokens[rows.cpu()],
+                          None if self.ends is None else self.ends[idx])
 
     @property
     def tokens(self) -> int:
@@ -58,7 +62,33 @@ class TokenBatch:
     def to(self, device) -> "TokenBatch":
         return TokenBatch(*(None if t is None else t.to(device) for t in
                             (self.input_ids, self.attention_mask, self.position_ids, self.row,
-                             self.pred_pos, self.targets, self.mask)), row_tokens=self.row_tokens)
+                             self.pred_pos, self.targets, self.mask)), row_tokens=self.row_tokens,
+                          ends=None if self.ends is None else self.ends.to(device))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer to lay out: its prompt's token ids and its own (what the builders below read;
+    a rollout's ``Completion`` has the same two fields)."""
+    prompt_ids: list[int]
+    token_ids: list[int]
+
+
+def states_at(lm, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """The backbone's last hidden states at ``positions`` of each row of ``inputs`` (``positions``
+    (R,) or (R, k)). ``lm`` is a transformers model whose ``base_model`` is the backbone (a causal
+    LM or a classifier)."""
+    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    return hidden[rows[:, None] if positions.dim() == 2 else rows, positions]
+
+
+def end_states(lm, tb: TokenBatch) -> torch.Tensor:
+    """Hidden states (B, H) at each answer's last token, in either layout: what a reward model
+    scores."""
+    hidden = lm.base_model(**tb.model_inputs(lm.config, lm.get_input_embeddings().weight.dtype),
+                           use_cache=False).last_hidden_state
+    return hidden[tb.row, tb.ends]
 
 
 def in_chunks(fn, tb: TokenBatch, size: int, group: int = 1):
@@ -116,8 +146,8 @@ def rows_batch(completions, pad_id: int, device=None) -> TokenBatch:
         ids[i, :P + C] = torch.tensor(c.prompt_ids + c.token_ids)
         attn[i, :P + C] = 1
         pred_pos[i] = (torch.arange(targets.size(1)) + P - 1).clamp(max=L - 1)
-    tb = TokenBatch(ids, attn, None, torch.arange(B), pred_pos, targets, mask,
-                    torch.tensor([len(c.prompt_ids) + len(c.token_ids) for c in completions]))
+    lengths = torch.tensor([len(c.prompt_ids) + len(c.token_ids) for c in completions])
+    tb = TokenBatch(ids, attn, None, torch.arange(B), pred_pos, targets, mask, lengths, ends=lengths - 1)
     return tb.to(device) if device is not None else tb
 
 
@@ -135,6 +165,7 @@ def packed_batch(completions, group_size: int, pad_id: int, device=None) -> Toke
     attn = torch.zeros((len(groups), 1, L, L), dtype=torch.bool)
     attn[:, 0] = torch.eye(L, dtype=torch.bool)  # padding positions attend to themselves
     pred_pos = torch.zeros(targets.shape, dtype=torch.long)
+    ends = torch.zeros(B, dtype=torch.long)
     for g, (ids, pos, m, starts) in enumerate(built):
         n = len(ids)
         ids_t[g, :n], pos_t[g, :n] = torch.tensor(ids), torch.tensor(pos)
@@ -145,8 +176,10 @@ def packed_batch(completions, group_size: int, pad_id: int, device=None) -> Toke
             # token 0 of an answer is predicted by the prompt's last position, token t by its own t-1
             t = torch.arange(targets.size(1))
             pred_pos[s] = torch.where(t == 0, torch.full_like(t, P - 1), start + t - 1).clamp(max=L - 1)
+            n = len(groups[g][j].token_ids)
+            ends[s] = start + n - 1 if n else P - 1
     row = torch.arange(B) // group_size
-    tb = TokenBatch(ids_t, attn, pos_t, row, pred_pos, targets, mask, torch.tensor([len(b[0]) for b in built]))
+    tb = TokenBatch(ids_t, attn, pos_t, row, pred_pos, targets, mask, torch.tensor([len(b[0]) for b in built]), ends)
     return tb.to(device) if device is not None else tb
 
 

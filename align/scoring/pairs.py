@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..deps.trl_internals import fused_lm_output
+from .batch import Answer, TokenBatch, packed_batch, rows_batch, states_at
 from .logprobs import token_logprobs
 from .packing import attention_mask_for, packing_blocker
 from .stats import tie_half_accuracy
@@ -103,72 +104,50 @@ def truncation_report(dataset, max_length: int, max_prompt_length: int) -> dict:
                        f"train.max_length={max_length}"}
 
 
+def pair_layouts(pairs, pad_id: int) -> tuple[TokenBatch, TokenBatch]:
+    """(prompt, chosen, rejected) token-id triples as one row per answer (all chosen, then all
+    rejected) and as one packed row per pair (chosen, rejected)."""
+    chosen = [Answer(p, c) for p, c, _ in pairs]
+    rejected = [Answer(p, r) for p, _, r in pairs]
+    return (rows_batch(chosen + rejected, pad_id),
+            packed_batch([a for pair in zip(chosen, rejected) for a in pair], 2, pad_id))
+
+
 @dataclass
 class PackedPairCollator:
-    """Batches TRL-tokenized pairs in both the virtual layout and the packed one."""
+    """Batches TRL-tokenized pairs in both the virtual layout (TRL's: chosen rows, then rejected
+    rows) and the packed one, both built by :mod:`align.scoring.batch` -- a pair is a group of two
+    answers to one prompt, as PPO's k samples are."""
 
     pad_token_id: int
     max_length: int = 384
     max_prompt_length: int = 256
 
     def __call__(self, examples: list[dict]) -> dict:
-        B = len(examples)
         trip = [truncate_pair(list(e["prompt_ids"]), list(e["chosen_ids"]), list(e["rejected_ids"]),
                               self.max_length, self.max_prompt_length) for e in examples]
-        L = max(len(p) + max(len(c), len(r)) for p, c, r in trip)
-        Lp = max(len(p) + len(c) + len(r) for p, c, r in trip)
-        pad = self.pad_token_id
-        input_ids = torch.full((2 * B, L), pad, dtype=torch.long)
-        attention = torch.zeros((2 * B, L), dtype=torch.long)
+        rows, packed = pair_layouts(trip, self.pad_token_id)
+        B, L = len(trip), rows.input_ids.size(1)
+        # The virtual rows' answer tokens: each answer token t sits one after the position that predicts it.
+        s, t = rows.mask.nonzero(as_tuple=True)
         completion = torch.zeros((2 * B, L), dtype=torch.long)
-        p_ids = torch.full((B, Lp), pad, dtype=torch.long)
-        p_pos = torch.zeros((B, Lp), dtype=torch.long)
-        p_mask = torch.zeros((B, 1, Lp, Lp), dtype=torch.bool)
-        # src[row, t]: packed index whose hidden state predicts virtual token t+1 of that row.
+        completion[s, rows.pred_pos[s, t] + 1] = 1
+        # src[row, t]: packed index whose hidden state predicts virtual token t+1 of that row (read
+        # on answer tokens only). Virtual row v is packed sample 2v (chosen) or 2(v-B)+1 (rejected).
+        to_packed = torch.cat([torch.arange(B) * 2, torch.arange(B) * 2 + 1])
         src = torch.zeros((2 * B, L - 1), dtype=torch.long)
-        # The last token of each answer (chosen, rejected): in the packed row, and in its own row.
-        packed_ends = torch.zeros((B, 2), dtype=torch.long)
-        row_ends = torch.zeros((B, 2), dtype=torch.long)
-        causal = torch.ones((Lp, Lp), dtype=torch.bool).tril()
-        for i, (p, c, r) in enumerate(trip):
-            P, C, R = len(p), len(c), len(r)
-            for row, ans in ((i, c), (B + i, r)):
-                n = P + len(ans)
-                input_ids[row, :n] = torch.tensor(p + ans)
-                attention[row, :n] = 1
-                completion[row, P:n] = 1
-            n = P + C + R
-            p_ids[i, :n] = torch.tensor(p + c + r)
-            p_pos[i, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-            m = causal[:n, :n].clone()
-            m[P + C:, P:P + C] = False  # rejected never sees chosen
-            p_mask[i, 0, :n, :n] = m
-            p_mask[i, 0, n:, :].fill_(False)
-            p_mask[i, 0, range(n, Lp), range(n, Lp)] = True  # padding rows attend to themselves
-            packed_ends[i] = torch.tensor([P + C - 1, P + C + R - 1])
-            row_ends[i] = torch.tensor([P + C - 1, P + R - 1])
-            t = torch.arange(L - 1)
-            src[i] = t.clamp(max=Lp - 1)
-            src[B + i] = torch.where(t < P, t, t + C).clamp(max=Lp - 1)
+        src[s, rows.pred_pos[s, t]] = packed.pred_pos[to_packed][s, t]
         batch = {
-            "input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
-            "packed_input_ids": p_ids, "packed_position_ids": p_pos,
-            "packed_attention_mask": p_mask, "packed_src": src,
-            "packed_ends": packed_ends, "row_ends": row_ends,
+            "input_ids": rows.input_ids, "attention_mask": rows.attention_mask, "completion_mask": completion,
+            "packed_input_ids": packed.input_ids, "packed_position_ids": packed.position_ids,
+            "packed_attention_mask": packed.attention_mask, "packed_src": src,
+            # The last token of each answer (chosen, rejected): in the packed row, and in its own row.
+            "packed_ends": packed.ends.view(B, 2), "row_ends": torch.stack(rows.ends.chunk(2), 1),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
-
-
-def states_at(lm, positions: torch.Tensor, **inputs) -> torch.Tensor:
-    """The backbone's last hidden states at ``positions`` of each row of ``inputs`` (``positions``
-    (B,) or (B, k)): where a reward model reads an answer's score -- its last token. ``lm`` is a
-    transformers model whose ``base_model`` is the backbone (a causal LM or a classifier)."""
-    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.size(0), device=hidden.device)
-    return hidden[rows[:, None] if positions.dim() == 2 else rows, positions]
 
 
 def answer_end_states(lm, batch: dict) -> torch.Tensor:
