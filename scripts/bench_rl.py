@@ -15,6 +15,18 @@ clock, and afterwards one evaluator (`align eval --accuracy`, greedy, the fixed 
 held-out set) grades every checkpoint; the time each side needs to reach base + 15 points
 (fixed before any run) and its final accuracy are reported. A re-run skips finished runs.
 
+Each side's learning rate comes from its own sweep on the *validation* set (400 two-digit problems
+in no held-out file; the sweep's runs train on none of them), never from the held-out one:
+
+    python scripts/bench_rl.py --task arithmetic --sweep --variants align,trl --minutes 3 \
+        --out results/bench_rl_arithmetic_sweep.json --runs runs/bench_rl_sweep
+    python scripts/bench_rl.py --task arithmetic --variants align,trl --seeds 0,1 --minutes 3 \
+        --lr-from results/bench_rl_arithmetic_sweep.json --out results/bench_rl_arithmetic.json
+
+The pick, fixed before the sweep ran: the rate with the highest mean validation accuracy over a
+run's checkpoints (about the area under its accuracy-vs-time curve: it rewards getting there early
+as well as the level), the lower rate on a tie.
+
 Per variant: seconds per iteration split into generation / scoring / update, answers per
 second, peak RSS, held-out reward and KL; JSON + PNG (reward vs wall-clock and vs KL). A
 ``base_only`` row is the base model loaded alone for inference (generate + score), the memory
@@ -287,18 +299,24 @@ def plot(results: dict, png: Path) -> None:
 TASK_CONFIG = ROOT / "configs/grpo_arithmetic.yaml"
 CHECKPOINT_SECONDS = (30, 60, 120, 180, 240, 300, 420, 600, 900)  # of training, evaluation excluded
 TARGET_POINTS = 15  # the target, fixed before any run: the base's held-out greedy lenient accuracy + 15 points
+SWEEP_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)  # each side's own learning-rate sweep (--sweep)
+HELDOUT, VALIDATION = "arithmetic-heldout", "arithmetic-validation"
 
 
-def run_align_task(minutes: float, out: str, seed: int, lr: float) -> dict:
+def task_name(side: str, lr: float, seed: int) -> str:
+    return f"{side}_lr{lr:g}_s{seed}"
+
+
+def run_align_task(minutes: float, out: str, seed: int, lr: float, eval_set: str = HELDOUT) -> dict:
     """align's PPO loop on the arithmetic task for ``minutes`` of training; a checkpoint after
     every iteration (evaluated afterwards: only the held-out problem 0 is evaluated in the loop,
     so the loop's own evaluations cost nothing)."""
     from align.config import load_config
     from align.ppo import run_ppo
 
-    name = f"align_s{seed}"
+    name = task_name("align", lr, seed)
     cfg = load_config("ppo", TASK_CONFIG, [
-        "data.eval_prompts=1", "ppo.eval_every=0", "ppo.eval_pass_k=0", "run.save_every=1", "run.keep_last=1000",
+        f"data.eval_dataset={eval_set}", "data.eval_prompts=1", "ppo.eval_every=0", "ppo.eval_pass_k=0", "run.save_every=1", "run.keep_last=1000",
         f"ppo.learning_rate={lr}", f"run.seed={seed}", f"data.seed={seed}", "ppo.time_budget_minutes=0",
         "ppo.iterations=100000", "run.plot=false", f"run.output_dir={out}", f"run.name={name}"])
     import align.ppo.trainer as trainer
@@ -325,7 +343,7 @@ def run_align_task(minutes: float, out: str, seed: int, lr: float) -> dict:
     for _, path in checkpoints:  # this run's own checkpoints off the schedule: ~30 MB each
         if (_, path) not in picked and Path(path).is_dir():
             shutil.rmtree(path)
-    return {"variant": name, "side": "align", "seed": seed, "learning_rate": lr, "wall_seconds": time.time() - t0,
+    return {"variant": name, "side": "align", "seed": seed, "learning_rate": lr, "eval_set": eval_set, "wall_seconds": time.time() - t0,
             "iterations": len(checkpoints), "checkpoints": picked, "peak_rss_gib": peak_rss_gib()}
 
 
@@ -341,7 +359,7 @@ def _on_schedule(checkpoints: list[tuple[float, str]]) -> list[tuple[float, str]
     return picked
 
 
-def run_trl_task(minutes: float, out: str, seed: int, lr: float) -> dict:
+def run_trl_task(minutes: float, out: str, seed: int, lr: float, eval_set: str = HELDOUT) -> dict:
     """TRL GRPOTrainer + PEFT LoRA on the same task, prompts, reward and settings; the adapter is
     saved at the same training-clock marks (saving time excluded from the clock)."""
     import datasets
@@ -354,8 +372,9 @@ def run_trl_task(minutes: float, out: str, seed: int, lr: float) -> dict:
     from align.models import load_base, lora_peft_config
     from reward.verify import numeric_match
 
-    name = f"trl_s{seed}"
-    cfg = load_config("ppo", TASK_CONFIG, [f"run.seed={seed}", f"data.seed={seed}"])
+    name = task_name("trl", lr, seed)
+    # the same training problems as align's run: none of ``eval_set``'s
+    cfg = load_config("ppo", TASK_CONFIG, [f"run.seed={seed}", f"data.seed={seed}", f"data.eval_dataset={eval_set}"])
     torch.manual_seed(seed)
     train, _ = load_prompts(cfg.data)
     base, tok = load_base(cfg.model)
@@ -396,20 +415,21 @@ def run_trl_task(minutes: float, out: str, seed: int, lr: float) -> dict:
                           peft_config=lora_peft_config(cfg.lora), callbacks=[Clock()])
     t0 = time.time()
     trainer.train()
-    return {"variant": name, "side": "trl", "seed": seed, "learning_rate": lr, "wall_seconds": time.time() - t0,
+    return {"variant": name, "side": "trl", "seed": seed, "learning_rate": lr, "eval_set": eval_set, "wall_seconds": time.time() - t0,
             "iterations": trainer.state.global_step // 2, "checkpoints": saved, "peak_rss_gib": peak_rss_gib()}
 
 
 def evaluate_checkpoints(res: dict) -> dict:
-    """One evaluator for both sides: `align eval --accuracy` on the fixed held-out set (greedy,
-    the base and every checkpoint's adapter from one vLLM engine), evaluation off the clock."""
+    """One evaluator for both sides: `align eval --accuracy` on the run's evaluation set (the fixed
+    held-out set, or the validation set in a sweep; greedy, the base and every checkpoint's adapter
+    from one vLLM engine), evaluation off the clock."""
     import tempfile
 
     from align.evaluation import run_eval
 
     cfg_tokens = 20
     with tempfile.TemporaryDirectory() as tmp:
-        got = run_eval([c[1] for c in res["checkpoints"]], accuracy="arithmetic-heldout",
+        got = run_eval([c[1] for c in res["checkpoints"]], accuracy=res.get("eval_set", HELDOUT),
                        max_new_tokens=cfg_tokens, out=str(Path(tmp) / "eval"),
                        base="HuggingFaceTB/SmolLM2-135M-Instruct")["accuracy"]
     models = got["models"]
@@ -424,35 +444,81 @@ def evaluate_checkpoints(res: dict) -> dict:
 
 
 def task_main(a) -> None:
-    """``--task arithmetic``: each side (align, TRL) per seed in its own process, then every
-    checkpoint evaluated by one evaluator; JSON + PNG with held-out accuracy vs training seconds."""
+    """``--task arithmetic``: each side (align, TRL) per seed and learning rate in its own process,
+    then every checkpoint evaluated by one evaluator; JSON + PNG with accuracy vs training seconds.
+    ``--sweep``: every rate of ``--lrs`` per side on the validation set (seed 0), and each side's pick."""
     out = Path(a.out)
-    results = json.loads(out.read_text())["results"] if out.exists() else {}
-    for seed in [int(x) for x in a.seeds.split(",")]:
-        for side in a.variants.split(","):
-            name = f"{side}_s{seed}"
-            if name in results and "curve" in results[name]:
-                continue  # finished before: skipped on a re-run
-            results[name] = _child(a, f"task:{side}:{seed}")
-            print(name, {k: results[name].get(k) for k in ("seconds_to_target", "final_lenient", "error")}, flush=True)
-            out.write_text(json.dumps(_task_summary(results), indent=2))
-    plot_task(results, out.with_suffix(".png"))
+    results = _renamed(json.loads(out.read_text())["results"]) if out.exists() else {}
+    lrs = {side: _side_lrs(a, side) for side in a.variants.split(",")}
+    eval_set = VALIDATION if a.sweep else HELDOUT
+    chosen = None if a.sweep else {side: grid[0] for side, grid in lrs.items()}
+    for seed in [0] if a.sweep else [int(x) for x in a.seeds.split(",")]:
+        for i in range(max(map(len, lrs.values()))):
+            for side, grid in lrs.items():
+                if i >= len(grid):
+                    continue
+                name = task_name(side, grid[i], seed)
+                if name in results and "curve" in results[name]:
+                    continue  # finished before: skipped on a re-run
+                results[name] = _child(a, f"task:{side}:{seed}:{grid[i]}:{eval_set}")
+                print(name, {k: results[name].get(k) for k in ("seconds_to_target", "final_lenient", "error")}, flush=True)
+                out.write_text(json.dumps(_task_summary(results, a.sweep, chosen), indent=2))
+    out.write_text(json.dumps(_task_summary(results, a.sweep, chosen), indent=2))
+    plot_task(results, out.with_suffix(".png"), "validation" if a.sweep else "held-out")
 
 
-def _task_summary(results: dict) -> dict:
-    by_side: dict = {}
+def _side_lrs(a, side: str) -> list[float]:
+    if a.sweep:
+        return list(a.lrs)
+    if a.lr_from:
+        picks = json.loads(Path(a.lr_from).read_text())["picks"]
+        if side not in picks:
+            raise SystemExit(f"--lr-from {a.lr_from}: no pick for '{side}' (its sweep has not finished)")
+        return [picks[side]["learning_rate"]]
+    return [a.lr_align if side == "align" else a.lr_trl]
+
+
+def _renamed(results: dict) -> dict:
+    """Results written before names carried the learning rate (``align_s0``) under today's names."""
+    return {task_name(r["side"], r["learning_rate"], r["seed"]) if "side" in r and "_lr" not in n else n: r
+            for n, r in results.items()}
+
+
+def sweep_picks(results: dict) -> dict:
+    """Each side's learning rate: the highest mean validation accuracy over a run's checkpoints
+    (the lower rate on a tie), once all of the side's sweep runs have finished."""
+    picks = {}
+    for side in sorted({r["side"] for r in results.values() if "side" in r}):
+        runs = [r for r in results.values() if r.get("side") == side]
+        if any("curve" not in r for r in runs):
+            continue
+        score = {r["learning_rate"]: sum(c[1] for c in r["curve"]) / len(r["curve"]) for r in runs}
+        best = max(sorted(score), key=lambda lr: score[lr])  # max keeps the first (lowest) of equals
+        picks[side] = {"learning_rate": best, "mean_validation_lenient": {f"{lr:g}": round(v, 4) for lr, v in sorted(score.items())}}
+    return picks
+
+
+def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None) -> dict:
+    """The sweep's picks, or the time-to-target ratio at each side's ``chosen`` learning rate (the
+    mean over seeds of each side; results at other rates stay in the file, outside the ratio)."""
+    settings = {"config": str(TASK_CONFIG.relative_to(ROOT)), "checkpoint_seconds": CHECKPOINT_SECONDS,
+                "target": f"base greedy lenient accuracy + {TARGET_POINTS} points, fixed before the runs"}
+    if sweep:
+        return {"settings": {**settings, "eval_set": VALIDATION, "rule": "highest mean validation lenient accuracy "
+                             "over a run's checkpoints, the lower rate on a tie (fixed before the sweep)"},
+                "picks": sweep_picks(results), "results": results}
+    times: dict = {}
     for r in results.values():
-        if r.get("seconds_to_target") is not None:
-            by_side.setdefault(r["side"], []).append(r["seconds_to_target"])
+        if r.get("seconds_to_target") is not None and (chosen or {}).get(r["side"], r["learning_rate"]) == r["learning_rate"]:
+            times.setdefault(r["side"], []).append(r["seconds_to_target"])
     ratio = None
-    if by_side.get("align") and by_side.get("trl"):
-        ratio = round((sum(by_side["align"]) / len(by_side["align"])) / (sum(by_side["trl"]) / len(by_side["trl"])), 3)
-    return {"settings": {"config": str(TASK_CONFIG.relative_to(ROOT)), "checkpoint_seconds": CHECKPOINT_SECONDS,
-                         "target": f"base greedy lenient accuracy + {TARGET_POINTS} points, fixed before the runs"},
+    if times.get("align") and times.get("trl"):
+        ratio = round((sum(times["align"]) / len(times["align"])) / (sum(times["trl"]) / len(times["trl"])), 3)
+    return {"settings": {**settings, "eval_set": HELDOUT, "learning_rates": chosen},
             "align_time_over_trl_time": ratio, "results": results}
 
 
-def plot_task(results: dict, png: Path) -> None:
+def plot_task(results: dict, png: Path, which: str = "held-out") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,9 +531,9 @@ def plot_task(results: dict, png: Path) -> None:
             continue
         xs = [0] + [c[0] for c in r["curve"]]
         ax.plot(xs, [100 * r["base_lenient"]] + [100 * c[1] for c in r["curve"]], marker="o",
-                color=colours.get(r["side"]), alpha=0.6 + 0.4 * (r["seed"] == 0), label=f"{name} (lr {r['learning_rate']:g})")
+                color=colours.get(r["side"]), alpha=0.6 + 0.4 * (r["seed"] == 0), label=name)
         ax.axhline(100 * r["target_lenient"], color="grey", ls=":", lw=0.8)
-    ax.set(xlabel="training seconds (evaluation excluded)", ylabel="held-out greedy accuracy, lenient (%)",
+    ax.set(xlabel="training seconds (evaluation excluded)", ylabel=f"{which} greedy accuracy, lenient (%)",
            title="time to accuracy: arithmetic, SmolLM2-135M + LoRA r=8 (dotted: target)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -489,12 +555,15 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="--task arithmetic: seeds, comma-separated")
     ap.add_argument("--lr-align", type=float, default=5e-4, help="--task arithmetic: align's learning rate")
     ap.add_argument("--lr-trl", type=float, default=5e-4, help="--task arithmetic: TRL's learning rate")
+    ap.add_argument("--sweep", action="store_true",
+                    help="--task arithmetic: each side at every --lrs rate on the validation set, and its pick")
+    ap.add_argument("--lrs", type=lambda v: [float(x) for x in v.split(",")], default=list(SWEEP_LRS))
+    ap.add_argument("--lr-from", help="--task arithmetic: take each side's learning rate from this --sweep JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child and a.child.startswith("task:"):
-        _, side, seed = a.child.split(":")
-        lr = a.lr_align if side == "align" else a.lr_trl
-        res = (run_align_task if side == "align" else run_trl_task)(a.minutes, a.runs, int(seed), lr)
+        _, side, seed, lr, eval_set = a.child.split(":")
+        res = (run_align_task if side == "align" else run_trl_task)(a.minutes, a.runs, int(seed), float(lr), eval_set)
         print("BENCH_RESULT " + json.dumps(evaluate_checkpoints(res)), flush=True)
         return
     if a.child:

@@ -63,7 +63,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
                     "held-out greedy accuracy, lenient, 400 problems",
                     f"{_pct(i['accuracy_lenient'])} → {_pct(f['accuracy_lenient'])} {_ci(g['lenient_ci95'])}",
                     _dtype(d), _minutes(d.get("wall_seconds"))))
-    if d := _load("bench_rl_arithmetic.json"):
+    if (d := _load("bench_rl_arithmetic.json")) and d.get("align_time_over_trl_time") is not None:
         out.append(("time to target accuracy, align vs TRL GRPOTrainer", "bench_rl_arithmetic.json",
                     "align's training time / TRL's (base + 15 points)", f"{d['align_time_over_trl_time']:.2f}x",
                     "float32", "—"))

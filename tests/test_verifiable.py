@@ -78,6 +78,26 @@ def test_the_heldout_file_is_fixed_and_disjoint_from_training():
     assert make_train(50, seed=3) != make_train(50, seed=4)
 
 
+def test_the_validation_file_is_fixed_and_in_no_heldout_file():
+    """What learning rates are tuned on: 400 two-digit problems, right, distinct, in neither held-out
+    file; a run evaluated on it trains on none of them."""
+    from align.data.arithmetic import HELDOUT_1000_FILE, VALIDATION_FILE, make_validation, normalise, read_heldout
+    from align.data.prompts import load_prompts
+
+    rows = read_heldout(VALIDATION_FILE)
+    assert VALIDATION_FILE.read_text() == "".join(json.dumps(r) + "\n" for r in make_validation())
+    texts = {normalise(r["prompt"]) for r in rows}
+    assert len(texts) == 400 and not texts & {normalise(r["prompt"]) for r in read_heldout(HELDOUT_1000_FILE)}
+    assert {k: sum(r["difficulty"] == k for r in rows) for k in {r["difficulty"] for r in rows}} == {"2-digit +": 200, "2-digit -": 200}
+    for r in rows:
+        a, op, b = r["prompt"].removeprefix("What is ").split("?")[0].split()
+        assert int(r["answer"]) == eval(f"{a} {op} {b}")
+    train, held = load_prompts(load_config("ppo", None, ["data.dataset=arithmetic", "data.eval_prompts=0",
+                                                         "data.eval_dataset=arithmetic-validation"]).data)
+    assert {normalise(m["messages"][-1]["content"]) for m in held} == texts
+    assert not texts & {normalise(m["messages"][-1]["content"]) for m in train}
+
+
 def test_the_1000_problem_heldout_file_is_fixed_and_held_out():
     """The study set: the fixed 400 plus 300 more of each two-digit kind, all distinct, all
     right; a run judged on it trains on none of its problems."""

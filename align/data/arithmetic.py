@@ -5,6 +5,8 @@ is a *fixed file* (:data:`HELDOUT_FILE`, committed, written once by ``python -m
 align.data.arithmetic``), so every run -- and every result that cites it -- is judged on the same
 400 problems: 100 each of one-digit +, one-digit x, two-digit +, two-digit -. Studies that
 compare many runs use a superset of it, :data:`HELDOUT_1000_FILE` (``arithmetic-heldout-1000``).
+Choices such as a learning rate are tuned on a *validation* set, :data:`VALIDATION_FILE`
+(``arithmetic-validation``): two-digit problems in none of the held-out files.
 
 The one-digit + and x spaces hold 100 problems each (operands 0-9), all of them held out, so
 the training problems never contain them: a gain there is transfer from the harder problems
@@ -24,6 +26,10 @@ HELDOUT_PER_KIND = 100
 # above plus 300 more of each two-digit kind -- 1,000 problems, paired across runs.
 HELDOUT_1000_FILE = Path(__file__).with_name("arithmetic_heldout_1000.jsonl")
 HELDOUT_1000_EXTRA = {"2-digit +": 300, "2-digit -": 300}
+# Tuning data (scripts/bench_rl.py's learning-rate sweeps): two-digit problems -- the only held-out
+# kinds with problems to spare (the one-digit spaces are all held out) -- in neither held-out file.
+VALIDATION_FILE = Path(__file__).with_name("arithmetic_validation.jsonl")
+VALIDATION_PER_KIND = {"2-digit +": 200, "2-digit -": 200}
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -86,6 +92,14 @@ def make_heldout_1000(seed: int = 20261130) -> list[dict]:
     return out
 
 
+def make_validation(seed: int = 20261201) -> list[dict]:
+    """:data:`VALIDATION_PER_KIND` problems, none in either held-out file."""
+    have = {normalise(r["prompt"]) for r in read_heldout(HELDOUT_1000_FILE)}
+    rng = random.Random(seed)
+    return [r for kind, n in VALIDATION_PER_KIND.items()
+            for r in rng.sample([r for r in _all(kind) if normalise(r["prompt"]) not in have], n)]
+
+
 def read_heldout(path: Path = HELDOUT_FILE) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -107,8 +121,9 @@ def make_train(n: int, seed: int = 0, heldout: list[dict] | None = None) -> list
     return out
 
 
-if __name__ == "__main__":  # writes the fixed held-out files once; refuses to change them
-    for path, make in ((HELDOUT_FILE, make_heldout), (HELDOUT_1000_FILE, make_heldout_1000)):
+if __name__ == "__main__":  # writes the fixed held-out and validation files once; refuses to change them
+    for path, make in ((HELDOUT_FILE, make_heldout), (HELDOUT_1000_FILE, make_heldout_1000),
+                       (VALIDATION_FILE, make_validation)):
         rows = make()
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if path.exists() and path.read_text() != text:

@@ -44,9 +44,9 @@ def _read_rows(path: Path, field: str):
 REWARD_KEYWORDS = ("prompts", "completions", "messages", "truncated", "prompt_ids", "completion_ids")
 BUILTIN_TASKS = ("arithmetic",)  # generated training prompts
 # Fixed held-out sets: the task's default eval_dataset, every 4th of its problems (25 of each
-# kind: the smoke run's quick yardstick, a subset of the same fixed file), and a 1,000-problem
-# superset of it for studies of many runs
-BUILTIN_HELDOUT = ("arithmetic-heldout", "arithmetic-heldout-100", "arithmetic-heldout-1000")
+# kind: the smoke run's quick yardstick, a subset of the same fixed file), a 1,000-problem
+# superset of it for studies of many runs, and a validation set to tune on (in neither)
+BUILTIN_HELDOUT = ("arithmetic-heldout", "arithmetic-heldout-100", "arithmetic-heldout-1000", "arithmetic-validation")
 
 
 def is_builtin(name: str) -> bool:
@@ -144,9 +144,10 @@ def load_heldout(source: str, cfg) -> list[dict]:
     """The held-out prompts of ``source`` (``data.eval_dataset``, `align eval --accuracy`), in
     file order (a fixed set is not shuffled: its first ``eval_prompts`` are the same in every run)."""
     if is_builtin(source) and source in BUILTIN_HELDOUT:
-        from .arithmetic import HELDOUT_1000_FILE, HELDOUT_FILE
+        from .arithmetic import HELDOUT_1000_FILE, HELDOUT_FILE, VALIDATION_FILE
 
-        rows, _ = _rows_of(str(HELDOUT_1000_FILE if source.endswith("-1000") else HELDOUT_FILE), cfg)
+        path = {"arithmetic-heldout-1000": HELDOUT_1000_FILE, "arithmetic-validation": VALIDATION_FILE}.get(source, HELDOUT_FILE)
+        rows, _ = _rows_of(str(path), cfg)
         rows = rows[::4] if source.endswith("-100") else rows
     else:
         rows, _ = _rows_of(source, cfg)
