@@ -155,15 +155,17 @@ def gguf_to_hf_folder(gguf_path: Path, out: Path) -> Path:
     return out
 
 
-def _link(target: Path, link: Path) -> None:
+def _link(target: Path, link: Path, log=print) -> None:
+    """Point the mirror's ``link`` at ``target``. A dangling link (the data folder moved) is
+    replaced; anything else already there -- a file, a folder or a working link of the user's --
+    is left as it is, and said so: the mirror may hold what its user put there."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() and link.resolve() == target.resolve():
-            return
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        else:
-            return  # a real folder the user put there: leave it
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+    elif link.is_symlink() or link.exists():
+        if link.resolve() != target.resolve():
+            log(f"note: {link} is already there (-> {link.resolve()}); left as it is, not linked to {target}")
+        return
     link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
 
 
@@ -194,7 +196,7 @@ def prepare_assets(shared: Path | None = None, force: bool = False, log=print) -
     for hub_id, rel in SHARED_DATASETS.items():
         src = shared / rel
         if src.exists():
-            _link(src, mirror / "datasets" / hub_id)
+            _link(src, mirror / "datasets" / hub_id, log)
             done[hub_id] = str(src)
         else:
             log(f"note: {src} not found; dataset '{hub_id}' will need the Hub or a local path")

@@ -59,6 +59,29 @@ def test_replacing_an_output_keeps_a_users_sibling_named_like_a_backup(adapter, 
 # -- 2: what a run of align is, decided in one place --------------------------------------------
 
 
+def test_prepare_assets_relinks_a_dangling_data_link_and_leaves_what_a_user_put_in_the_mirror(tmp_path):
+    """A mirror link left dangling by a moved data folder is pointed at the data again; a user's
+    own file, folder or working link at a mirror path stays as it was."""
+    from align.assets import _link
+
+    data, other = tmp_path / "shared" / "hh", tmp_path / "mine"
+    data.mkdir(parents=True)
+    other.mkdir()
+    mirror = tmp_path / "mirror"
+    (mirror / "a").mkdir(parents=True)
+    (mirror / "a" / "dangling").symlink_to(tmp_path / "moved-away", target_is_directory=True)
+    (mirror / "a" / "users-link").symlink_to(other, target_is_directory=True)
+    (mirror / "a" / "users-file").write_text("keep")
+    (mirror / "a" / "users-folder").mkdir()
+    said = []
+    for name in ("dangling", "users-link", "users-file", "users-folder", "new"):
+        _link(data, mirror / "a" / name, said.append)
+    assert (mirror / "a" / "dangling").resolve() == data.resolve() == (mirror / "a" / "new").resolve()
+    assert (mirror / "a" / "users-link").resolve() == other.resolve()
+    assert (mirror / "a" / "users-file").read_text() == "keep" and (mirror / "a" / "users-folder").is_dir()
+    assert len(said) == 3 and all("left as it is" in s for s in said)
+
+
 def test_run_job_tells_align_runs_from_other_folders(tmp_path):
     from align.runs import check_run_folder, run_job
 
