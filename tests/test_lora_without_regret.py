@@ -71,7 +71,7 @@ def test_every_arm_runs_is_reported_and_a_rerun_skips_it(tmp_path, tiny_model_pa
 
 def test_verdicts_against_the_margin_by_hand():
     sys.path.insert(0, str(ROOT))
-    from scripts.lora_without_regret import MARGIN, ten_x_verdict, verdict
+    from scripts.lora_without_regret import MARGIN, batch_verdict, ten_x_verdict, verdict
 
     assert MARGIN == 0.04  # written down before the first run
     assert verdict({"ci95": [-0.008, 0.038]}) == "matches"        # inside +-4 points
@@ -81,3 +81,8 @@ def test_verdicts_against_the_margin_by_hand():
     assert verdict(None).startswith("not paired yet")
     assert ten_x_verdict([30.0, 30.0], 3.0) == ten_x_verdict([10 / 3], 3.0) == "holds within one grid step"
     assert ten_x_verdict([30.0, 100.0], 3.0) == ten_x_verdict([3.0], 3.0) == "does not hold"
+    # LoRA's gain from the big batch minus full fine-tuning's
+    assert batch_verdict({"ci95": [-0.09, -0.045]}) == "holds"
+    assert batch_verdict({"ci95": [0.045, 0.09]}).startswith("does not hold (LoRA gains more)")
+    assert batch_verdict({"ci95": [-0.03, 0.02]}).startswith("does not hold at this scale")
+    assert batch_verdict({"ci95": [-0.07, 0.01]}) == "inconclusive"
