@@ -114,7 +114,7 @@ class _RewardPairs(torch.nn.Module):
 
         with self.roles.role(self.name):
             states = answer_end_states(self.roles.lm(), batch)
-        return self.roles.score_heads[self.name](states.float()).squeeze(-1)
+        return self.roles.score_head(self.name)(states.float()).squeeze(-1)
 
 
 # -- generation -------------------------------------------------------------------------

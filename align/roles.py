@@ -13,6 +13,7 @@ kinds (:mod:`align.scorers`) use roles as they are.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ class Roles(nn.Module):
         super().__init__()
         self.model = add_policy_adapter(base, lora_cfg)
         self.score_heads = nn.ModuleDict()  # a scorer's head, by adapter name (frozen)
+        self._adapters: dict[str, str] = {}  # a loaded role's name -> its PEFT adapter's
         self._role = None
         self.use_role("policy")
 
@@ -40,7 +42,17 @@ class Roles(nn.Module):
                 p.requires_grad_(any(f".{a}." in n for a in self.TRAINED))
 
     def adapter_of(self, role: str) -> str:
-        return POLICY if role == "policy" else role
+        return POLICY if role == "policy" else self._adapters.get(role, role)
+
+    def _new_adapter_name(self, role: str) -> str:
+        """A PEFT adapter name for ``role``: a role is named after a run folder or a path, and PEFT
+        (a torch ModuleDict) takes no "." in a name -- `align eval runs/lr1e-3.v2` must still load."""
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", role)
+        taken = set(self.model.peft_config) | set(self._adapters.values())
+        out, i = name, 1
+        while out in taken:
+            out, i = f"{name}_{i}", i + 1
+        return out
 
     def use_role(self, role: str) -> None:
         if role == self._role:
@@ -55,9 +67,13 @@ class Roles(nn.Module):
         DPO's). Its LoRA layout must fit the base (an error names it otherwise)."""
         from .adapters import load_named_adapter
 
-        head = load_named_adapter(self.model, name, adapter_dir)
+        if name in self._adapters or name in ("policy", "reference"):
+            raise ValueError(f"a role named '{name}' is already loaded")
+        adapter = self._new_adapter_name(name)
+        head = load_named_adapter(self.model, adapter, adapter_dir)
+        self._adapters[name] = adapter
         if head is not None:
-            self.score_heads[name] = head.to(self.device)
+            self.score_heads[adapter] = head.to(self.device)
         self._role = None
         self.use_role("policy")
         return head is not None
@@ -105,4 +121,8 @@ class Roles(nn.Module):
         """A reward model's scores (B,): its head on each answer's last token (either layout)."""
         with self.role(role):
             h = end_states(self.lm(), tb)
-        return self.score_heads[role](h.float()).squeeze(-1)
+        return self.score_head(role)(h.float()).squeeze(-1)
+
+    def score_head(self, role: str) -> nn.Module:
+        """The score head a reward-model role brought with it."""
+        return self.score_heads[self.adapter_of(role)]

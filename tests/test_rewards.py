@@ -98,6 +98,25 @@ def test_reward_model_on_the_policy_base_scores_like_the_model_loaded_alone(tiny
     assert not any(".reward." in n for n in ac.trained_state())
 
 
+def test_a_role_named_like_a_run_folder_loads_and_scores(tiny_model_path, rm_adapter):
+    """Roles are named after run folders and paths (`align eval runs/lr1e-3.v2@step-1`); PEFT takes
+    no "." in an adapter name, so each role gets an adapter name of its own -- distinct even where
+    two roles clean up to the same one -- and scores as under a plain name."""
+    from align.scoring.batch import Answer, rows_batch
+
+    base, tok = load_base(ModelConfig(name=tiny_model_path))
+    ac = ActorCritic(base, LoraConfig(r=4), with_critic=True)
+    roles = ("reward", "runs/lr1e-3.v2@step-1", "runs/lr1e-3_v2_step-1")
+    assert all(ac.add_scorer(r, rm_adapter) for r in roles)
+    assert len({ac.adapter_of(r) for r in roles}) == 3
+    p, c = _rollouts(tok)
+    tb = rows_batch([Answer(p[0], c[0])], tok.pad_token_id)
+    for r in roles[1:]:
+        torch.testing.assert_close(ac.last_token_scores(tb, r), ac.last_token_scores(tb, "reward"))
+    with pytest.raises(ValueError, match="already loaded"):
+        ac.add_scorer("reward", rm_adapter)
+
+
 def test_dpo_adapter_reward_is_its_implicit_reward(tiny_model_path, dpo_adapter):
     adapter, trained = dpo_adapter
     base, tok = load_base(ModelConfig(name=tiny_model_path))
