@@ -67,7 +67,13 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
         out.append(("time to target accuracy, align vs TRL GRPOTrainer", "bench_rl_arithmetic.json",
                     "align's training time / TRL's (base + 15 points)", f"{d['align_time_over_trl_time']:.2f}x",
                     "float32", "—"))
+    if (d := _load("bench_rl_arithmetic_sweep.json")) and d.get("picks"):
+        picks = ", ".join(f"{side} {p['learning_rate']:g}" for side, p in sorted(d["picks"].items()))
+        n = sum("curve" in r for r in d["results"].values())
+        out.append(("learning rate of each side, its own sweep (align vs TRL)", "bench_rl_arithmetic_sweep.json",
+                    f"highest mean validation accuracy over checkpoints ({n} runs)", picks, "float32", "—"))
     if d := _load("ppo_imdb_demo_summary.json"):
+
         f = d["eval_final"]
         out.append(("PPO demo, IMDB sentiment", "ppo_imdb_demo_summary.json",
                     "held-out reward gain (initial std) at KL/answer",
