@@ -462,8 +462,8 @@ def task_main(a) -> None:
                     continue  # finished before: skipped on a re-run
                 results[name] = _child(a, f"task:{side}:{seed}:{grid[i]}:{eval_set}")
                 print(name, {k: results[name].get(k) for k in ("seconds_to_target", "final_lenient", "error")}, flush=True)
-                out.write_text(json.dumps(_task_summary(results, a.sweep, chosen), indent=2))
-    out.write_text(json.dumps(_task_summary(results, a.sweep, chosen), indent=2))
+                out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None), indent=2))
+    out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None), indent=2))
     plot_task(results, out.with_suffix(".png"), "validation" if a.sweep else "held-out")
 
 
@@ -484,13 +484,17 @@ def _renamed(results: dict) -> dict:
             for n, r in results.items()}
 
 
-def sweep_picks(results: dict) -> dict:
+def sweep_picks(results: dict, grid=None) -> dict:
     """Each side's learning rate: the highest mean validation accuracy over a run's checkpoints
-    (the lower rate on a tie), once all of the side's sweep runs have finished."""
+    (the lower rate on a tie), once every rate of ``grid`` (default: those present) has finished
+    for that side on one machine -- a half-run sweep, or one spread over two CPUs (whose training
+    seconds differ), picks nothing."""
     picks = {}
     for side in sorted({r["side"] for r in results.values() if "side" in r}):
         runs = [r for r in results.values() if r.get("side") == side]
-        if any("curve" not in r for r in runs):
+        if any("curve" not in r for r in runs) or not set(grid or []) <= {r["learning_rate"] for r in runs}:
+            continue
+        if len({json.dumps(r.get("machine"), sort_keys=True) for r in runs}) > 1:
             continue
         score = {r["learning_rate"]: sum(c[1] for c in r["curve"]) / len(r["curve"]) for r in runs}
         best = max(sorted(score), key=lambda lr: score[lr])  # max keeps the first (lowest) of equals
@@ -498,7 +502,7 @@ def sweep_picks(results: dict) -> dict:
     return picks
 
 
-def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None) -> dict:
+def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None, grid=None) -> dict:
     """The sweep's picks, or the time-to-target ratio at each side's ``chosen`` learning rate (the
     mean over seeds of each side; results at other rates stay in the file, outside the ratio)."""
     settings = {"config": str(TASK_CONFIG.relative_to(ROOT)), "checkpoint_seconds": CHECKPOINT_SECONDS,
@@ -506,7 +510,7 @@ def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None
     if sweep:
         return {"settings": {**settings, "eval_set": VALIDATION, "rule": "highest mean validation lenient accuracy "
                              "over a run's checkpoints, the lower rate on a tie (fixed before the sweep)"},
-                "picks": sweep_picks(results), "results": results}
+                "lrs": sorted(grid or []), "picks": sweep_picks(results, grid), "results": results}
     times: dict = {}
     for r in results.values():
         if r.get("seconds_to_target") is not None and (chosen or {}).get(r["side"], r["learning_rate"]) == r["learning_rate"]:
@@ -564,6 +568,9 @@ def main() -> None:
     if a.child and a.child.startswith("task:"):
         _, side, seed, lr, eval_set = a.child.split(":")
         res = (run_align_task if side == "align" else run_trl_task)(a.minutes, a.runs, int(seed), float(lr), eval_set)
+        from align.runs import machine_state
+
+        res["machine"] = machine_state()  # training seconds compare within one machine only
         print("BENCH_RESULT " + json.dumps(evaluate_checkpoints(res)), flush=True)
         return
     if a.child:

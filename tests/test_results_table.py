@@ -54,7 +54,10 @@ def test_bench_rl_picks_each_sides_rate_on_validation_by_the_rule_fixed_in_advan
     picks = bench.sweep_picks(results)
     assert {s: p["learning_rate"] for s, p in picks.items()} == {"align": 5e-4, "trl": 5e-4}
     assert picks["align"]["mean_validation_lenient"] == {"0.0005": 0.5, "0.001": 0.4}
-    del results["t2"]["curve"]
+    assert "align" not in bench.sweep_picks(results, grid=[5e-4, 1e-3, 2e-3])  # 2e-3 not run for align yet
+    results["t2"]["machine"] = {"cpu": "another"}
+    assert "trl" not in bench.sweep_picks(results)  # seconds from two machines do not compare
+    del results["t2"]["machine"], results["t2"]["curve"]
     assert "trl" not in bench.sweep_picks(results)
     assert set(bench._renamed({"align_s1": run("align", 5e-4, [], seed=1)})) == {"align_lr0.0005_s1"}
     held = {"a": run("align", 5e-4, [], reached=40.0), "b": run("align", 1e-3, [], reached=10.0),
