@@ -51,6 +51,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--base", help="the base the adapters sit on (default: theirs)")
     p.add_argument("--out", default="eval-report", help="output folder (must be empty): eval.json, report.html")
     p.add_argument("--no-vllm", dest="use_vllm", action="store_false", help="generate with transformers instead")
+    p.add_argument("--adapters-as", default="auto", choices=["auto", "lora", "merged"],
+                   help="how the vLLM engine runs the adapters: lora (LoRA requests in one batch), merged (each "
+                        "merged into its weights in turn), auto (merged on a CPU, where vLLM's LoRA path is slow)")
     p.add_argument("--dry-run", action="store_true", help="check the targets, data, prompts and judge; load and write nothing")
 
 
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                      prompt_subsets=split(args.prompt_subsets), num_prompts=args.num_prompts,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
                      out=args.out, base=args.base, use_vllm=args.use_vllm, dry_run=args.dry_run,
-                     accuracy=args.accuracy, answer_field=args.answer_field, difficulty_field=args.difficulty_field)
+                     accuracy=args.accuracy, answer_field=args.answer_field, difficulty_field=args.difficulty_field,
+                     adapters_as=args.adapters_as)
         elif args.command == "serve":
             from .serve import read_api_key, serve
 

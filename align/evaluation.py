@@ -120,10 +120,27 @@ class _RewardPairs(torch.nn.Module):
 # -- generation -------------------------------------------------------------------------
 
 
+ADAPTERS_AS = ("auto", "lora", "merged")
+
+
+def adapters_as_resolved(choice: str) -> str:
+    """How one vLLM engine runs many adapters. ``lora``: every adapter a LoRA request in one
+    batch (Punica kernels: the way on a GPU). ``merged``: one adapter after another merged into
+    the engine's weights (vLLM's CPU backend runs LoRA through plain torch ops that copy a
+    LoRA weight per token: 3.3x slower there for the base + one adapter on 400 prompts, identical
+    answers; docs/eval-serve.md). ``auto``: merged on a CPU, lora on a GPU."""
+    if choice not in ADAPTERS_AS:
+        raise EvalError(f"--adapters-as must be one of {', '.join(ADAPTERS_AS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "lora" if torch.cuda.is_available() else "merged"
+
+
 def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], max_new_tokens: int,
-                     temperature: float, use_vllm: bool, seed: int = 0) -> dict:
+                     temperature: float, engine: str = "auto", seed: int = 0) -> dict:
     """{"base" | target name: completions}: the base and the causal adapters from one vLLM engine
-    (or transformers when vLLM is off/unavailable, said so), merged models with transformers."""
+    (``engine``: auto / lora / merged, :func:`adapters_as_resolved`), or transformers (``engine=
+    "transformers"``, or vLLM unavailable: said so); merged models with transformers."""
     from .assets import resolve_model
     from .rollout import vllm_available
     from .rollout.base import SamplingConfig
@@ -134,18 +151,39 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
     ids = [p["ids"] for p in prompts]
     gen = [t for t in targets if t.kind == "adapter"]
     out, how, start = {}, "transformers", 0.0
-    if use_vllm and vllm_available():
+    max_len = max(len(i) for i in ids) + max_new_tokens + 8
+    use_vllm = engine != "transformers" and vllm_available()
+    if use_vllm and gen and adapters_as_resolved(engine) == "merged":
+        from .rollout.vllm_engine import EngineStartError, MergedSyncUnsupported, VLLMEngine
+
+        try:
+            t0 = time.time()
+            vllm = VLLMEngine(resolve_model(base_name), tok, sync="merged", seed=seed, max_model_len=max_len,
+                              base_name=base_name)
+            start = time.time() - t0
+            try:
+                out["base"] = vllm.generate(ids, params)
+                for t in gen:
+                    vllm.serve_merged(roles.model, roles.adapter_of(t.name))
+                    out[t.name] = vllm.generate(ids, params)
+            finally:
+                vllm.close()
+            how = "one vLLM engine: the base, then each adapter merged into its weights in turn"
+        except (EngineStartError, MergedSyncUnsupported) as e:
+            print(f"notice: {e}; running the adapters as LoRA requests instead")
+            out = {}
+    if use_vllm and not out:
         from .rollout.vllm_engine import EngineStartError, MultiAdapterEngine
 
         try:
             t0 = time.time()
-            engine = MultiAdapterEngine(resolve_model(base_name), tok, {t.name: str(t.path) for t in gen},
-                                        max_model_len=max(len(i) for i in ids) + max_new_tokens + 8, seed=seed)
+            multi = MultiAdapterEngine(resolve_model(base_name), tok, {t.name: str(t.path) for t in gen},
+                                       max_model_len=max_len, seed=seed)
             start = time.time() - t0
             try:
-                res = engine.generate(ids, params, [None] + [t.name for t in gen])
+                res = multi.generate(ids, params, [None] + [t.name for t in gen])
             finally:
-                engine.close()
+                multi.close()
             out = {("base" if k is None else k): v for k, v in res.items()}
             how = "one vLLM engine: the base and every adapter in one batch"
         except EngineStartError as e:
@@ -211,7 +249,7 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
              temperature: float = 0.0, judge: str | None = None, out: str = "eval-report", base: str | None = None,
              use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print,
              dry_run: bool = False, accuracy: str | None = None, answer_field: str = "answer",
-             difficulty_field: str = "difficulty") -> dict:
+             difficulty_field: str = "difficulty", adapters_as: str = "auto") -> dict:
     """Check every option and the output folder first (nothing loads before they pass), then
     evaluate. ``dry_run``: also find the targets, data, prompts and judge, then stop."""
     from .atomic import check_out_path
@@ -226,6 +264,7 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
                              ("--max-new-tokens", max_new_tokens, 1), ("--temperature", temperature, 0)):
         if not value >= low:  # NaN too
             raise EvalError(f"{flag} must be >= {low}, got {value}")
+    adapters_as_resolved(adapters_as)
     try:
         out_dir = check_out_path(Path(out))
     except ValueError as e:
@@ -238,7 +277,7 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
                                    judge, out_dir, seed, log, graded)
     with stop_on_signals(f"nothing was written to '{out_dir}'"):
         return _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
-                         num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed,
+                         num_prompts, max_new_tokens, temperature, judge, out_dir, base, adapters_as if use_vllm else "transformers", seed,
                          prompt_list, log, graded)
 
 
@@ -267,7 +306,7 @@ def _graded_prompts(graded, seed: int) -> list[dict]:
     return rows
 
 
-def _accuracy(tlist, roles, tok, base_name, rows, graded, max_new_tokens, use_vllm, seed, log) -> tuple[dict, list]:
+def _accuracy(tlist, roles, tok, base_name, rows, graded, max_new_tokens, engine, seed, log) -> tuple[dict, list]:
     """Greedy accuracy of the base and every adapter on the same graded prompts, and each
     adapter's paired difference from the base."""
     from .chat import encode_prompts
@@ -277,7 +316,7 @@ def _accuracy(tlist, roles, tok, base_name, rows, graded, max_new_tokens, use_vl
     source, answer_field, difficulty_field = graded
     te = time.time()
     encode_prompts(tok, rows, 1024)
-    gen = generate_answers(tlist, roles, tok, base_name, rows, max_new_tokens, 0.0, use_vllm, seed)
+    gen = generate_answers(tlist, roles, tok, base_name, rows, max_new_tokens, 0.0, engine, seed)
     out = {"prompts": source, "n": len(rows), "engine": gen["how"], "max_new_tokens": max_new_tokens, "models": {}}
     marks = {}
     for name, comps in gen["answers"].items():
@@ -329,7 +368,7 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
 
 
 def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
-              num_prompts, max_new_tokens, temperature, judge, out_dir, base, use_vllm, seed, prompt_list, log,
+              num_prompts, max_new_tokens, temperature, judge, out_dir, base, engine, seed, prompt_list, log,
               graded=None):
     from .atomic import atomic_dir
     from .chat import tokenize_pair
@@ -350,11 +389,11 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
         result["preferences"].update(data=data, subsets=list(subsets), rows=rows, seconds=round(time.time() - te, 1))
     if generate:
         result["generation"] = _generation(tlist, roles, tok, base_name, prompts, list(prompt_subsets), num_prompts,
-                                           max_new_tokens, temperature, judge, use_vllm, seed, prompt_list)
+                                           max_new_tokens, temperature, judge, engine, seed, prompt_list)
     graded_samples = []
     if graded:
         result["accuracy"], graded_samples = _accuracy(tlist, roles, tok, base_name, graded_rows, graded,
-                                                       max_new_tokens, use_vllm, seed, log)
+                                                       max_new_tokens, engine, seed, log)
     result["seconds"] = round(time.time() - t0, 1)
     with atomic_dir(out_dir) as tmp:
         if graded_samples:
@@ -369,7 +408,7 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
 
 
 def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_prompts, max_new_tokens, temperature,
-                judge, use_vllm, seed, prompt_list=None) -> dict:
+                judge, engine, seed, prompt_list=None) -> dict:
     from .chat import encode_prompts
     from .config import PromptDataConfig, RewardConfig
     from .data.prompts import load_prompts
@@ -385,7 +424,7 @@ def _generation(tlist, roles, tok, base_name, prompts, prompt_subsets, num_promp
     plist = [{"messages": p["messages"], "source": p.get("source", "")} for p in prompt_list[:num_prompts]]
     encode_prompts(tok, plist, 1024)
     phases = {"prompts": time.time() - te}
-    gen = generate_answers(tlist, roles, tok, base_name, plist, max_new_tokens, temperature, use_vllm, seed)
+    gen = generate_answers(tlist, roles, tok, base_name, plist, max_new_tokens, temperature, engine, seed)
     phases.update(engine_start=gen["engine_start_seconds"], judge=0.0, kl=0.0)
     phases["generate"] = time.time() - te - phases["prompts"] - phases["engine_start"]
     judge_fn = make_reward(section_of(judge), roles, tok, "judge", base_name)

@@ -448,7 +448,8 @@ def task_main(a) -> None:
     then every checkpoint evaluated by one evaluator; JSON + PNG with accuracy vs training seconds.
     ``--sweep``: every rate of ``--lrs`` per side on the validation set (seed 0), and each side's pick."""
     out = Path(a.out)
-    results = _renamed(json.loads(out.read_text())["results"]) if out.exists() else {}
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    results, elsewhere = on_this_machine(_renamed(stored.get("results", {})), stored.get("other_machines", {}))
     lrs = {side: _side_lrs(a, side) for side in a.variants.split(",")}
     eval_set = VALIDATION if a.sweep else HELDOUT
     chosen = None if a.sweep else {side: grid[0] for side, grid in lrs.items()}
@@ -462,9 +463,27 @@ def task_main(a) -> None:
                     continue  # finished before: skipped on a re-run
                 results[name] = _child(a, f"task:{side}:{seed}:{grid[i]}:{eval_set}")
                 print(name, {k: results[name].get(k) for k in ("seconds_to_target", "final_lenient", "error")}, flush=True)
-                out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None), indent=2))
-    out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None), indent=2))
+                out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None, elsewhere), indent=2))
+    out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None, elsewhere), indent=2))
     plot_task(results, out.with_suffix(".png"), "validation" if a.sweep else "held-out")
+
+
+def on_this_machine(results: dict, elsewhere: dict, here: dict | None = None) -> tuple[dict, dict]:
+    """(results made on this machine, those made on another -- kept, outside every pick and ratio).
+    Training seconds compare within one CPU only, so a result from another machine (or one from
+    before results named their machine) is run again here, never mixed into a ratio."""
+    if here is None:
+        from align.runs import machine_state
+
+        here = machine_state()
+    key = json.dumps(here, sort_keys=True)
+    kept, moved = {}, dict(elsewhere)
+    for name, r in results.items():
+        if json.dumps(r.get("machine"), sort_keys=True) == key:
+            kept[name] = r
+        else:
+            moved[f"{name}@{(r.get('machine') or {}).get('cpu', 'unrecorded machine')}"] = r
+    return kept, moved
 
 
 def _side_lrs(a, side: str) -> list[float]:
@@ -502,7 +521,8 @@ def sweep_picks(results: dict, grid=None) -> dict:
     return picks
 
 
-def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None, grid=None) -> dict:
+def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None, grid=None,
+                  elsewhere: dict | None = None) -> dict:
     """The sweep's picks, or the time-to-target ratio at each side's ``chosen`` learning rate (the
     mean over seeds of each side; results at other rates stay in the file, outside the ratio)."""
     settings = {"config": str(TASK_CONFIG.relative_to(ROOT)), "checkpoint_seconds": CHECKPOINT_SECONDS,
@@ -510,7 +530,8 @@ def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None
     if sweep:
         return {"settings": {**settings, "eval_set": VALIDATION, "rule": "highest mean validation lenient accuracy "
                              "over a run's checkpoints, the lower rate on a tie (fixed before the sweep)"},
-                "lrs": sorted(grid or []), "picks": sweep_picks(results, grid), "results": results}
+                "lrs": sorted(grid or []), "picks": sweep_picks(results, grid), "results": results,
+                "other_machines": elsewhere or {}}
     times: dict = {}
     for r in results.values():
         if r.get("seconds_to_target") is not None and (chosen or {}).get(r["side"], r["learning_rate"]) == r["learning_rate"]:
@@ -519,7 +540,7 @@ def _task_summary(results: dict, sweep: bool = False, chosen: dict | None = None
     if times.get("align") and times.get("trl"):
         ratio = round((sum(times["align"]) / len(times["align"])) / (sum(times["trl"]) / len(times["trl"])), 3)
     return {"settings": {**settings, "eval_set": HELDOUT, "learning_rates": chosen},
-            "align_time_over_trl_time": ratio, "results": results}
+            "align_time_over_trl_time": ratio, "results": results, "other_machines": elsewhere or {}}
 
 
 def plot_task(results: dict, png: Path, which: str = "held-out") -> None:

@@ -128,21 +128,32 @@ def test_eval_rows_keeps_only_the_half_a_run_never_saw(folders, tmp_path):
     assert got == {h: halves.count(h) for h in ("half-a", "half-b")}
 
 
-def test_eval_vllm_answers_equal_transformers(folders, tmp_path):
-    """The engine's greedy answers are the ones transformers gives for base and adapters."""
-    from align.evaluation import generate_answers, load_targets
+def test_eval_vllm_answers_equal_transformers(folders, tiny_model, tiny_model_path, tmp_path):
+    """The engine's greedy answers are the ones transformers gives for the base and each adapter,
+    with the adapters as LoRA requests in one batch and merged into the weights one after another
+    -- an adapter on fewer layers (MLP only) after ones on all of them must not keep theirs."""
+    from align.adapters import save_adapter
     from align.chat import encode_prompts
+    from align.evaluation import generate_answers, load_targets
+    from align.models import add_policy_adapter
 
     root, run = folders
-    targets, roles, tok, base = load_targets([str(run)], None)
+    mlp = tmp_path / "mlp-only"
+    save_adapter(_random_lora(add_policy_adapter(copy.deepcopy(tiny_model[0]), LoraConfig(
+        r=4, target_modules=["gate_proj", "up_proj", "down_proj"])), 4), mlp, tiny_model_path)
+    targets, roles, tok, base = load_targets([str(run), str(root / "other"), str(mlp)], None)
+    names = ["base", "dpo-run", "other", "mlp-only"]
     prompts = [{"messages": p["prompt"]} for p in PAIRS[:3]]
     encode_prompts(tok, prompts, 512)
-    hf = generate_answers(targets, roles, tok, base, prompts, 8, 0.0, use_vllm=False)
-    assert hf["how"] == "transformers"
+    hf = generate_answers(targets, roles, tok, base, prompts, 8, 0.0, engine="transformers")
+    assert hf["how"] == "transformers" and set(hf["answers"]) == set(names)
+    assert len({str([c.token_ids for c in hf["answers"][n]]) for n in names}) == 4, "the adapters should differ"
     pytest.importorskip("vllm")
-    vl = generate_answers(targets, roles, tok, base, prompts, 8, 0.0, use_vllm=True)
-    for name in ("base", "dpo-run"):
-        assert [c.token_ids for c in vl["answers"][name]] == [c.token_ids for c in hf["answers"][name]], name
+    for engine, how in (("lora", "in one batch"), ("merged", "merged into its weights")):
+        vl = generate_answers(targets, roles, tok, base, prompts, 8, 0.0, engine=engine)
+        assert how in vl["how"]
+        for name in names:
+            assert [c.token_ids for c in vl["answers"][name]] == [c.token_ids for c in hf["answers"][name]], (engine, name)
 
 
 def test_serve_refuses_what_it_cannot_serve(folders, tmp_path):

@@ -63,3 +63,9 @@ def test_bench_rl_picks_each_sides_rate_on_validation_by_the_rule_fixed_in_advan
     held = {"a": run("align", 5e-4, [], reached=40.0), "b": run("align", 1e-3, [], reached=10.0),
             "t": run("trl", 2e-3, [], reached=160.0)}
     assert bench._task_summary(held, chosen={"align": 5e-4, "trl": 2e-3})["align_time_over_trl_time"] == 0.25
+    # a result from another machine, or from before results named theirs, is kept aside and run again
+    here = {"cpu": "this one", "cores": 2}
+    mixed = {"new": {**run("align", 5e-4, []), "machine": here}, "old": run("trl", 5e-4, []),
+             "away": {**run("trl", 1e-3, []), "machine": {"cpu": "AMD", "cores": 2}}}
+    kept, aside = bench.on_this_machine(mixed, {"x@y": {}}, here=here)
+    assert set(kept) == {"new"} and set(aside) == {"x@y", "old@unrecorded machine", "away@AMD"}

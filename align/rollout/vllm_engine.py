@@ -167,24 +167,38 @@ class VLLMEngine(RolloutEngine):
             shutil.rmtree(old.lora_path, ignore_errors=True)
 
     @torch.no_grad()
-    def _merged_linear_weights(self, peft_model) -> dict[str, torch.Tensor]:
-        """HF-named weights of every LoRA-wrapped linear with the adapter merged (in fp32, then
+    def _merged_linear_weights(self, peft_model, adapter: str | None = "default",
+                               every_lora_layer: bool = False) -> dict[str, torch.Tensor]:
+        """HF-named weights of every LoRA-wrapped linear with ``adapter`` merged (in fp32, then
         cast to the engine's dtype: a trainer in another dtype than its engine must not hand it
-        weights its kernels do not take -- vLLM's AMX kernels refuse a bf16/fp32 mix)."""
+        weights its kernels do not take -- vLLM's AMX kernels refuse a bf16/fp32 mix).
+        ``every_lora_layer``: also the linears some *other* adapter wraps, as base weights (so
+        switching between adapters with different targets leaves nothing of the previous one);
+        ``adapter=None`` with it: the base alone."""
         from peft.tuners.lora import LoraLayer
 
         out = {}
         prefix = "base_model.model."
         for name, module in peft_model.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                w = module.get_base_layer().weight
-                delta = module.get_delta_weight("default")
+            if not isinstance(module, LoraLayer):
+                continue
+            has = adapter is not None and adapter in module.lora_A
+            if has or every_lora_layer:
+                w = module.get_base_layer().weight.float()
                 key = (name[len(prefix):] if name.startswith(prefix) else name) + ".weight"
-                out[key] = (w.float() + delta.float()).to(self.dtype)
+                out[key] = (w + module.get_delta_weight(adapter).float() if has else w).to(self.dtype)
         return out
 
-    def _sync_merged(self, peft_model) -> None:
-        weights = self._merged_linear_weights(peft_model)
+    def serve_merged(self, peft_model, adapter: str | None) -> None:
+        """Serve the base with ``adapter`` (one of ``peft_model``'s, by its PEFT name) merged in,
+        or the base alone (None): how `align eval` runs many adapters through one engine where
+        vLLM's LoRA kernels are slow (its CPU backend). A merged-sync engine only."""
+        if self.sync_mode != "merged":
+            raise ValueError(f"serve_merged needs an engine built with sync='merged', not {self.sync_mode!r}")
+        self._sync_merged(peft_model, adapter, every_lora_layer=True)
+
+    def _sync_merged(self, peft_model, adapter: str | None = "default", every_lora_layer: bool = False) -> None:
+        weights = self._merged_linear_weights(peft_model, adapter, every_lora_layer)
 
         def load(model):
             from vllm.config import set_current_vllm_config
