@@ -9,10 +9,11 @@ model of its own.
   margin, beta * (log pi - log pi_base); a reward model's pairwise accuracy; anyone's
   reference-free accuracy (mean per-token log-prob of chosen vs rejected). Ties count 1/2.
 - **Generation** (``--generate``): the same held-out prompts answered by the base and every
-  adapter from one vLLM engine (the base as no LoRA request, the adapters as LoRA requests in
-  the same batch), each answer scored by a judge (any reward kind), KL to the base per answer
-  (trainer-side), answer lengths, and win rates against the base with 95% CIs -- also with the
-  judge's dependence on length taken out (a longer answer is not a better one).
+  adapter from one vLLM engine (on a GPU the adapters as LoRA requests in one batch, on a CPU
+  each merged into the engine's weights in turn: :func:`adapters_as_resolved`), each answer
+  scored by a judge (any reward kind), KL to the base per answer (trainer-side), answer lengths,
+  and win rates against the base with 95% CIs -- also with the judge's dependence on length
+  taken out (a longer answer is not a better one).
 
 Writes ``eval.json`` and a self-contained ``report.html`` (:mod:`align.report`).
 """

@@ -549,19 +549,22 @@ def plot_task(results: dict, png: Path, which: str = "held-out") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colours = {"align": "tab:blue", "trl": "tab:orange"}
-    for name, r in results.items():
+    lrs = sorted({r["learning_rate"] for r in results.values() if r.get("curve")})
+    styles, markers = ["-", "--", "-.", ":", (0, (5, 1))], ["o", "s", "^", "v", "D"]
+    for name, r in sorted(results.items()):
         if not r.get("curve"):
             continue
         xs = [0] + [c[0] for c in r["curve"]]
-        ax.plot(xs, [100 * r["base_lenient"]] + [100 * c[1] for c in r["curve"]], marker="o",
+        k = lrs.index(r["learning_rate"]) % len(styles)  # one line style and marker per rate
+        ax.plot(xs, [100 * r["base_lenient"]] + [100 * c[1] for c in r["curve"]], marker=markers[k], ls=styles[k],
                 color=colours.get(r["side"]), alpha=0.6 + 0.4 * (r["seed"] == 0), label=name)
         ax.axhline(100 * r["target_lenient"], color="grey", ls=":", lw=0.8)
     ax.set(xlabel="training seconds (evaluation excluded)", ylabel=f"{which} greedy accuracy, lenient (%)",
            title="time to accuracy: arithmetic, SmolLM2-135M + LoRA r=8 (dotted: target)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
