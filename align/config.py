@@ -68,8 +68,8 @@ class ModelConfig:
     # float32 (emulated bf16 measured ~100x slower than fp32 on an AVX2-only CPU:
     # results/bench_dtype.json). Printed at start, recorded in run.json, kept on resume. bfloat16:
     # the frozen base in bf16, LoRA weights, value head and optimizer state in fp32, log-probs in
-    # fp32. The engine (vLLM) runs the same dtype. Caveat: GRPO in bf16 on such a CPU did not
-    # learn in the one run made (docs/gpus.md, "dtype"): the arithmetic/smoke configs pin float32.
+    # fp32. The engine (vLLM) runs the same dtype. Caveat: the GRPO smoke run in bf16 on such a
+    # CPU learned at one seed of two (docs/gpus.md, "dtype"): the arithmetic/smoke configs pin float32.
     dtype: str = _choice("auto", "auto", "float32", "bfloat16", "float16")
     # auto: this process's GPU (LOCAL_RANK) when there is one, else the CPU.
     device: str = _choice("auto", "auto", "cpu", "cuda")
