@@ -276,9 +276,10 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
     if dry_run:
         return _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, prompts, prompt_subsets,
                                    judge, out_dir, seed, log, graded)
+    engine = adapters_as if use_vllm else "transformers"
     with stop_on_signals(f"nothing was written to '{out_dir}'"):
         return _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
-                         num_prompts, max_new_tokens, temperature, judge, out_dir, base, adapters_as if use_vllm else "transformers", seed,
+                         num_prompts, max_new_tokens, temperature, judge, out_dir, base, engine, seed,
                          prompt_list, log, graded)
 
 

@@ -453,6 +453,10 @@ def task_main(a) -> None:
     lrs = {side: _side_lrs(a, side) for side in a.variants.split(",")}
     eval_set = VALIDATION if a.sweep else HELDOUT
     chosen = None if a.sweep else {side: grid[0] for side, grid in lrs.items()}
+
+    def write() -> None:  # after every run: a cut sweep keeps what it measured
+        out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None, elsewhere), indent=2))
+
     for seed in [0] if a.sweep else [int(x) for x in a.seeds.split(",")]:
         for i in range(max(map(len, lrs.values()))):
             for side, grid in lrs.items():
@@ -463,8 +467,8 @@ def task_main(a) -> None:
                     continue  # finished before: skipped on a re-run
                 results[name] = _child(a, f"task:{side}:{seed}:{grid[i]}:{eval_set}")
                 print(name, {k: results[name].get(k) for k in ("seconds_to_target", "final_lenient", "error")}, flush=True)
-                out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None, elsewhere), indent=2))
-    out.write_text(json.dumps(_task_summary(results, a.sweep, chosen, a.lrs if a.sweep else None, elsewhere), indent=2))
+                write()
+    write()
     plot_task(results, out.with_suffix(".png"), "validation" if a.sweep else "held-out")
 
 
