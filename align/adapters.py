@@ -118,17 +118,19 @@ def load_named_adapter(peft_model, name: str, adapter_dir):
     return linear.requires_grad_(False)
 
 
-def load_with_adapter(base_name: str, adapter_dir=None, *, kind: str = "causal", dtype: str = "float32"):
+def load_with_adapter(base_name: str, adapter_dir=None, *, kind: str = "causal", dtype: str = "auto",
+                      device: str = "auto"):
     """(model, tokenizer): the base (``kind`` causal LM or 1-output ``classifier``) with the
     adapter at ``adapter_dir`` on it, in eval mode -- what a user of the folder would load (export
     verification, ``ALIGN_REWARD_MODEL``). The other way in, :func:`load_named_adapter`, adds a
-    frozen role to a base that other roles share."""
+    frozen role to a base that other roles share. ``dtype`` and ``device``: as ``model.dtype`` /
+    ``model.device`` (:mod:`align.placement`)."""
     from .config import ModelConfig
     from .models import load_base
 
     from peft import PeftModel
 
-    base, tok = load_base(ModelConfig(name=base_name, dtype=dtype), kind=kind)
+    base, tok = load_base(ModelConfig(name=base_name, dtype=dtype, device=device), kind=kind)
     model = base
     if adapter_dir is not None:
         try:

@@ -177,7 +177,7 @@ def restore_rng(checkpoint: Path) -> None:
     if not rng.is_file():
         raise ValueError(f"checkpoint '{checkpoint}' has no {rng.name}: it was written by a run with fewer "
                          "processes; resume with the same number of processes")
-    set_rng_state(torch.load(rng, weights_only=False))
+    set_rng_state(torch.load(rng, weights_only=False, map_location="cpu"))  # RNG states are host tensors
 
 
 # --------------------------------------------------------------------------------------

@@ -54,7 +54,18 @@ def _add_eval(sub) -> None:
     p.add_argument("--adapters-as", default="auto", choices=["auto", "lora", "merged"],
                    help="how the vLLM engine runs the adapters: lora (LoRA requests in one batch), merged (each "
                         "merged into its weights in turn), auto (merged on a CPU, where vLLM's LoRA path is slow)")
+    _add_placement(p)
     p.add_argument("--dry-run", action="store_true", help="check the targets, data, prompts and judge; load and write nothing")
+
+
+def _add_placement(p, what: str = "the base") -> None:
+    from .placement import DTYPES
+
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help=f"where {what} runs (auto: this process's GPU if torch sees one, else the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help=f"{what}'s dtype (auto: bf16 where the hardware computes it natively, else float32; "
+                        "vLLM with LoRA on a GPU is never float32)")
 
 
 def _add_serve(sub) -> None:
@@ -71,7 +82,9 @@ def _add_serve(sub) -> None:
                                      "while the server runs: prefer --api-key-file or VLLM_API_KEY")
     p.add_argument("--max-lora-rank", type=int, default=0, help="the largest adapter rank to accept (default: the adapters')")
     p.add_argument("--max-model-len", type=int, default=0, help="default: the model's own")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_placement(p, "the server")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="the share of GPU memory vLLM takes (default 0.85: the server has the GPU alone)")
     p.add_argument("--dry-run", action="store_true", help="check the adapters, port and key; start nothing")
 
 
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged model (the merge itself runs in float32); default: the "
                         "dtype the run trained in (its run.json), float32 for a bare adapter")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the merge and the checks run (auto: this process's GPU if torch sees one)")
     p.add_argument("--checkpoint", default="final", help="final (default), best, or a step number")
     p.add_argument("--base", default=None, help="base model to put the adapter on (default: the run's)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
             export(args.source, args.out, merge=args.merge, dtype=args.dtype, checkpoint=args.checkpoint,
                    verify=args.verify, force=args.force, base=args.base, vllm_check=args.vllm_check,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, device=args.device)
         elif args.command == "eval":
             from .evaluation import run_eval
 
@@ -232,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
                      out=args.out, base=args.base, use_vllm=args.use_vllm, dry_run=args.dry_run,
                      accuracy=args.accuracy, answer_field=args.answer_field, difficulty_field=args.difficulty_field,
-                     adapters_as=args.adapters_as)
+                     adapters_as=args.adapters_as, device=args.device, dtype=args.dtype)
         elif args.command == "serve":
             from .serve import read_api_key, serve
 
             return serve(args.adapters, args.name, base=args.base, host=args.host, port=args.port,
                          api_key=read_api_key(args.api_key_file, args.api_key), max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-                         dtype=args.dtype, dry_run=args.dry_run)
+                         dtype=args.dtype, device=args.device, memory_fraction=args.gpu_memory_fraction,
+                         dry_run=args.dry_run)
         elif args.command == "config":
             from .config import dump_explained, dump_yaml
 

@@ -63,7 +63,7 @@ class ModelConfig:
     # A Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local HF folder or a ``.gguf`` file.
     # Hub ids are looked up in the offline mirror first (see align/assets.py).
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    # auto: the fastest correct dtype on the machine the run starts on (align.models.auto_dtype):
+    # auto: the fastest correct dtype on the machine the run starts on (align.placement.auto_dtype):
     # bfloat16 on a GPU with bf16 and on a CPU with native bf16 (avx512_bf16 / amx_bf16), else
     # float32 (emulated bf16 measured ~100x slower than fp32 on an AVX2-only CPU:
     # results/bench_dtype.json). Printed at start, recorded in run.json, kept on resume. bfloat16:
@@ -79,6 +79,10 @@ class ModelConfig:
     attention: str = _choice("auto", "auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
     # CPU threads for torch; 0 = leave torch's default.
     threads: int = _num(0, 0, 1024)
+    # Recompute each layer's activations in the backward pass instead of keeping them: about a
+    # third more compute for a fraction of the activation memory -- for long sequences or large
+    # batches on a GPU (torch's non-reentrant checkpointing, through transformers).
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -292,6 +296,10 @@ class RolloutConfig:
     # Nucleus sampling: sample from the smallest set of tokens holding this much probability (1
     # = all).
     top_p: float = _num(1.0, 0.0, 1.0, lo_open=True)
+    # vLLM on a GPU: the share of the GPU's memory the engine takes (weights, KV cache, CUDA
+    # graphs) beside the trainer, which keeps the rest. Ignored on a CPU
+    # (VLLM_CPU_KVCACHE_SPACE sizes the CPU engine's cache).
+    gpu_memory_fraction: float = _num(0.3, 0.0, 1.0, lo_open=True, hi_open=True)
     # vLLM adapter sync: lora (swap in a new LoRARequest) | merged | auto
     sync: str = _choice("lora", "lora", "merged", "auto")
     # Greedy-decode this many prompts in engine and trainer after each sync (0 = off).

@@ -23,8 +23,16 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init() -> None:
-    """Join the process group (gloo on CPU, nccl on GPUs) when launched with several processes."""
+_DEVICE: torch.device | None = None  # this process's model.device, set by init()
+
+
+def init(device: str = "auto") -> None:
+    """Record where this process computes (``model.device``: the collectives' tensors go there)
+    and join the process group (gloo on CPU, nccl on GPUs) when launched with several processes."""
+    global _DEVICE
+    from .placement import resolve_device
+
+    _DEVICE = resolve_device(device)
     if world_size() > 1:
         from accelerate import PartialState
 
@@ -38,20 +46,22 @@ def _dist():
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; the identity with one process)."""
+    """Sum over ranks (a copy on :func:`device`, where the backend reduces; the identity with one
+    process)."""
     dist = _dist()
-    t = t.detach().clone()
+    t = t.detach().to(device()).clone()
     if dist:
         dist.all_reduce(t)
     return t
 
 
 def device() -> torch.device:
-    """Where this rank computes: its GPU (``LOCAL_RANK``) when there are GPUs, else the CPU.
-    nccl reduces only GPU tensors, so the scalar collectives below are made here too."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """Where this rank computes (``model.device`` as :func:`init` recorded it, else
+    :func:`align.placement.resolve_device`'s ``auto``). nccl reduces only GPU tensors, so every
+    tensor handed to a collective is made here."""
+    from .placement import resolve_device
+
+    return _DEVICE if _DEVICE is not None else resolve_device("auto")
 
 
 def all_mean(x: float) -> float:

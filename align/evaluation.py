@@ -34,7 +34,7 @@ class EvalError(ValueError):
     """A target or option `align eval` cannot use; the message names it."""
 
 
-def load_targets(texts: list[str], base_override: str | None):
+def load_targets(texts: list[str], base_override: str | None, device: str = "auto", dtype: str = "auto"):
     """(targets, Roles on their common base with every adapter loaded by target name, tokenizer)."""
     from .assets import resolve_model
     from .config import LoraConfig, ModelConfig
@@ -51,7 +51,7 @@ def load_targets(texts: list[str], base_override: str | None):
     if len(bases) > 1:
         raise EvalError(f"the adapters sit on different bases ({', '.join(sorted(bases))}); evaluate them separately")
     base_name = base_override or (adapters[0].base if adapters else targets[0].base)
-    base, tok = load_base(ModelConfig(name=base_name, dtype="float32"))
+    base, tok = load_base(ModelConfig(name=base_name, device=device, dtype=dtype))
     roles = Roles(base, LoraConfig(r=1, alpha=1))
     for t in adapters:
         roles.add_scorer(t.name, t.path)
@@ -81,7 +81,7 @@ def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, 
             table[t.name] = {"kind": "reward model", **pairwise_metrics(pair_scores(scorer, pairs, collator, batch_size))}
             continue
         if t.kind == "merged":
-            merged, _ = load_base(ModelConfig(name=str(t.path), dtype="float32"))
+            merged, _ = load_base(_beside(roles, str(t.path)))
             install_packed_forward(merged)
             scores = score_pairs(merged, pairs, collator, batch_size, desc=t.name)
             table[t.name] = {"kind": "merged model", "reference_free_accuracy": reference_free_accuracy(scores)}
@@ -93,6 +93,15 @@ def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, 
                          "reference_free_accuracy": reference_free_accuracy(scores)}
     return {"pairs": len(pairs), "max_length": max_length or "untruncated",
             "truncated": {k: cut[k] for k in ("prompt_truncated", "answer_truncated")}, "table": table}
+
+
+def _beside(roles, name: str):
+    """A model config for ``name`` placed where the roles' base is (device and dtype)."""
+    from .config import ModelConfig
+    from .placement import placement_of
+
+    where = placement_of(roles.model)
+    return ModelConfig(name=name, device=str(where.device), dtype=where.dtype)
 
 
 def _columns(pairs):
@@ -124,7 +133,7 @@ class _RewardPairs(torch.nn.Module):
 ADAPTERS_AS = ("auto", "lora", "merged")
 
 
-def adapters_as_resolved(choice: str) -> str:
+def adapters_as_resolved(choice: str, device=None) -> str:
     """How one vLLM engine runs many adapters. ``lora``: every adapter a LoRA request in one
     batch (Punica kernels: the way on a GPU). ``merged``: one adapter after another merged into
     the engine's weights (vLLM's CPU backend runs LoRA through plain torch ops that copy a
@@ -134,7 +143,7 @@ def adapters_as_resolved(choice: str) -> str:
         raise EvalError(f"--adapters-as must be one of {', '.join(ADAPTERS_AS)}, got {choice!r}")
     if choice != "auto":
         return choice
-    return "lora" if torch.cuda.is_available() else "merged"
+    return "lora" if device is not None and torch.device(device).type == "cuda" else "merged"
 
 
 def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], max_new_tokens: int,
@@ -143,10 +152,12 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
     (``engine``: auto / lora / merged, :func:`adapters_as_resolved`), or transformers (``engine=
     "transformers"``, or vLLM unavailable: said so); merged models with transformers."""
     from .assets import resolve_model
+    from .placement import ALONE_MEMORY_FRACTION, placement_of
     from .rollout import vllm_available
     from .rollout.base import SamplingConfig
     from .rollout.hf import HFEngine
 
+    where = placement_of(roles.model)  # engines run where the scoring base runs, in its dtype
     params = SamplingConfig(max_new_tokens, temperature if temperature > 0 else 1.0, 1.0, seed=seed,
                             greedy=temperature == 0)
     ids = [p["ids"] for p in prompts]
@@ -154,13 +165,14 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
     out, how, start = {}, "transformers", 0.0
     max_len = max(len(i) for i in ids) + max_new_tokens + 8
     use_vllm = engine != "transformers" and vllm_available()
-    if use_vllm and gen and adapters_as_resolved(engine) == "merged":
+    if use_vllm and gen and adapters_as_resolved(engine, where.device) == "merged":
         from .rollout.vllm_engine import EngineStartError, MergedSyncUnsupported, VLLMEngine
 
         try:
             t0 = time.time()
             vllm = VLLMEngine(resolve_model(base_name), tok, sync="merged", seed=seed, max_model_len=max_len,
-                              base_name=base_name)
+                              base_name=base_name, dtype=where.dtype, device=str(where.device),
+                              memory_fraction=ALONE_MEMORY_FRACTION)
             start = time.time() - t0
             try:
                 out["base"] = vllm.generate(ids, params)
@@ -179,7 +191,7 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
         try:
             t0 = time.time()
             multi = MultiAdapterEngine(resolve_model(base_name), tok, {t.name: str(t.path) for t in gen},
-                                       max_model_len=max_len, seed=seed)
+                                       max_model_len=max_len, seed=seed, dtype=where.dtype, device=str(where.device))
             start = time.time() - t0
             try:
                 res = multi.generate(ids, params, [None] + [t.name for t in gen])
@@ -198,10 +210,9 @@ def generate_answers(targets, roles, tok, base_name: str, prompts: list[dict], m
                 out[t.name] = engine.generate(ids, params)
     for t in targets:
         if t.kind == "merged":
-            from .config import ModelConfig
             from .models import load_base
 
-            merged, _ = load_base(ModelConfig(name=str(t.path), dtype="float32"))
+            merged, _ = load_base(_beside(roles, str(t.path)))
             out[t.name] = HFEngine(merged, tok).generate(ids, params)
     return {"answers": out, "how": how, "engine_start_seconds": start}
 
@@ -250,7 +261,8 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
              temperature: float = 0.0, judge: str | None = None, out: str = "eval-report", base: str | None = None,
              use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print,
              dry_run: bool = False, accuracy: str | None = None, answer_field: str = "answer",
-             difficulty_field: str = "difficulty", adapters_as: str = "auto") -> dict:
+             difficulty_field: str = "difficulty", adapters_as: str = "auto", device: str = "auto",
+             dtype: str = "auto") -> dict:
     """Check every option and the output folder first (nothing loads before they pass), then
     evaluate. ``dry_run``: also find the targets, data, prompts and judge, then stop."""
     from .atomic import check_out_path
@@ -280,7 +292,7 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
     with stop_on_signals(f"nothing was written to '{out_dir}'"):
         return _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
                          num_prompts, max_new_tokens, temperature, judge, out_dir, base, engine, seed,
-                         prompt_list, log, graded)
+                         prompt_list, log, graded, (device, dtype))
 
 
 def _load_pairs(data, subsets, split, pairs, seed, rows, log) -> list[dict]:
@@ -371,7 +383,7 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
 
 def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
               num_prompts, max_new_tokens, temperature, judge, out_dir, base, engine, seed, prompt_list, log,
-              graded=None):
+              graded=None, placed=("auto", "auto")):
     from .atomic import atomic_dir
     from .chat import tokenize_pair
     from .report import write_report
@@ -381,9 +393,11 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
         resolve(t)
     kept = _load_pairs(data, subsets, split, pairs, seed, rows, log) if data else []
     graded_rows = _graded_prompts(graded, seed) if graded else []
-    tlist, roles, tok, base_name = load_targets(targets, base)
+    tlist, roles, tok, base_name = load_targets(targets, base, *placed)
     roles.eval()
-    result = {"targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}
+    from .placement import placement_of
+
+    result = {"placement": placement_of(roles.model).record(), "targets": [{"name": t.name, "path": str(t.path), "kind": t.kind, "job": t.job, "base": t.base}
                           for t in tlist], "base": base_name}
     if data:
         te = time.time()
@@ -458,5 +472,5 @@ def report_after_job(cfg, run_path: Path, held_out=None) -> str:
     run_eval([str(run_path)], generate=True, prompts=ev.prompts or cfg.data.dataset,
              prompt_subsets=ev.prompt_subsets or cfg.data.eval_subsets, num_prompts=ev.num_prompts,
              max_new_tokens=ev.max_new_tokens, judge=ev.judge, out=str(out), seed=cfg.run.seed,
-             prompt_list=None if ev.prompts else held_out)
+             prompt_list=None if ev.prompts else held_out, device=cfg.model.device, dtype=cfg.model.dtype)
     return str(out / "report.html")

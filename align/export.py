@@ -28,7 +28,7 @@ VERIFY_PROMPTS = [
     "Give me one tip for sleeping better.",
     "Write a short sentence about the sea.",
 ]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .placement import DTYPES as _DTYPES  # noqa: E402
 
 
 class ExportError(ValueError):
@@ -60,7 +60,7 @@ def find_source(path: str | Path, checkpoint: str = "final", base: str | None = 
 @torch.no_grad()
 def prompt_logprobs(model, tok, prompts=VERIFY_PROMPTS) -> list[torch.Tensor]:
     """Next-token log-probs over each chat-formatted prompt (fp32), for parity checks."""
-    return [next_token_logprobs(model(input_ids=torch.tensor([prompt_ids(tok, p)])).logits[0])
+    return [next_token_logprobs(model(input_ids=torch.tensor([prompt_ids(tok, p)], device=model.device)).logits[0]).cpu()
             for p in prompts]
 
 
@@ -137,7 +137,8 @@ def _refuse_overlap(out: Path, sources: list[Path]) -> None:
 
 def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: str | None = None,
            checkpoint: str = "final", verify: bool = True, force: bool = False,
-           base: str | None = None, vllm_check: bool = True, log=print, dry_run: bool = False) -> dict:
+           base: str | None = None, vllm_check: bool = True, log=print, dry_run: bool = False,
+           device: str = "auto") -> dict:
     """Write ``source``'s adapter (a run folder or an adapter folder) to ``out``, verified.
     ``dry_run``: check the source, its weights and ``out``, say what would be written, stop."""
     from .guards import stop_on_signals
@@ -145,12 +146,14 @@ def export(source: str | Path, out: str | Path, *, merge: bool = False, dtype: s
     try:
         with stop_on_signals(f"nothing was published at '{out}' (what was there before is unchanged)"):
             return _export(source, out, merge=merge, dtype=dtype, checkpoint=checkpoint, verify=verify,
-                           force=force, base=base, vllm_check=vllm_check, log=log, dry_run=dry_run)
+                           force=force, base=base, vllm_check=vllm_check, log=log, dry_run=dry_run,
+                           device=device)
     except AdapterError as e:
         raise ExportError(str(e)) from e
 
 
-def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_check, log, dry_run=False) -> dict:
+def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_check, log, dry_run=False,
+            device="auto") -> dict:
     from .atomic import check_out_path
 
     try:
@@ -175,7 +178,8 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         return report
 
     # Load once: this fails early, before anything is written, on a mismatched base.
-    model, tok = load_with_adapter(src.base, src.path)
+    # The merge and its checks run in float32 (whatever dtype is saved), on this process's device.
+    model, tok = load_with_adapter(src.base, src.path, dtype="float32", device=device)
     ref_logps = prompt_logprobs(model, tok) if verify else None
 
     with atomic_dir(out) as tmp:
@@ -189,7 +193,7 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         if src.run_dir is not None:
             shutil.copy2(src.run_dir / "config.yaml", tmp / "training_config.yaml")
         if verify:
-            exported, _ = load_with_adapter(src.base, adapter_out)
+            exported, _ = load_with_adapter(src.base, adapter_out, dtype="float32", device=device)
             diff = _max_diff(ref_logps, prompt_logprobs(exported, tok))
             report["adapter_max_logprob_diff"] = diff
             if diff > 1e-5:
@@ -199,7 +203,7 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         if merge:
             _write_merged(model, tok, tmp, dtype, ref_logps, report)
         if verify and vllm_check:  # in the temp folder: --out only ever gets a verified export
-            vllm = _verify_in_vllm(tmp, src.base, merge, tok)
+            vllm = _verify_in_vllm(tmp, src.base, merge, tok, dtype, device)
             if vllm is not None:
                 report["vllm"] = vllm
     log(json.dumps(report, indent=2))
@@ -223,7 +227,7 @@ def _write_merged(model, tok, folder: Path, dtype: str, ref_logps, report: dict)
     tok.save_pretrained(folder)
     if ref_logps is None:
         return
-    reloaded, _ = load_with_adapter(str(folder), dtype=dtype)
+    reloaded, _ = load_with_adapter(str(folder), dtype=dtype, device=str(model.device))
     saved, expected = reloaded.state_dict(), merged.state_dict()
     wrong = [k for k, v in expected.items() if k not in saved or not torch.equal(saved[k], v)]
     if wrong:
@@ -240,7 +244,7 @@ def _write_merged(model, tok, folder: Path, dtype: str, ref_logps, report: dict)
                           f"(max |d log p| {diff:.2e}, top-1 agreement {agree:.3f})")
 
 
-def _verify_in_vllm(out: Path, base_name: str, merged: bool, tok) -> dict | None:
+def _verify_in_vllm(out: Path, base_name: str, merged: bool, tok, dtype: str, device: str) -> dict | None:
     """Where vLLM is installed, load the export there and compare greedy decoding with HF.
     A merged export is checked as a full model; an adapter as base + LoRARequest."""
     from .rollout import vllm_available
@@ -251,7 +255,7 @@ def _verify_in_vllm(out: Path, base_name: str, merged: bool, tok) -> dict | None
 
     print("checking the export in vLLM: greedy decoding must equal transformers' (engine start "
           "~30 s on a CPU; --no-vllm-check skips)", flush=True)
-    result = greedy_parity(out, base_name, merged=merged, prompts=VERIFY_PROMPTS)
+    result = greedy_parity(out, base_name, merged=merged, prompts=VERIFY_PROMPTS, dtype=dtype, device=device)
     if not result["match"]:
         raise ExportError(f"verification failed: vLLM greedy decoding differs from transformers: "
                           f"{result['mismatches'][:1]}")

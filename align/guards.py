@@ -44,7 +44,7 @@ def lora_update_ratio(model) -> tuple[float, str]:
     that layer's name. ||BA||^2 = sum((A A^T) * (B^T B)): two r x r products, no out x in one."""
     import torch
 
-    worst, where = 0.0, ""
+    names, ratios = [], []
     with torch.no_grad():
         for name, m in model.named_modules():
             lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
@@ -57,9 +57,13 @@ def lora_update_ratio(model) -> tuple[float, str]:
                     continue
                 a, b = a.float(), b.float()
                 sq = ((a @ a.T) * (b.T @ b)).sum().clamp(min=0)
-                ratio = float(sq.sqrt()) * abs(float(m.scaling[key])) / max(float(base.weight.float().norm()), 1e-12)
-                if not ratio <= worst:  # NaN counts as the worst
-                    worst, where = ratio, f"{name} ({key})"
+                ratios.append(sq.sqrt() * abs(float(m.scaling[key])) / base.weight.float().norm().clamp(min=1e-12))
+                names.append(f"{name} ({key})")
+    worst, where = 0.0, ""
+    # one copy to the host for all layers (a GPU would otherwise wait once per layer, every step)
+    for name, ratio in zip(names, torch.stack(ratios).tolist() if ratios else []):
+        if not ratio <= worst:  # NaN counts as the worst
+            worst, where = ratio, name
     return worst, where
 
 
@@ -181,7 +185,9 @@ class GracefulStop:
 def grads_finite(params) -> bool:
     import torch
 
-    return all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    grads = [p.grad for p in params if p.grad is not None]
+    # one reduction and one host sync for all parameters, not one per parameter
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 class NonFiniteGuard:

@@ -13,44 +13,6 @@ import torch
 
 from .assets import AssetError, check_hub, offline_hint, resolve_model
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# CPU features that make bf16 matmuls native (oneDNN uses them); without one, bf16 is emulated
-BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The first of :data:`BF16_CPU_FEATURES` this CPU lists (``/proc/cpuinfo``), or None
-    (also where the flags cannot be read: assume none rather than risk an emulated, slower bf16)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
-    return next((feature for feature in BF16_CPU_FEATURES if feature in flags), None)
-
-
-def auto_dtype(device: str = "auto") -> tuple[str, str]:
-    """``model.dtype: auto``: (the fastest correct dtype on this machine, why). bf16 where the
-    hardware computes it natively -- a GPU that supports it, a CPU with avx512_bf16 / AMX --
-    float32 elsewhere (emulated bf16 is slower than float32: see results/bench_dtype.json)."""
-    if resolve_device(device).type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bfloat16", "GPU with bf16"
-        return "float32", "GPU without bf16"
-    feature = cpu_bf16_feature()
-    if feature:
-        return "bfloat16", feature
-    return "float32", f"this CPU has no {' / '.join(BF16_CPU_FEATURES)}: bf16 would be emulated"
-
-
-def resolve_dtype(name: str, device: str = "auto") -> str:
-    """``model.dtype`` as a concrete dtype (``auto``: :func:`auto_dtype`). Jobs resolve it once,
-    when the run starts (:func:`align.runs.start_run` records it in ``run.json``)."""
-    return auto_dtype(device)[0] if name == "auto" else name
-
-
 def resolve_attention(choice: str, config) -> str:
     """``model.attention`` for this model. transformers' sdpa path drops attention logit
     softcapping (Gemma-2): the model would silently compute something else than it defines
@@ -65,17 +27,6 @@ def resolve_attention(choice: str, config) -> str:
         raise ConfigError(f"key 'model.attention': sdpa would drop {type(config).__name__}'s attention "
                           f"logit softcapping ({softcap}); use eager (model.attention=auto picks it)")
     return choice
-
-
-def resolve_device(name: str) -> torch.device:
-    """``model.device``; ``auto`` (and ``cuda``) is this process's GPU (LOCAL_RANK)."""
-    import os
-
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("model.device is 'cuda' but torch sees no GPU (torch.cuda.is_available() is False)")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _split_gguf(path: str) -> tuple[str, dict]:
@@ -102,9 +53,13 @@ def load_tokenizer(name: str):
 
 
 def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
-    """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer.
+    """Load the frozen base model (Hub id, mirror, local folder or GGUF) and its tokenizer, on
+    ``model.device`` in ``model.dtype`` (:func:`align.placement.place`: the one decision).
     ``kind``: ``causal`` (a causal LM) or ``classifier`` (the same backbone with a 1-output
     score head, for reward models)."""
+    from .placement import place
+
+    where_to = place(getattr(model_cfg, "device", "auto"), model_cfg.dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind not in ("causal", "classifier"):
@@ -117,7 +72,7 @@ def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
         check_hub(model_cfg.name, "model")
     try:
         config = AutoConfig.from_pretrained(where, **extra)
-        model = auto.from_pretrained(where, dtype=_DTYPES[resolve_dtype(model_cfg.dtype)],
+        model = auto.from_pretrained(where, dtype=where_to.torch_dtype,
                                      attn_implementation=resolve_attention(model_cfg.attention, config),
                                      **extra, **extra_kw)
     except OSError as e:
@@ -134,6 +89,10 @@ def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
         model.hf_quantizer = None
         model.is_quantized = False
     model.config.use_cache = True
+    model.to(where_to.device)
+    if getattr(model_cfg, "gradient_checkpointing", False):
+        # non-reentrant: gradients reach the LoRA weights although the frozen inputs need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for p in model.parameters():
         p.requires_grad_(False)
     tok = load_tokenizer(model_cfg.name) if with_tokenizer else None

@@ -61,7 +61,7 @@ def machine_state() -> dict:
 
     import torch
 
-    from .models import cpu_bf16_feature
+    from .placement import cpu_bf16_feature
 
     cpu = None
     try:
@@ -106,7 +106,10 @@ def describe_run(cfg, job: str, dtype: str | None) -> dict:
                 break
             except metadata.PackageNotFoundError:
                 continue
-    return {"job": job, "dtype": dtype, "started": _now(),
+    from .placement import resolve_device
+
+    device = resolve_device(cfg.model.device)
+    return {"job": job, "dtype": dtype, "device": str(device), "started": _now(),
             "base": {"id": cfg.model.name, "path": base_path, "revision": revision},
             "adapters": adapters,
             "data": {k: getattr(data, k) for k in ("dataset", "train_subsets", "eval_subsets", "subsets", "train_rows",
@@ -442,6 +445,7 @@ def start_run(cfg, job: str) -> RunDir:
     run.resume_from = resume_from
     cfg.model.dtype = dtype  # what the job loads and trains in; config.yaml keeps what was asked
     print(f"dtype: {dtype} ({why})")
+    _announce_placement(cfg, dtype)
     if resume_from is not None:
         step = ck.checkpoint_step(resume_from)
         if is_main_process():
@@ -454,11 +458,23 @@ def start_run(cfg, job: str) -> RunDir:
     return run
 
 
+def _announce_placement(cfg, dtype: str) -> None:
+    """Say where the run computes, and turn on what that placement calls for (TF32 for a
+    float32 run on a GPU)."""
+    from .placement import enable_tf32, place
+
+    where = place(cfg.model.device, dtype)
+    name = where.record()["device_name"]
+    print(f"device: {where.device}" + (f" ({name})" if name else ""))
+    if enable_tf32(where):
+        print("float32 on a GPU: matmuls on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32)")
+
+
 def _run_dtype(cfg, resumed: Path | None) -> tuple[str, str]:
     """The run's concrete dtype and why: the config's, else (``auto``) the one the resumed run
     recorded -- a run keeps the dtype it started with, whatever machine continues it -- else the
-    hardware's choice (:func:`align.models.auto_dtype`)."""
-    from .models import auto_dtype
+    hardware's choice (:func:`align.placement.auto_dtype`)."""
+    from .placement import auto_dtype
 
     if cfg.model.dtype != "auto":
         return cfg.model.dtype, "model.dtype"

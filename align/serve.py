@@ -36,7 +36,7 @@ def plan(adapters: list[str], names: list[str], base: str | None, max_lora_rank:
     """(the base, the adapters to serve, vLLM's max LoRA rank) -- or a ServeError before anything starts."""
     from .assets import resolve_model
     from .artifacts import ArtifactError, resolve
-    from .rollout.vllm_engine import EngineStartError, _lora_rank_slot
+    from .placement import PlacementError, lora_rank_slot
 
     named = []
     for spec in names:
@@ -66,17 +66,18 @@ def plan(adapters: list[str], names: list[str], base: str | None, max_lora_rank:
         worst = max(served, key=lambda s: s.rank)
         raise ServeError(f"adapter '{worst.name}' ({worst.path}) has rank {worst.rank}, above --max-lora-rank {max_lora_rank}")
     try:
-        slot = _lora_rank_slot(max_lora_rank or top)
-    except EngineStartError as e:
+        slot = lora_rank_slot(max_lora_rank or top)
+    except PlacementError as e:
         raise ServeError(str(e)) from e
     return (base or (next(iter(bases.values())) if bases else "")), served, slot
 
 
 def start(adapters: list[str], names: list[str] = (), *, base: str | None = None, host: str = "127.0.0.1",
           port: int = 0, api_key: str | None = None, max_lora_rank: int = 0, max_model_len: int = 0,
-          dtype: str = "float32", log_path=None):
+          dtype: str = "auto", device: str = "auto", memory_fraction: float | None = None, log_path=None):
     """Check everything, then start the server (a :class:`ServerProcess`); the caller stops it."""
     from .assets import resolve_model
+    from .placement import resolve_device, vllm_engine_args, vllm_server_args
     from .rollout.vllm_engine import zero_adapter
     from .rollout.vllm_server import ServerProcess
 
@@ -84,14 +85,22 @@ def start(adapters: list[str], names: list[str] = (), *, base: str | None = None
     base_name, served, slot = plan(adapters, list(names), base, max_lora_rank)
     if not base_name:
         raise ServeError("nothing to serve: name at least one adapter (or --base)")
-    args = ["--dtype", dtype, "--enforce-eager"] + (["--max-model-len", str(max_model_len)] if max_model_len else [])
+    where = resolve_device(device)
+    engine, notices = vllm_engine_args(resolve_model(base_name), device=where, dtype=dtype,
+                                       lora_rank=slot if served else None, max_loras=len(served) + 1,
+                                       max_model_len=max_model_len or None, memory_fraction=memory_fraction,
+                                       colocated=False)
+    for notice in notices:
+        print(f"notice: {notice}")
+    args = vllm_server_args(engine)
     zero = None
-    if served:  # the base's name goes to an all-zero adapter: vLLM's CPU build answers no-LoRA
-        # requests batched with LoRA ones through an adapter (see vllm_engine.zero_adapter)
+    if served and where.type == "cpu":  # the base's name goes to an all-zero adapter: vLLM's CPU build
+        # answers no-LoRA requests batched with LoRA ones through an adapter (see vllm_engine.zero_adapter)
         zero = tempfile.TemporaryDirectory(prefix="align-serve-base-")
-        args += ["--served-model-name", UNBATCHED_BASE, "--enable-lora", "--max-lora-rank", str(slot),
-                 "--max-loras", str(len(served) + 1), "--lora-modules",
+        args += ["--served-model-name", UNBATCHED_BASE, "--lora-modules",
                  f"{base_name}={zero_adapter(str(served[0].path), zero.name)}", *[f"{s.name}={s.path}" for s in served]]
+    elif served:  # on a GPU the base answers without any LoRA: no zero adapter in its way
+        args += ["--served-model-name", base_name, "--lora-modules", *[f"{s.name}={s.path}" for s in served]]
     else:
         args += ["--served-model-name", base_name]
     server = ServerProcess(resolve_model(base_name), args, host=host, port=port, api_key=api_key, log_path=log_path)

@@ -37,10 +37,10 @@ def score_texts(model, tok, texts: list[str], batch_size: int = 8, max_length: i
         idx = order[s:s + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                   max_length=max_length, add_special_tokens=False)
-        out.append(model(**enc).logits[:, 0].float())
+        out.append(model(**enc.to(model.device)).logits[:, 0].float().cpu())
     scores = torch.cat(out)
     result = torch.empty_like(scores)
-    result[torch.tensor(order)] = scores
+    result[torch.tensor(order, device="cpu")] = scores
     return result
 
 

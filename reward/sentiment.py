@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from align.assets import MINILM_ID, mirror_dir, resolve_dataset, resolve_model
+from align.placement import resolve_device
 
 CLASSIFIER_ROWS = (0, 1200)  # reviews used to fit the head; PPO prompts come from other rows
 
@@ -37,18 +38,19 @@ class MiniLMEmbedder:
 
         where = resolve_model(name)
         self.tok = AutoTokenizer.from_pretrained(where)
-        self.model = AutoModel.from_pretrained(where, dtype=torch.float32).eval()
+        # float32: a 22M-parameter encoder whose fitted head (cached) expects its float32 embeddings
+        self.model = AutoModel.from_pretrained(where, dtype=torch.float32).to(resolve_device("auto")).eval()
 
     @torch.no_grad()
     def __call__(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), batch_size):
             enc = self.tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=256,
-                           return_tensors="pt")
+                           return_tensors="pt").to(self.model.device)
             h = self.model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).float()
             emb = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers does
-            out.append(torch.nn.functional.normalize(emb, dim=-1))
+            out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())  # the head lives on the CPU
         return torch.cat(out)
 
 
@@ -74,7 +76,7 @@ class SentimentScorer:
         self.embed = MiniLMEmbedder()
         cache = cache or (mirror_dir() / "cache" / "imdb_sentiment_head.pt")
         if cache.is_file():
-            state = torch.load(cache)
+            state = torch.load(cache, map_location="cpu")
             self.head = torch.nn.Linear(state["weight"].shape[1], 1)
             self.head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
             self.heldout_accuracy = state.get("heldout_accuracy")

@@ -8,7 +8,7 @@ plus how far bf16 rounding moves the model's top-2 choice (the parity guard's ne
 The defaults (one row of 64 tokens) are sized for a CPU *without* native bf16, where a bf16
 product runs ~1 GFLOP/s and a 4x192 step would take ~10 minutes.
 
-What ``model.dtype: auto`` decides from the hardware (align.models.auto_dtype) is what this
+What ``model.dtype: auto`` decides from the hardware (align.placement.auto_dtype) is what this
 measures: bf16 pays only where the CPU computes it natively (avx512_bf16 / AMX). Each variant runs
 in a process of its own (its peak RSS is its own), with the same inputs and thread count:
 
@@ -110,7 +110,7 @@ def tie_margin(prompts: int = 8, tokens: int = 16) -> dict:
 
 
 def cpu_flags() -> dict:
-    from align.models import BF16_CPU_FEATURES, auto_dtype, cpu_bf16_feature
+    from align.placement import BF16_CPU_FEATURES, auto_dtype, cpu_bf16_feature
 
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     return {"cpu": model, "machine": platform.machine(), "bf16_feature": cpu_bf16_feature(),

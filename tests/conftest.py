@@ -22,15 +22,15 @@ def float32_where_the_machine_would_pick_bf16():
     bf16 path is tested where it is asked for by name (test_dtype.py, test_vllm.py's bf16 engine);
     a test's own monkeypatch of ``cpu_bf16_feature`` still wins. Subprocess tests pass
     ``model.dtype=float32`` themselves."""
-    import align.models
+    import align.placement
 
-    real = align.models.cpu_bf16_feature
+    real = align.placement.cpu_bf16_feature
 
     def no_native_bf16_here(cpuinfo: str = "/proc/cpuinfo"):
         return None if cpuinfo == "/proc/cpuinfo" else real(cpuinfo)  # other files read as written
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(align.models, "cpu_bf16_feature", no_native_bf16_here)
+        mp.setattr(align.placement, "cpu_bf16_feature", no_native_bf16_here)
         yield
 
 

@@ -20,7 +20,7 @@ def _cpuinfo(tmp_path, flags: str) -> str:
 
 
 def test_cpu_bf16_feature_reads_the_flags(tmp_path):
-    from align.models import cpu_bf16_feature
+    from align.placement import cpu_bf16_feature
 
     assert cpu_bf16_feature(_cpuinfo(tmp_path, "")) is None
     assert cpu_bf16_feature(_cpuinfo(tmp_path, "avx512f avx512_bf16")) == "avx512_bf16"
@@ -30,7 +30,7 @@ def test_cpu_bf16_feature_reads_the_flags(tmp_path):
 
 @pytest.mark.parametrize("feature, want", [(None, "float32"), ("avx512_bf16", "bfloat16"), ("amx_bf16", "bfloat16")])
 def test_auto_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, feature, want):
-    import align.models as models
+    import align.placement as models
 
     monkeypatch.setattr(models, "cpu_bf16_feature", lambda: feature)
     dtype, why = models.auto_dtype("cpu")
@@ -39,7 +39,7 @@ def test_auto_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, featu
 
 
 def test_a_run_records_its_dtype_and_a_resume_keeps_it(tmp_path, tiny_model_path, monkeypatch, capsys):
-    import align.models as models
+    import align.placement as models
     from align.runs import read_manifest, start_run
 
     monkeypatch.setattr(models, "auto_dtype", lambda device="auto": ("bfloat16", "test: native bf16"))

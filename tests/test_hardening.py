@@ -109,7 +109,7 @@ def test_a_run_writes_its_manifest_and_a_folder_made_before_it_still_resumes(tmp
     cfg = load_config("dpo", None, [f"model.name={tiny_model_path}", f"run.output_dir={tmp_path}", "run.name=r"])
     with start_run(cfg, "dpo") as run:
         run.log({"step": 1})
-    from align.models import resolve_dtype
+    from align.placement import resolve_dtype
 
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())
     assert (manifest["job"], manifest["dtype"], manifest["base"]["id"]) == ("dpo", resolve_dtype("auto"), tiny_model_path)

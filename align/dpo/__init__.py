@@ -13,9 +13,12 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
     """Model FLOPs of each phase (counted by :mod:`align.compute`: every token of a packed row
     through the backbone, answer tokens only through the LM head; training = 2 forwards) and the
     rate reached, to compare with the machine's peak. ``tokens[split]`` = (packed, answers)."""
-    from ..compute import flop_counts, forward_gflop
+    from ..compute import device_peak_gflops, flop_counts, forward_gflop
+    from ..placement import placement_of
 
     backbone, head = flop_counts(model)
+    where = placement_of(model)
+    peak = device_peak_gflops(where.torch_dtype, where.device)
     # phase: (the data it covers, forward-equivalents per token)
     phases = {"reference_train": ("train", 1), "train": ("train", 2),
               "reference_eval": ("eval", 1), "policy_eval": ("eval", 1)}
@@ -27,10 +30,12 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
         gflop = forward_gflop((backbone, head), packed, answers, passes=n_pass)
         sec = seconds[phase]
         out["phases"][phase] = {"seconds": round(sec, 1), "gflop": round(gflop, 3),
-                                "gflop_per_s": round(gflop / sec, 1) if sec >= 1 else None}
+                                "gflop_per_s": round(gflop / sec, 1) if sec >= 1 else None,
+                                "share_of_peak": round(gflop / sec / peak, 4) if sec > 0 else None}
     total_s = sum(p["seconds"] for p in out["phases"].values())
     total = sum(p["gflop"] for p in out["phases"].values())
     out["total_gflop"], out["gflop_per_s"] = round(total, 3), round(total / total_s, 1) if total_s >= 1 else None
+    out.update(matmul_peak_gflop_per_s=round(peak, 1), peak_dtype=where.dtype, peak_device=str(where.device))
     return out
 
 
@@ -59,11 +64,12 @@ def run_dpo(cfg) -> dict:
         cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
         print(f"training pairs: {cut['message']}")
         seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}
-        with _timed(seconds, "reference_train"):
+        device = model.device
+        with _timed(seconds, "reference_train", device):
             trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
                 model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
         held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
-        with _timed(seconds, "train"):
+        with _timed(seconds, "train", device):
             trainer.train_resumable(run, stop)
         adapter_dir = run.path / "adapter"
         if is_main_process():
@@ -73,7 +79,7 @@ def run_dpo(cfg) -> dict:
                    "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
                    "truncation": {k: v for k, v in cut.items() if k != "message"}}
         if held_out is not None and is_main_process():
-            with _timed(seconds, "policy_eval"):
+            with _timed(seconds, "policy_eval", device):
                 summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
         summary["compute"] = compute_report(model, tokens, seconds)
         summary["wall_seconds"] = round(time.time() - t0, 1)
@@ -89,9 +95,15 @@ def run_dpo(cfg) -> dict:
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict, phase: str):
+def _timed(seconds: dict, phase: str, device=None):
+    """Wall seconds of a phase, the device synchronised at both ends (queued GPU work belongs
+    to the phase that launched it)."""
+    from ..placement import synchronize
+
+    synchronize(device)
     t = time.time()
     yield
+    synchronize(device)
     seconds[phase] = time.time() - t
 
 
@@ -129,7 +141,7 @@ def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens):
     eval_ds = datasets.Dataset.from_list([tokenize_pair(tok, r) for r in eval_rows])
     eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
     tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
-    with _timed(seconds, "reference_eval"):
+    with _timed(seconds, "reference_eval", trainer.model.device):
         ref_scores = cached_reference(run, "eval", lambda: score_reference(
             trainer.model, eval_ds, trainer.data_collator, cfg.train.batch_size))
     return eval_ds, ref_scores

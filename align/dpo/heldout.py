@@ -25,9 +25,9 @@ def score_reference(peft_model, dataset, collator, batch_size=8) -> PairScores:
     shares = distributed.gather_objects({k: v.tolist() for k, v in vars(mine).items()})
     out = {}
     for k in vars(mine):
-        full = torch.empty(len(dataset), dtype=getattr(mine, k).dtype)
+        full = torch.empty(len(dataset), dtype=getattr(mine, k).dtype, device="cpu")
         for r, share in enumerate(shares):
-            full[r::world] = torch.tensor(share[k], dtype=full.dtype)
+            full[r::world] = torch.tensor(share[k], dtype=full.dtype, device="cpu")
         out[k] = full
     return PairScores(**out)
 
@@ -38,7 +38,7 @@ def cached_reference(run, split: str, compute) -> PairScores:
     path = run.path / f"reference_logps_{split}.pt"
     if run.resume_from is not None and path.exists():
         print(f"reference scores for {split}: reusing {path}")
-        return PairScores(**torch.load(path))
+        return PairScores(**torch.load(path, map_location="cpu"))  # saved from any device
     t = time.time()
     scores = compute()
     print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {time.time() - t:.0f}s")

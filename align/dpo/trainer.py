@@ -12,7 +12,7 @@ from __future__ import annotations
 from trl import DPOConfig, DPOTrainer
 
 from ..checkpoints import AtomicCheckpoints, hf_warmup
-from ..models import resolve_device, resolve_dtype
+from ..placement import resolve_device, resolve_dtype
 from ..deps.trl_internals import use_precomputed_reference
 from ..scoring.pairs import LengthGroupedPairBatches, PackedPairCollator, install_packed_forward
 

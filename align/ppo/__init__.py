@@ -22,7 +22,7 @@ def run_ppo(cfg) -> dict:
     from .. import distributed
     from ..chat import encode_prompts
     from ..data.prompts import load_prompts
-    from ..models import load_base, resolve_device
+    from ..models import load_base
     from ..rollout import make_engine
     from ..runs import after_job, start_run
     from .advantages import get_estimator
@@ -30,7 +30,7 @@ def run_ppo(cfg) -> dict:
 
     check_config(cfg)  # an unknown estimator fails before anything is written
     estimator = get_estimator(cfg.ppo)
-    distributed.init()
+    distributed.init(cfg.model.device)
     _check_divisible(cfg, distributed.world_size())
     t0 = time.time()
     with start_run(cfg, "ppo") as run:
@@ -66,7 +66,7 @@ def _policy(base, cfg, estimator):
     the device's free memory would not hold it."""
     from ..config import ConfigError
     from ..memory import available_bytes, full_finetuning_bytes
-    from ..models import resolve_device
+    from ..placement import resolve_device
     from .actor_critic import ActorCritic, FullFineTuning
 
     device = resolve_device(cfg.model.device)
@@ -84,11 +84,12 @@ def _policy(base, cfg, estimator):
 def engine_options(cfg, run):
     """What the rollout engine needs from the job's config."""
     from ..assets import resolve_model
-    from ..models import resolve_dtype
+    from ..placement import place
     from ..rollout.base import EngineOptions
 
+    where = place(cfg.model.device, cfg.model.dtype)
     return EngineOptions(base_path=resolve_model(cfg.model.name), base_name=cfg.model.name,
-                         dtype=resolve_dtype(cfg.model.dtype),
+                         dtype=where.dtype, device=str(where.device), memory_fraction=cfg.rollout.gpu_memory_fraction,
                          max_lora_rank=cfg.lora.r if cfg.lora.r != "full" else 8, seed=cfg.run.seed, sync=cfg.rollout.sync,
                          max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
                          host=cfg.rollout.server_host, api_key=cfg.rollout.server_api_key,

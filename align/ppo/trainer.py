@@ -160,12 +160,12 @@ class PPOLoop:
         texts = [q["messages"][-1]["content"] for q in self.eval_prompts or self.train_prompts]
         with self.ac.role("policy"):
             parity = guard_parity(self.engine, self.ac.model, self.tok, texts, r.parity_prompts, r.parity_every, it,
-                                  tie_margin=TIE_MARGIN[self.cfg.model.dtype])
+                                  tie_margin=TIE_MARGIN[self.engine.dtype_name or self.cfg.model.dtype])
         return seconds, parity
 
     def record(self, it, exp, upd, gen_seconds, sync_seconds, seconds, parity) -> dict:
         """Log the global batch's statistics (every rank's samples) and move the KL controller."""
-        scores = torch.tensor(sum(distributed.gather_objects(exp.all_scores.tolist()), []))
+        scores = torch.tensor(sum(distributed.gather_objects(exp.all_scores.tolist()), []), device="cpu")  # host stats
         scored = scores[torch.isfinite(scores)]
         kls = sum(distributed.gather_objects(exp.kl.sum(1).tolist()), [])
         finished = sum(distributed.gather_objects(list(exp.finished)), [])
@@ -175,7 +175,7 @@ class PPOLoop:
         n_tok = int(distributed.all_sum(exp.mask.sum()))
         rec = {"step": it, "reward_mean": float(scored.mean()), "reward_std": float(scored.std()),
                "unscored": int(len(scores) - len(scored)),
-               "groups_skipped": int(distributed.all_sum(torch.tensor(exp.groups_skipped))),
+               "groups_skipped": int(distributed.all_sum(torch.tensor(exp.groups_skipped, device=distributed.device()))),
                "kl_per_answer": kl_answer, "kl_coef": beta, **upd,
                "truncated_frac": 1 - sum(finished) / len(finished), "gen_tokens": n_tok,
                "gen_tokens_per_s": n_tok / max(gen_seconds, 1e-9), "iteration_seconds": seconds,
@@ -325,7 +325,7 @@ def load_checkpoint(loop: PPOLoop, path) -> dict:
     if not f.is_file():
         raise ValueError(f"checkpoint '{path}' has no trainer_state.pt (written by an older align?); "
                          "it cannot be resumed")
-    state = torch.load(f, weights_only=False)
+    state = torch.load(f, weights_only=False, map_location=loop.ac.device)  # saved on any device
     loop.ac.load_trained_state(state["trainable"], f"checkpoint '{path}'")
     loop.optimizer.load_state_dict(state["optimizer"])
     if state["kl_ctl"]:

@@ -96,7 +96,8 @@ def _backward(ac, mb, p, scale: float, kl_coef: float = 0.0) -> dict:
         parts["kl_loss"] = float(kl.detach())
     if separate:  # the policy's graph is freed before the critic's pass
         (loss * scale).backward()
-        loss, v = torch.zeros(()), ac.values(mb.batch)
+        v = ac.values(mb.batch)
+        loss = torch.zeros((), device=v.device)
     if v is not None:
         vl, _ = losses.value_loss(v, mb.values, mb.returns, mask, p.value_clip_range)
         loss = loss + p.vf_coef * vl

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from ..checkpoints import AtomicCheckpoints, hf_warmup
 from ..scoring.pairs import LengthGroupedPairBatches, install_packed_scorer
 from ..scoring.stats import tie_half_accuracy
-from ..models import resolve_device, resolve_dtype
+from ..placement import resolve_device, resolve_dtype
 
 
 def new_reward_model(model_cfg, lora_cfg):

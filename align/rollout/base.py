@@ -47,7 +47,9 @@ class EngineOptions:
 
     base_path: str                  # a local folder (the mirror's) or a Hub id to load
     base_name: str = ""             # the base as users know it, written into adapter configs
-    dtype: str = "float32"          # the trainer's dtype: the engine must compute what it does
+    dtype: str = "auto"             # the trainer's dtype (align.placement): the engine computes what it does
+    device: str = "auto"            # the trainer's device: an in-process engine shares it
+    memory_fraction: float | None = None  # vLLM's GPU share beside the trainer (None: placement's default)
     max_lora_rank: int = 8
     seed: int = 0
     sync: str = "lora"              # vLLM: lora | merged | auto
@@ -69,6 +71,7 @@ class RolloutEngine(ABC):
 
     name = "base"
     shares_trainer_weights = False
+    dtype_name: str | None = None  # what the engine computes in, where it may differ from the trainer's
 
     @classmethod
     @abstractmethod

@@ -43,10 +43,11 @@ class HFEngine(RolloutEngine):
         for start in range(0, len(prompt_ids), self.batch_size):
             chunk = prompt_ids[start:start + self.batch_size]
             L = max(map(len, chunk))
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            # built on the host from token lists, then moved to the model once
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long, device="cpu")
             attn = torch.zeros_like(ids)
             for i, p in enumerate(chunk):  # left padding for batched generation
-                ids[i, L - len(p):] = torch.tensor(p)
+                ids[i, L - len(p):] = torch.tensor(p, device="cpu")
                 attn[i, L - len(p):] = 1
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             if params.greedy:
@@ -58,7 +59,7 @@ class HFEngine(RolloutEngine):
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
             if gen is not None:
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device="cpu")))
             dev = self.model.device
             res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), return_dict_in_generate=True,
                                       output_logits=params.logprobs, **kwargs)
@@ -77,11 +78,22 @@ class HFEngine(RolloutEngine):
 class RowSeededSampler(LogitsProcessor):
     """Temperature + top-p sampling where row i draws from its own generator (Gumbel-max: the
     argmax of scores + Gumbel noise is a sample of softmax(scores)). transformers' sampler uses
-    one stream for the whole batch, so a row's tokens would depend on its batch-mates."""
+    one stream for the whole batch, so a row's tokens would depend on its batch-mates.
+
+    On a CPU the uniforms come from CPU generators (the measured runs' streams, unchanged). On a
+    GPU each row's generator lives on the GPU, so a decode step draws there with no host work and
+    no copy (its stream differs from the CPU's: a seed reproduces a run on the same kind of device)."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
+        self.gens, self.device = None, None
         self.temperature, self.top_p = temperature, top_p
+
+    def _generators(self, device: torch.device) -> list[torch.Generator]:
+        if self.gens is None:  # made on the first step, where the scores are
+            self.device = device if device.type == "cuda" else torch.device("cpu")
+            self.gens = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
+        return self.gens
 
     def __call__(self, input_ids, scores):
         scores = scores.float() / self.temperature
@@ -90,5 +102,6 @@ class RowSeededSampler(LogitsProcessor):
             probs = srt.softmax(-1)
             drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest set reaching top_p
             scores = scores.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.gens]).to(scores.device)
+        gens = self._generators(scores.device)
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=self.device) for g in gens]).to(scores.device)
         return scores - torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-10)))

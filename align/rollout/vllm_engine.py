@@ -77,11 +77,13 @@ def _fast_dir() -> Path:
 class VLLMEngine(RolloutEngine):
     name = "vllm"
 
-    def __init__(self, base_path: str, tokenizer, *, max_lora_rank: int = 8, sync: str = "lora",
-                 seed: int = 0, max_model_len: int = 1024, kv_cache_gib: int = 2, dtype: str = "float32",
-                 base_name: str | None = None):
+    def __init__(self, base_path: str, tokenizer, *, dtype: str, device: str = "auto", max_lora_rank: int = 8,
+                 sync: str = "lora", seed: int = 0, max_model_len: int = 1024, kv_cache_gib: int = 2,
+                 memory_fraction: float | None = None, base_name: str | None = None):
+        from ..placement import PlacementError, resolve_device, vllm_engine_args
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # the CPU backend's cache only
         from vllm import LLM
 
         _refuse_transformers_fallback(base_path, sync)
@@ -89,13 +91,18 @@ class VLLMEngine(RolloutEngine):
         self.tok = tokenizer
         self.sync_mode = sync
         self.base_name = base_name or base_path
-        self.dtype = getattr(torch, dtype)  # what the engine computes in: merged weights are cast to it
-        lora_kwargs = {}
-        if sync == "lora":  # a merged engine has no LoRA layers, so its weights load by HF name
-            lora_kwargs = dict(enable_lora=True, max_lora_rank=_lora_rank_slot(max_lora_rank), max_loras=2)
+        try:  # a merged engine has no LoRA layers, so its weights load by HF name
+            args, notices = vllm_engine_args(base_path, device=resolve_device(device), dtype=dtype,
+                                             lora_rank=max_lora_rank if sync == "lora" else None, max_loras=2,
+                                             max_model_len=max_model_len, seed=seed, memory_fraction=memory_fraction)
+        except PlacementError as e:
+            raise EngineStartError(str(e)) from e
+        for notice in notices:
+            print(f"notice: {notice}")
+        self.dtype_name = args["dtype"]
+        self.dtype = getattr(torch, args["dtype"])  # what the engine computes in: merged weights are cast to it
         try:
-            self.llm = LLM(model=base_path, dtype=dtype, enforce_eager=True, seed=seed,
-                           max_model_len=max_model_len, gpu_memory_utilization=0.25, **lora_kwargs)
+            self.llm = LLM(**args)
             # One token through the engine now: some architectures start and only fail when
             # they first run (e.g. vLLM's transformers fallback), which must not be mid-training.
             from vllm import SamplingParams
@@ -117,7 +124,8 @@ class VLLMEngine(RolloutEngine):
         sync + generation round of each strategy and keeps the faster engine."""
         def make(mode):
             return cls(opts.base_path, tok, max_lora_rank=opts.max_lora_rank, sync=mode, dtype=opts.dtype,
-                       seed=opts.seed, base_name=opts.base_name, max_model_len=opts.max_model_len)
+                       device=opts.device, seed=opts.seed, base_name=opts.base_name, max_model_len=opts.max_model_len,
+                       memory_fraction=opts.memory_fraction)
 
         if opts.sync != "auto":
             eng = make(opts.sync)
@@ -296,9 +304,11 @@ class MultiAdapterEngine:
     (no LoRA request) and every adapter answer the same prompts in one batch -- what many
     adapters on one base are for (Punica/S-LoRA batching in vLLM)."""
 
-    def __init__(self, base_path: str, tokenizer, adapters: dict[str, str], *, max_model_len: int = 2048,
-                 dtype: str = "float32", seed: int = 0):
+    def __init__(self, base_path: str, tokenizer, adapters: dict[str, str], *, dtype: str, device: str = "auto",
+                 max_model_len: int = 2048, seed: int = 0, memory_fraction: float | None = None):
         import json
+
+        from ..placement import PlacementError, resolve_device, vllm_engine_args
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -309,9 +319,16 @@ class MultiAdapterEngine:
         ranks = [json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in adapters.values()]
         print(f"starting one vLLM engine for the base + {len(adapters)} adapter(s) (~10-30 s on a CPU)", flush=True)
         try:
-            self.llm = LLM(model=base_path, dtype=dtype, enforce_eager=True, seed=seed, max_model_len=max_model_len,
-                           gpu_memory_utilization=0.25, enable_lora=True, max_loras=len(adapters) + 1,
-                           max_lora_rank=_lora_rank_slot(max(ranks, default=8)))
+            args, notices = vllm_engine_args(base_path, device=resolve_device(device), dtype=dtype,
+                                             lora_rank=max(ranks, default=8), max_loras=len(adapters) + 1,
+                                             max_model_len=max_model_len, seed=seed,
+                                             memory_fraction=memory_fraction, colocated=False)
+        except PlacementError as e:
+            raise EngineStartError(str(e)) from e
+        for notice in notices:
+            print(f"notice: {notice}")
+        try:
+            self.llm = LLM(**args)
         except Exception as e:
             raise EngineStartError(f"vLLM {_vllm_version()} could not start for '{base_path}' with "
                                    f"{len(adapters)} adapters: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -353,14 +370,6 @@ def zero_adapter(like: str, out: str) -> str:
     weights = load_file(str(Path(like) / "adapter_model.safetensors"))
     save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(Path(out) / "adapter_model.safetensors"))
     return out
-
-
-def _lora_rank_slot(rank: int) -> int:
-    """The smallest LoRA rank vLLM accepts as max_lora_rank that holds ``rank``."""
-    for slot in (8, 16, 32, 64, 128, 256, 320, 512):
-        if rank <= slot:
-            return slot
-    raise EngineStartError(f"a LoRA rank of {rank} is above vLLM's largest max_lora_rank (512)")
 
 
 @torch.no_grad()

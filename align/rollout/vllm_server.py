@@ -144,20 +144,28 @@ class ServerProcess:
 class VLLMServerEngine(RolloutEngine):
     name = "vllm-server"
 
-    def __init__(self, base_path: str, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str = "", max_lora_rank: int = 8, max_model_len: int = 1024, dtype: str = "float32",
-                 startup_timeout: float = 300, request_timeout: float = 300, base_name: str | None = None,
+    def __init__(self, base_path: str, tokenizer, *, dtype: str, device: str = "auto", host: str = "127.0.0.1",
+                 port: int = 0, api_key: str = "", max_lora_rank: int = 8, max_model_len: int = 1024,
+                 memory_fraction: float | None = None, seed: int = 0, startup_timeout: float = 300,
+                 request_timeout: float = 300, base_name: str | None = None,
                  log_path: str | Path | None = None, devices: str | None = None):
+        from ..placement import resolve_device, vllm_engine_args, vllm_server_args
+
         self.tok = tokenizer
         self.base_name = base_name or base_path
         self.stats = EngineStats()
         self.version, self._lora_name = -1, None
+        # The server runs on the trainer's kind of device (its own GPUs with server_devices).
+        args, notices = vllm_engine_args(base_path, device=resolve_device(device), dtype=dtype,
+                                         lora_rank=max_lora_rank, max_loras=2, max_model_len=max_model_len,
+                                         seed=seed, memory_fraction=memory_fraction, colocated=not devices)
+        for notice in notices:
+            print(f"notice: {notice}")
+        self.dtype_name = args["dtype"]
         self._dir = Path(tempfile.mkdtemp(prefix="align-server-adapters-"))
         print(f"starting a vLLM server on {host} (~30 s on a CPU)", flush=True)
         self.server = ServerProcess(
-            base_path, ["--dtype", dtype, "--enforce-eager", "--enable-lora",
-                        "--max-lora-rank", str(max(8, max_lora_rank)), "--max-loras", "2",
-                        "--max-model-len", str(max_model_len), "--served-model-name", "base"],
+            base_path, vllm_server_args(args) + ["--served-model-name", "base"],
             host=host, port=port, api_key=api_key, log_path=log_path, devices=devices,
             env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, startup_timeout=startup_timeout,
             request_timeout=request_timeout)
@@ -168,8 +176,9 @@ class VLLMServerEngine(RolloutEngine):
         from .. import distributed
 
         log = Path(opts.log_dir) / f"vllm-server-rank{distributed.rank()}.log" if opts.log_dir else None
-        engine = cls(opts.base_path, tok, host=opts.host, api_key=opts.api_key, dtype=opts.dtype,
+        engine = cls(opts.base_path, tok, host=opts.host, api_key=opts.api_key, dtype=opts.dtype, device=opts.device,
                      max_lora_rank=opts.max_lora_rank, max_model_len=opts.max_model_len,
+                     memory_fraction=opts.memory_fraction, seed=opts.seed,
                      base_name=opts.base_name, log_path=log, devices=opts.server_devices or None)
         engine.sync(peft_model, 0)
         return engine

@@ -33,7 +33,9 @@ def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
 def sampled_logprobs(step_logits, tokens: torch.Tensor) -> torch.Tensor:
     """(B, steps) log-probs of generated ``tokens`` under a generator's per-step raw logits
     (before any temperature or top-p): the policy's own log-probs, as PPO's ratio needs them."""
-    out = torch.zeros(tokens.shape, dtype=torch.float32)
+    device = step_logits[0].device if len(step_logits) else tokens.device
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
+    tokens = tokens.to(device)
     for t, step in enumerate(step_logits):
-        out[:, t] = token_logprobs(step, tokens[:, t].to(step.device))[0].cpu()
-    return out
+        out[:, t] = token_logprobs(step, tokens[:, t])[0]
+    return out.cpu()  # one copy to the host, not one per decode step

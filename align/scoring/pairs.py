@@ -267,10 +267,18 @@ class PairScores:
     rejected_tokens: torch.Tensor
 
 
+def placed_batch(collator, rows, model) -> dict:
+    """A collated batch on the model's device: the one place scoring moves data to the model
+    (collators build on the CPU, where the tokenized rows are)."""
+    from ..placement import model_device, to_device
+
+    return to_device(collator(rows), model_device(model))
+
+
 @torch.no_grad()
 def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 8,
                 desc: str = "scoring") -> PairScores:
-    """Summed log-probs of chosen/rejected for every tokenized pair, in dataset order."""
+    """Summed log-probs of chosen/rejected for every tokenized pair, in dataset order (on the CPU)."""
     was_training = model.training
     model.eval()
     out = {k: [] for k in ("c", "r", "cn", "rn")}
@@ -279,7 +287,7 @@ def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 
     order = length_order(rows, collator)
     rows = [rows[i] for i in order]
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-        batch = collator(rows[start:start + batch_size])
+        batch = placed_batch(collator, rows[start:start + batch_size], model)
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=labels, fused_lm_head=True, **{k: batch[k] for k in PACKED_KEYS})
@@ -289,9 +297,9 @@ def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 
         out["c"].append(logps[:B]); out["r"].append(logps[B:])
         out["cn"].append(n[:B]); out["rn"].append(n[B:])
     model.train(was_training)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    cat = {k: torch.cat(v).float()[inverse] for k, v in out.items()}
+    inverse = torch.empty(len(order), dtype=torch.long, device="cpu")
+    inverse[torch.tensor(order, dtype=torch.long, device="cpu")] = torch.arange(len(order), device="cpu")
+    cat = {k: torch.cat(v).float().cpu()[inverse] for k, v in out.items()}  # one copy to the host
     return PairScores(cat["c"], cat["r"], cat["cn"], cat["rn"])
 
 
@@ -316,10 +324,10 @@ def pair_scores(model, pairs: list[dict], collator: PackedPairCollator, batch_si
     was_training = model.training
     model.eval()
     order = length_order(pairs, collator)
-    out = torch.empty(len(pairs), 2)
+    out = torch.empty(len(pairs), 2, device="cpu")  # filled from each batch's .cpu()
     for s in tqdm(range(0, len(order), batch_size), desc="reward-model scores", leave=False):
         idx = order[s:s + batch_size]
-        batch = {k: v.to(model.device) for k, v in collator([pairs[i] for i in idx]).items()}
+        batch = placed_batch(collator, [pairs[i] for i in idx], model)
         out[idx] = model(**batch).float().cpu()
     model.train(was_training)
     return out
