@@ -64,7 +64,7 @@ def _add_placement(p, what: str = "the base") -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help=f"where {what} runs (auto: this process's GPU if torch sees one, else the CPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help=f"{what}'s dtype (auto: bf16 where the hardware computes it natively, else float32; "
+                   help=f"{what}'s dtype (auto: bf16 on a GPU that has it, float32 on a CPU; "
                         "vLLM with LoRA on a GPU is never float32)")
 
 

@@ -51,7 +51,9 @@ def load_targets(texts: list[str], base_override: str | None, device: str = "aut
     if len(bases) > 1:
         raise EvalError(f"the adapters sit on different bases ({', '.join(sorted(bases))}); evaluate them separately")
     base_name = base_override or (adapters[0].base if adapters else targets[0].base)
-    base, tok = load_base(ModelConfig(name=base_name, device=device, dtype=dtype))
+    from .placement import standalone_dtype
+
+    base, tok = load_base(ModelConfig(name=base_name, device=device, dtype=standalone_dtype(dtype, device)))
     roles = Roles(base, LoraConfig(r=1, alpha=1))
     for t in adapters:
         roles.add_scorer(t.name, t.path)
@@ -472,5 +474,5 @@ def report_after_job(cfg, run_path: Path, held_out=None) -> str:
     run_eval([str(run_path)], generate=True, prompts=ev.prompts or cfg.data.dataset,
              prompt_subsets=ev.prompt_subsets or cfg.data.eval_subsets, num_prompts=ev.num_prompts,
              max_new_tokens=ev.max_new_tokens, judge=ev.judge, out=str(out), seed=cfg.run.seed,
-             prompt_list=None if ev.prompts else held_out, device=cfg.model.device, dtype=cfg.model.dtype)
+             prompt_list=None if ev.prompts else held_out, device=cfg.model.device)
     return str(out / "report.html")

@@ -83,6 +83,17 @@ def resolve_dtype(name: str, device: str | torch.device = "auto") -> str:
     return auto_dtype(device)[0] if name == "auto" else name
 
 
+def standalone_dtype(dtype: str, device: str | torch.device = "auto") -> str:
+    """``--dtype auto`` of a command that trains nothing (eval, serve): the training rule on a
+    GPU (bf16 where it has it); float32 on a CPU, where every eval and serve figure was measured
+    and where vLLM's CPU build died with SIGILL running bf16 on this project's AMX Xeon
+    (2026-12-04, `align eval --accuracy`, merged adapters; float32 ran)."""
+    device = resolve_device(device)
+    if dtype != "auto":
+        return resolve_dtype(dtype, device)
+    return auto_dtype(device)[0] if device.type == "cuda" else "float32"
+
+
 @dataclass(frozen=True)
 class Placement:
     """A process's decision: where its model lives and in what dtype, and why that dtype."""

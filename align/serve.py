@@ -77,7 +77,7 @@ def start(adapters: list[str], names: list[str] = (), *, base: str | None = None
           dtype: str = "auto", device: str = "auto", memory_fraction: float | None = None, log_path=None):
     """Check everything, then start the server (a :class:`ServerProcess`); the caller stops it."""
     from .assets import resolve_model
-    from .placement import resolve_device, vllm_engine_args, vllm_server_args
+    from .placement import resolve_device, standalone_dtype, vllm_engine_args, vllm_server_args
     from .rollout.vllm_engine import zero_adapter
     from .rollout.vllm_server import ServerProcess
 
@@ -86,7 +86,7 @@ def start(adapters: list[str], names: list[str] = (), *, base: str | None = None
     if not base_name:
         raise ServeError("nothing to serve: name at least one adapter (or --base)")
     where = resolve_device(device)
-    engine, notices = vllm_engine_args(resolve_model(base_name), device=where, dtype=dtype,
+    engine, notices = vllm_engine_args(resolve_model(base_name), device=where, dtype=standalone_dtype(dtype, where),
                                        lora_rank=slot if served else None, max_loras=len(served) + 1,
                                        max_model_len=max_model_len or None, memory_fraction=memory_fraction,
                                        colocated=False)

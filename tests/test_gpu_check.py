@@ -1,0 +1,22 @@
+"""scripts/gpu_check.py's CPU form: every job once at tiny size, as the GPU check runs them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_tiny_on_the_cpu_runs_every_job(tmp_path, shared):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    failed = {k: v.get("error") for k, v in result["jobs"].items() if not v["ran"]}
+    assert proc.returncode == 0 and result["all_ran"], failed
+    jobs = result["jobs"]
+    assert {"dpo", "rm", "ppo_verifier", "ppo_dpo_reward_rm_judge", "eval_pairs", "eval_accuracy",
+            "eval_generation", "export_adapter", "export_merged"} <= set(jobs)
+    assert jobs["dpo"]["share_of_peak_train"] is not None and result["weights"] == "random"
+    assert all(not v["skew"] for k, v in result["dependencies"].items() if k != "vllm")
+    assert not list((ROOT / "results").glob("gpu_check_cpu*.json"))  # wrote where it was told, nothing else
