@@ -689,8 +689,12 @@ def load_config(job: str, path: str | Path | None = None, overrides: list[str] =
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
+        from .data.rows import DataError, read_utf8
+
         try:
-            data = load_yaml(path.read_text(encoding="utf-8-sig"), str(path)) or {}
+            data = load_yaml(read_utf8(path), str(path)) or {}
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from reward.verify import number_only_match, numeric_match
+from reward.verify import missing, number_only_match, numeric_match
 
 from .rollout.base import SamplingConfig
 from .scoring.stats import wilson_ci95
@@ -20,8 +20,9 @@ GRADERS = {"strict": number_only_match, "lenient": numeric_match}
 
 
 def graded(prompts: list[dict], answer_field: str) -> list[dict]:
-    """The prompts that carry a reference answer in ``answer_field``."""
-    return [p for p in prompts if answer_field and p.get("fields", {}).get(answer_field) is not None]
+    """The prompts that carry a reference answer in ``answer_field`` (a blank or NaN one is none:
+    :func:`reward.verify.missing`)."""
+    return [p for p in prompts if answer_field and not missing(p.get("fields", {}).get(answer_field))]
 
 
 def grade(texts: list[str], answers: list) -> dict[str, list[float]]:

@@ -1,4 +1,6 @@
-"""Verifier rewards: 1.0 when an answer matches the row's reference answer, else 0.0.
+"""Verifier rewards: 1.0 when an answer matches the row's reference answer, else 0.0, and None
+("no score", TRL's convention: the sample is left out, never trained on) where the row has no
+reference answer (``None``, an empty string, NaN).
 
 Name one as the reward (``reward.function: reward.verify:numeric_match``); the reference comes
 from the prompt row's ``answer`` field (or TRL's ``solution``), which align hands to the reward
@@ -47,6 +49,20 @@ def _references(n: int, answer, solution) -> list:
     return list(refs)
 
 
+def missing(reference) -> bool:
+    """A row without its answer: None, an empty or blank string, or NaN (a blank CSV/Parquet cell).
+    Graded, such a row would turn "no label" into a score: 0 for any answer, or 1 for "None"."""
+    if reference is None:
+        return True
+    if isinstance(reference, float) and math.isnan(reference):
+        return True
+    return isinstance(reference, str) and not reference.strip()
+
+
+def _graded(grade, completions, refs) -> list[float | None]:
+    return [None if missing(r) else float(grade(_text(c), r)) for c, r in zip(completions, refs)]
+
+
 def to_number(text: str) -> float | None:
     """``"1,234"`` -> 1234.0, ``"-5"`` -> -5.0, ``"12.0"`` -> 12.0; None if it is not one number."""
     text = str(text).strip().replace("−", "-").replace(",", "")
@@ -76,22 +92,25 @@ def _same(value: float | None, reference, rel_tol: float = 1e-9, abs_tol: float 
     return value is not None and ref is not None and math.isclose(value, ref, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
-def numeric_match(completions, answer=None, solution=None, **_) -> list[float]:
-    """1.0 where the answer's last number equals the reference's (the lenient grader)."""
+def numeric_match(completions, answer=None, solution=None, **_) -> list[float | None]:
+    """1.0 where the answer's last number equals the reference's (the lenient grader); None
+    where the row has no reference."""
     refs = _references(len(completions), answer, solution)
-    return [float(_same(last_number(_text(c)), r)) for c, r in zip(completions, refs)]
+    return _graded(lambda text, r: _same(last_number(text), r), completions, refs)
 
 
-def number_only_match(completions, answer=None, solution=None, **_) -> list[float]:
-    """1.0 where the answer is just one number and it equals the reference (the strict grader)."""
+def number_only_match(completions, answer=None, solution=None, **_) -> list[float | None]:
+    """1.0 where the answer is just one number and it equals the reference (the strict grader);
+    None where the row has no reference."""
     refs = _references(len(completions), answer, solution)
-    return [float(_same(only_number(_text(c)), r)) for c, r in zip(completions, refs)]
+    return _graded(lambda text, r: _same(only_number(text), r), completions, refs)
 
 
-def exact_match(completions, answer=None, solution=None, **_) -> list[float]:
-    """1.0 where the trimmed answer (a final period dropped) is the reference, character for character."""
+def exact_match(completions, answer=None, solution=None, **_) -> list[float | None]:
+    """1.0 where the trimmed answer (a final period dropped) is the reference, character for
+    character; None where the row has no reference."""
     refs = _references(len(completions), answer, solution)
-    return [float(_text(c).strip().removesuffix(".").strip() == str(r).strip()) for c, r in zip(completions, refs)]
+    return _graded(lambda text, r: text.strip().removesuffix(".").strip() == str(r).strip(), completions, refs)
 
 
 def number_only(completions, **_) -> list[float]:
@@ -101,14 +120,17 @@ def number_only(completions, **_) -> list[float]:
 
 def math_match(completions, answer=None, solution=None, **_) -> list[float | None]:
     """math-verify's verdict on each answer against its reference (LaTeX, ``\\boxed{}``, fractions,
-    expressions). A reference math-verify cannot parse gives ``None`` ("no score"): the sample
-    is left out of its group, as TRL does, instead of being marked wrong."""
+    expressions). A missing reference, or one math-verify cannot parse, gives ``None`` ("no
+    score"): the sample is left out of its group, as TRL does, instead of being marked wrong."""
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning, per call
     refs = _references(len(completions), answer, solution)
     out: list[float | None] = []
     for c, r in zip(completions, refs):
+        if missing(r):
+            out.append(None)
+            continue
         gold = parse(str(r) if re.search(r"[$\\]", str(r)) else f"${r}$", parsing_timeout=None)
         if not gold:
             out.append(None)

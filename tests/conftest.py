@@ -160,3 +160,61 @@ def implicit_margins_by_hand():
 def accuracy_with_ties(margins, tie: float = 1e-4):
     """Share of margins > 0, a near-zero margin (float noise between two ways of scoring) 1/2."""
     return sum(1.0 if m > tie else 0.5 if abs(m) <= tie else 0.0 for m in margins) / len(margins)
+
+
+# -- tiers --------------------------------------------------------------------------------
+# The fast tier (`pytest -m "not real and not vllm and not slow"`, what a developer runs before a
+# commit) leaves out tests that load the real model, start vLLM, or took >= 2 s each in the
+# measured full run of 84b20d5 (2-core Xeon, --durations; docs/testing.md). CI runs everything.
+# A test is `real` when it uses the real model's fixtures; `slow` when it is named here.
+REAL_FIXTURES = {"real_model", "real_model_path"}
+SLOW = {
+    "tests/test_architectures.py::test_backend_without_custom_masks_falls_back_to_rows",
+    "tests/test_architectures.py::test_packed_pairs_equal_separate_rows",
+    "tests/test_architectures.py::test_vllm_serves_the_policy_like_the_trainer",
+    "tests/test_bad_input.py::test_bad_input_names_the_culprit",
+    "tests/test_config.py::test_dry_run_checks_and_writes_nothing",
+    "tests/test_eval_serve.py::test_eval_targets_side_by_side_with_a_report",
+    "tests/test_eval_serve.py::test_eval_vllm_answers_equal_transformers",
+    "tests/test_eval_serve.py::test_ppo_job_ends_with_the_report_when_asked",
+    "tests/test_eval_serve.py::test_serve_answers_by_adapter_name_like_transformers",
+    "tests/test_export.py::test_export_adapter_and_merged_reload_without_align",
+    "tests/test_full_finetuning.py::test_a_full_finetuning_run_saves_and_resolves_a_model",
+    "tests/test_full_finetuning.py::test_without_the_initial_evaluation",
+    "tests/test_hardening.py::test_a_ppo_run_stores_the_prompts_whatever_the_reward_does",
+    "tests/test_hardening.py::test_a_server_that_dies_after_start_up_points_at_a_log_that_exists",
+    "tests/test_hardening.py::test_sigterm_during_the_vllm_check_publishes_nothing_and_ends_the_engine",
+    "tests/test_lora_without_regret.py::test_every_arm_runs_is_reported_and_a_rerun_skips_it",
+    "tests/test_models.py::test_live_copies_sees_a_base_loaded_anywhere_in_the_process",
+    "tests/test_multiprocess.py::test_ppo_two_processes_match_one",
+    "tests/test_ppo.py::test_ppo_shows_progress_within_an_iteration",
+    "tests/test_ppo.py::test_tiny_ppo_job_end_to_end",
+    "tests/test_readme.py::test_readme_command_runs",
+    "tests/test_readme.py::test_readme_python_loading_snippet_runs",
+    "tests/test_resume.py::test_ctrl_c_while_the_reward_function_hangs",
+    "tests/test_resume.py::test_ppo_interrupted_then_resumed_matches_uninterrupted",
+    "tests/test_resume.py::test_ppo_nonfinite_steps_are_skipped_then_stop_the_run",
+    "tests/test_resume.py::test_resume_refuses_changed_config_and_missing_checkpoint",
+    "tests/test_rewards.py::test_dpo_adapter_reward_is_its_implicit_reward",
+    "tests/test_rewards.py::test_ppo_with_a_reward_of_two_terms_logs_each_term",
+    "tests/test_rewards.py::test_ppo_with_reward_model_and_judge_adapters_end_to_end",
+    "tests/test_rewards.py::test_reward_function_sees_the_whole_dialogue_and_plain_functions_still_work",
+    "tests/test_rm.py::test_packed_reward_scores_equal_the_plain_classifier",
+    "tests/test_runs.py::test_tensorboard_tracker_gets_the_ppo_metrics",
+    "tests/test_server_process.py::test_port_taken_meanwhile_is_retried_and_requests_carry_the_key",
+    "tests/test_verifiable.py::test_a_users_solution_dataset_runs_with_trls_accuracy_reward",
+    "tests/test_verifiable.py::test_align_eval_accuracy_of_base_and_adapter",
+    "tests/test_verifiable.py::test_greedy_only_evaluation",
+    "tests/test_verifiable.py::test_ppo_on_the_arithmetic_task_reports_accuracy",
+    "tests/test_vllm.py::test_a_bf16_engine_decodes_like_the_trainer_within_bf16_rounding",
+    "tests/test_vllm.py::test_parity_across_successive_adapter_versions",
+    "tests/test_vllm.py::test_server_mode_serves_adapter_on_loopback",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+        if item.nodeid.split("[")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)

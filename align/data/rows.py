@@ -43,20 +43,36 @@ class LoadReport:
         return ", ".join(parts)
 
 
-def open_text(path: Path):
-    path = Path(path)
-    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1's JSON
-    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
+def read_utf8(path: Path) -> str:
+    """A whole text file (a byte-order mark dropped); a byte that is not UTF-8 is a DataError
+    naming its line and offset, not a decoder's chunk-relative position."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise DataError(f"{path}:{line}: not UTF-8: byte 0x{data[e.start]:02x} at byte {col} of the line "
+                        f"({e.start} of the file); save the file as UTF-8") from None
 
 
 def iter_jsonl(path: Path, report: LoadReport, strict: bool = False):
     """Yield ``(where, row)`` per JSON line; malformed lines are counted (or raise under strict).
     A file that ends early (a cut download, a truncated ``.gz``) is always an error naming the
-    file and its last good line: silently training on part of a file is worse than stopping."""
-    lineno = 0
+    file and its last good line: silently training on part of a file is worse than stopping.
+    Lines are read as bytes and decoded one by one, so a byte that is not UTF-8 is named by its
+    line and offset (a decoder's own position is relative to a chunk, not the file)."""
+    lineno, offset = 0, 0
     try:
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
+        with (gzip.open(path, "rb") if Path(path).suffix == ".gz" else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not JSON
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start} of "
+                                    f"the line ({offset + e.start} of the file{' uncompressed' if Path(path).suffix == '.gz' else ''}); "
+                                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                offset += len(raw)
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
@@ -64,7 +80,7 @@ def iter_jsonl(path: Path, report: LoadReport, strict: bool = False):
                     yield where, json.loads(line)
                 except json.JSONDecodeError as e:
                     report.skip(where, f"malformed JSON: {e.msg} at column {e.colno}", strict)
-    except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as e:
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: truncated or corrupt after line {lineno} ({type(e).__name__}: {e}); "
                         "the file is incomplete, download or copy it again") from e
 
