@@ -413,6 +413,42 @@ def _shared_name(name: str) -> str:
     return gather_objects(name)[0]
 
 
+# Config keys that name local files or folders (a name that is not one -- a Hub id, a built-in
+# data set, a module path -- is left as it is).
+PATH_KEYS = ("data.dataset", "data.eval_dataset", "reward.function", "reward.adapter", "judge.function",
+             "judge.adapter", "eval.prompts", "eval.judge")
+
+
+def absolute_paths(cfg) -> None:
+    """Every local path a run uses made absolute, once, at its start: user code (a reward
+    function) that changes the working folder, on a thread that may outlive its timeout, can
+    no longer send the run's writes or reads elsewhere. ``run.output_dir`` always; the keys of
+    :data:`PATH_KEYS` (``file.py:fn`` by its file part) and ``reward.also`` terms where they name
+    something that exists here."""
+    import os
+
+    def local(text: str) -> str:  # [kind:]path[.py:function]
+        kind = ""
+        if text.split(":", 1)[0] in ("classifier", "dpo", "function"):
+            kind, text = text.split(":", 1)
+            kind += ":"
+        path, fn = text, ""
+        if ".py:" in text:
+            path, fn = text.rsplit(":", 1)
+            fn = ":" + fn
+        return kind + (os.path.abspath(path) if path and os.path.exists(path) else path) + fn
+
+    cfg.run.output_dir = os.path.abspath(cfg.run.output_dir)
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        part = getattr(cfg, section, None)
+        if part is not None and isinstance(getattr(part, name, None), str):
+            setattr(part, name, local(getattr(part, name)))
+    reward = getattr(cfg, "reward", None)
+    if reward is not None and getattr(reward, "also", None):
+        reward.also = [local(term) for term in reward.also]
+
+
 def start_run(cfg, job: str) -> RunDir:
     """Seed everything from ``run.seed``, set torch's threads (``model.threads``), create or
     reopen the run folder (``run.resume``) under its lock, say where it is. ``run.resume_from``
@@ -420,6 +456,7 @@ def start_run(cfg, job: str) -> RunDir:
     import torch
     from transformers import set_seed
 
+    absolute_paths(cfg)  # before any user code runs: a reward may os.chdir
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     set_seed(cfg.run.seed)

@@ -18,6 +18,9 @@ function and the offending sample. This module knows nothing of trainers.
 """
 from __future__ import annotations
 
+import contextlib
+
+
 import importlib
 import importlib.util
 import inspect
@@ -142,12 +145,43 @@ def _call(fn, prompts, completions, info, timeout: float | None, cancelled):
     return result["out"]
 
 
+@contextlib.contextmanager
+def _process_state_kept(fn):
+    """The training's random streams and torch's thread count as they were before a reward
+    call: a reward that reseeds the global RNGs (``random.seed``, ``np.random.seed``,
+    ``torch.manual_seed``) or sets torch's threads changes nothing outside itself. A working
+    folder it changes is put back and said (paths are absolute anyway: runs.absolute_paths)."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_num_threads(), os.getcwd(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[5] is not None:
+            torch.cuda.set_rng_state_all(states[5])
+        if torch.get_num_threads() != states[3]:
+            torch.set_num_threads(states[3])
+        if os.getcwd() != states[4]:
+            print(f"notice: reward function {fn_name(fn)} changed the working folder to {os.getcwd()}; "
+                  f"put back to {states[4]}")
+            os.chdir(states[4])
+
+
 def call_reward(fn, prompts: list, completions: list, *, timeout: float | None = None,
                 cancelled=None, **info) -> list[float]:
     """Call a reward function and validate its answer; a ``None`` sample comes back as NaN.
     ``timeout`` (seconds) and ``cancelled`` (a callable) bound how long the caller waits."""
     try:
-        out = _call(fn, prompts, completions, info, timeout, cancelled)
+        with _process_state_kept(fn):
+            out = _call(fn, prompts, completions, info, timeout, cancelled)
     except (RewardError, RewardCancelled):
         raise
     except Exception as e:

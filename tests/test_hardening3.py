@@ -53,3 +53,35 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b"model:\n  name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: not UTF-8: byte 0xe9 at byte 11 of the line"):
         load_config("dpo", str(path), [])
+
+
+def test_a_reward_that_changes_folder_seeds_and_threads_changes_nothing_outside(tmp_path, tiny_model_path,
+                                                                                monkeypatch):
+    """84b20d5: a reward calling os.chdir with the default relative run.output_dir ended the run
+    after its first iteration ([Errno 2] No such file or directory: 'runs'), a stale .lock left."""
+    import json
+
+    import torch
+
+    from align.config import load_config
+    from align.ppo import run_ppo
+
+    work = tmp_path / "work"
+    (work / "elsewhere").mkdir(parents=True)
+    (work / "moving.py").write_text(
+        "import os, random, torch\n"
+        "def reward(prompts, completions, **info):\n"
+        "    os.chdir(os.path.join(os.path.dirname(__file__), 'elsewhere'))\n"
+        "    random.seed(1); torch.manual_seed(1); torch.set_num_threads(1)\n"
+        "    return [float(len(c)) for c in completions]\n")
+    (work / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {i}"}) for i in range(8)) + "\n")
+    monkeypatch.chdir(work)
+    threads = torch.get_num_threads()
+    cfg = load_config("ppo", None, [f"model.name={tiny_model_path}", "data.dataset=prompts.jsonl",
+                                    "reward.function=moving.py:reward", "ppo.iterations=2", "ppo.advantage=grpo",
+                                    "ppo.prompts_per_iteration=2", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4",
+                                    "rollout.max_new_tokens=4", "data.eval_prompts=2", "run.name=moved", "run.plot=false"])
+    run_ppo(cfg)
+    assert (work / "runs" / "moved" / "summary.json").is_file()  # under the folder the run started in
+    assert not (work / "elsewhere" / "runs").exists()
+    assert torch.get_num_threads() == threads
