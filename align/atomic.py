@@ -8,11 +8,58 @@ them private, 0600/0700, which would otherwise stay).
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+# What a full or locked disk answers a write with: no space (or no inodes: the same ENOSPC), a
+# quota, a read-only file system.
+DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class DiskFull(OSError):
+    """A write the disk refused; the message names what was being written, the folder, the free
+    space and how to go on. Whatever was written before is left as it was."""
+
+
+def disk_refusal(e: BaseException) -> int | None:
+    """The errno of a disk refusal behind ``e`` (an OSError, or a writer's own error that carries
+    the OS's text, as safetensors' "... (os error 28)"), else None."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in DISK_REFUSALS:
+            return err.errno
+        m = re.search(r"os error (\d+)", str(err or ""))
+        if m and int(m.group(1)) in DISK_REFUSALS:
+            return int(m.group(1))
+    return None
+
+
+def free_space(folder: Path) -> str:
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+
+
+@contextmanager
+def disk_refusals(what: str, folder: Path, *, remove: Path | None = None, then: str = ""):
+    """Turn a disk's refusal inside the block into one :class:`DiskFull` line; ``remove`` (a
+    partial write of this call's own) is deleted first, so the last good state is what stays."""
+    try:
+        yield
+    except BaseException as e:
+        code = disk_refusal(e)
+        if code is None or isinstance(e, DiskFull):
+            raise
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True) if Path(remove).is_dir() else Path(remove).unlink(missing_ok=True)
+        raise DiskFull(code, f"{what}: {os.strerror(code)} in '{folder}' ({free_space(folder)})"
+                             + (f"; {then}" if then else "")) from e
 
 
 def _umask() -> int:
@@ -41,8 +88,14 @@ def follow_umask(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so a crash never leaves a half-written file."""
+    """Write via a temp file + rename, so a crash never leaves a half-written file (and a full
+    disk leaves the previous version, said in one line)."""
     path = Path(path)
+    with disk_refusals(f"writing {path.name}", path.parent, then=f"'{path}' is as it was"):
+        _write_text(path, text)
+
+
+def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -73,14 +126,16 @@ def atomic_dir(final: Path):
     """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename."""
     final = check_out_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        follow_umask(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_refusals(f"writing '{final}'", final.parent, then="nothing was published there (what was there before "
+                                                                  "is unchanged)"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            yield tmp
+            follow_umask(tmp)
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def replace_dir(src: Path, final: Path) -> None:

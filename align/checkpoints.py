@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_write_text, follow_umask, replace_dir
+from .atomic import atomic_write_text, disk_refusals, follow_umask, replace_dir
 from .config import ConfigError, to_dict
 from .deps.transformers_internals import TrainerHooks
 from .deps.trl_internals import TOTAL_TOKENS_ATTR
@@ -155,16 +155,38 @@ def save_checkpoint(run_path: Path, step: int, keep_last: int, write) -> Path:
     rank = distributed.rank()
     tmp = stage_dir(run_path, step) if rank == 0 else checkpoint_root(run_path) / f".tmp-step-{step}"
     distributed.barrier()
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+    with refused_save(run_path, step, tmp):
+        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
     if rank != 0:
         distributed.barrier()
         distributed.barrier()
         return checkpoint_root(run_path) / f"step-{step}"
-    write(tmp)
-    distributed.barrier()  # every rank's RNG file is written
-    final = publish(tmp, run_path, step, keep_last)
+    with refused_save(run_path, step, tmp):
+        write(tmp)
+        distributed.barrier()  # every rank's RNG file is written
+        final = publish(tmp, run_path, step, keep_last)
     distributed.barrier()
     return final
+
+
+def resume_hint(run_path: Path) -> str:
+    """How to go on from the last complete checkpoint of ``run_path``."""
+    from .runs import read_manifest
+
+    last = latest_checkpoint(run_path)
+    job = read_manifest(run_path).get("job", "<job>")
+    if last is None:
+        return "no checkpoint was completed; free space and start again"
+    return (f"the last complete checkpoint is {last.name}: free space, then continue with "
+            f"`align {job} <your config and overrides> run.output_dir={Path(run_path).parent} "
+            f"run.name={Path(run_path).name} --resume`")
+
+
+def refused_save(run_path: Path, step: int, staging: Path):
+    """A checkpoint save the disk refuses: its partial folder removed, one line naming the step,
+    the folder, the free space and the --resume command."""
+    return disk_refusals(f"saving the checkpoint of step {step}", checkpoint_root(run_path), remove=staging,
+                         then=f"the partial checkpoint was removed; {resume_hint(run_path)}")
 
 
 def restore_rng(checkpoint: Path) -> None:
@@ -288,13 +310,15 @@ class AtomicCheckpoints(TrainerHooks):
         output_dir = self.args.output_dir
         self.args.output_dir = str(staging)
         try:
-            write()  # transformers' writer: staging/checkpoint-<step>
+            with refused_save(self.align_run_path, step, staging):
+                write()  # transformers' writer: staging/checkpoint-<step>
         finally:
             self.args.output_dir = output_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             extra = {k: getattr(self, k) for k in self.align_state_attrs if hasattr(self, k)}
-            (staging / f"checkpoint-{step}" / "align_state.json").write_text(json.dumps(extra))
-            publish(staging / f"checkpoint-{step}", self.align_run_path, step, self.align_keep_last)
+            with refused_save(self.align_run_path, step, staging):
+                (staging / f"checkpoint-{step}" / "align_state.json").write_text(json.dumps(extra))
+                publish(staging / f"checkpoint-{step}", self.align_run_path, step, self.align_keep_last)
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()

@@ -254,11 +254,20 @@ class RunDir:
     def log(self, record: dict) -> None:
         if not is_main_process():
             return
+        from .atomic import disk_refusals
+
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            size = f.tell()
+            try:
+                with disk_refusals("logging to metrics.jsonl", self.path,
+                                   then=f"the log ends at its last whole line; {ck.resume_hint(self.path)}"):
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+            except OSError:
+                f.truncate(size)  # never a torn last line
+                raise
         for tracker in self.trackers:
             tracker.log(record)
 
@@ -522,6 +531,26 @@ def _run_dtype(cfg, resumed: Path | None) -> tuple[str, str]:
     return dtype, f"model.dtype=auto: {why}"
 
 
+def save_figure(fig, out: Path) -> None:
+    """A plot written whole or not at all (a temp file, then one rename; a full disk says so)."""
+    import os
+    import tempfile
+
+    from .atomic import disk_refusals, public_mode
+
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    with disk_refusals(f"writing the plot {out.name}", out.parent, remove=Path(tmp), then=f"'{out}' is as it was"):
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.chmod(tmp, public_mode())
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 def plot_metrics(records: list[dict], keys: list[str], out: Path, title: str = "") -> Path | None:
     """One panel per key against ``step``; returns the PNG path (None if nothing to plot)."""
     import matplotlib
@@ -548,7 +577,7 @@ def plot_metrics(records: list[dict], keys: list[str], out: Path, title: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -580,7 +609,7 @@ def plot_heldout_vs_kl(records: list[dict], out: Path, title: str = "") -> Path 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -613,6 +642,6 @@ def plot_accuracy(records: list[dict], out: Path, title: str = "") -> Path | Non
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "held-out accuracy")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out)
     plt.close(fig)
     return out

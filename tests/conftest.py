@@ -169,6 +169,14 @@ def accuracy_with_ties(margins, tie: float = 1e-4):
 # A test is `real` when it uses the real model's fixtures; `slow` when it is named here.
 REAL_FIXTURES = {"real_model", "real_model_path"}
 SLOW = {
+    "tests/test_export.py::test_real_dpo_export_loads_in_peft_transformers_and_vllm",
+    "tests/test_resume.py::test_dpo_interrupted_then_resumed_matches_uninterrupted",
+    "tests/test_rm.py::test_sentiment_reward_separates_real_reviews",
+    "tests/test_dpo.py::test_real_dpo_lowers_loss_and_writes_adapter",
+    "tests/test_resume.py::test_rm_killed_then_resumed_matches_uninterrupted",
+    "tests/test_multiprocess.py::test_dpo_two_processes_match_one",
+    "tests/test_export.py::test_real_merged_bf16_export_passes_its_verification",
+    "tests/test_dpo.py::test_tiny_dpo_job_end_to_end",
     "tests/test_architectures.py::test_backend_without_custom_masks_falls_back_to_rows",
     "tests/test_architectures.py::test_packed_pairs_equal_separate_rows",
     "tests/test_architectures.py::test_vllm_serves_the_policy_like_the_trainer",

@@ -85,3 +85,113 @@ def test_a_reward_that_changes_folder_seeds_and_threads_changes_nothing_outside(
     assert (work / "runs" / "moved" / "summary.json").is_file()  # under the folder the run started in
     assert not (work / "elsewhere" / "runs").exists()
     assert torch.get_num_threads() == threads
+
+
+# -- a disk that refuses -------------------------------------------------------------------
+
+
+def _dpo_args(model, out):
+    return ["dpo", f"model.name={model}", "model.dtype=float32", f"run.output_dir={out}", "run.name=d",
+            "run.save_every=1", "data.max_train_pairs=16", "data.max_eval_pairs=8", "train.batch_size=4",
+            "train.max_length=96", "train.max_prompt_length=48"]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 600 KB tmpfs (root can mount one here and in CI); None where mounting is not allowed."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_says_so_and_keeps_the_last_good_one(small_disk, tiny_model_path,
+                                                                                     tmp_path, shared, monkeypatch):
+    """84b20d5: a raw SafetensorError traceback, and checkpoints/.tmp-step-2/ left on the full disk."""
+    import errno
+    import subprocess
+    import sys
+
+    if small_disk is not None:
+        proc = subprocess.run([sys.executable, "-m", "align.cli", *_dpo_args(tiny_model_path, small_disk)],
+                              capture_output=True, text=True, timeout=600)
+        rc, err, run = proc.returncode, proc.stderr, small_disk / "d"
+    else:  # no tmpfs here: the checkpoint writer refuses as a full disk would
+        import safetensors.torch
+
+        from align.cli import main
+
+        real, calls = safetensors.torch.save_file, []
+
+        def refuse_second(*a, **k):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a, **k)
+
+        monkeypatch.setattr(safetensors.torch, "save_file", refuse_second)
+        rc, run = main(_dpo_args(tiny_model_path, tmp_path / "out")), tmp_path / "out" / "d"
+        err = ""
+    assert rc == 1
+    if small_disk is not None:
+        line = [l.split("align: error:", 1)[1] for l in err.splitlines() if "align: error:" in l]  # after tqdm's bar
+        assert len(line) == 1 and "Traceback" not in err, err[-2000:]
+        assert "saving the checkpoint of step" in line[0] and "No space left on device" in line[0]
+        assert "MiB free" in line[0] and "--resume" in line[0] and "run.name=d" in line[0]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts and all(name.startswith("step-") for name in ckpts), ckpts  # no partial .tmp-step-*
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+
+
+def test_a_refused_log_line_leaves_no_torn_line_and_a_refused_json_the_old_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import json
+    import os
+
+    from align.atomic import DiskFull, atomic_write_text
+    from align.config import load_config
+    from align.runs import RunDir
+
+    cfg = load_config("dpo", None, [f"run.output_dir={tmp_path}", "run.name=r"])
+    run = RunDir(cfg.run, cfg, "dpo")
+    run.log({"step": 1, "loss": 0.5})
+    real_open = builtins.open
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: HalfWriter(real_open(p, *a, **k))
+                        if str(p).endswith("metrics.jsonl") else real_open(p, *a, **k))
+    with pytest.raises(DiskFull, match="logging to metrics.jsonl: No space left on device"):
+        run.log({"step": 2, "loss": 0.4})
+    monkeypatch.undo()
+    assert [json.loads(l) for l in run.metrics_path.read_text().splitlines()] == [{"step": 1, "loss": 0.5}]
+    target = tmp_path / "eval.json"
+    atomic_write_text(target, "old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    with pytest.raises(DiskFull, match="writing eval.json: Disk quota exceeded.*is as it was"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir() if p.name.startswith("eval.json.")] == []

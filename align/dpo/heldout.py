@@ -44,9 +44,13 @@ def cached_reference(run, split: str, compute) -> PairScores:
     print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {time.time() - t:.0f}s")
     distributed.barrier()  # rank 0 may be about to write the file the others would read
     if distributed.rank() == 0:
+        from ..atomic import disk_refusals
+
         tmp = path.with_suffix(".tmp")
-        torch.save(dataclasses.asdict(scores), tmp)
-        tmp.replace(path)
+        with disk_refusals(f"caching the reference scores ({path.name})", run.path, remove=tmp,
+                           then="nothing was trained yet; free space and start again"):
+            torch.save(dataclasses.asdict(scores), tmp)
+            tmp.replace(path)
     return scores
 
 
