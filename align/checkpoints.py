@@ -171,10 +171,11 @@ def save_checkpoint(run_path: Path, step: int, keep_last: int, write) -> Path:
 
 def resume_hint(run_path: Path) -> str:
     """How to go on from the last complete checkpoint of ``run_path``."""
-    from .runs import read_manifest
-
     last = latest_checkpoint(run_path)
-    job = read_manifest(run_path).get("job", "<job>")
+    try:  # the run's manifest (align.runs.MANIFEST; read here as a file: runs imports this module)
+        job = json.loads((Path(run_path) / "run.json").read_text()).get("job", "<job>")
+    except (OSError, ValueError):
+        job = "<job>"
     if last is None:
         return "no checkpoint was completed; free space and start again"
     return (f"the last complete checkpoint is {last.name}: free space, then continue with "

@@ -49,6 +49,19 @@ def _lr(default):
     return _num(default, 0, 1.0, lo_open=True)
 
 
+def _read_utf8(path: Path) -> str:
+    """A config file's text (a byte-order mark dropped); a byte that is not UTF-8 is named by its
+    line and offset, not a decoder's chunk-relative position."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise ConfigError(f"{path}:{line}: not UTF-8: byte 0x{data[e.start]:02x} at byte {col} of the line "
+                          f"({e.start} of the file); save the file as UTF-8") from None
+
+
 def _choice(default, *choices):
     return field(default=default, metadata={"choices": choices})
 
@@ -689,12 +702,8 @@ def load_config(job: str, path: str | Path | None = None, overrides: list[str] =
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        from .data.rows import DataError, read_utf8
-
         try:
-            data = load_yaml(read_utf8(path), str(path)) or {}
-        except DataError as e:
-            raise ConfigError(str(e)) from None
+            data = load_yaml(_read_utf8(path), str(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):

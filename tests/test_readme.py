@@ -18,7 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README = "\n".join(p.read_text() for p in DOCS)
-SETUP = {"bash scripts/setup.sh", ".venv/bin/python -m pytest -q"}  # CI runs these two itself
+FULL_TIER = ".venv/bin/python -m pytest -q"
+FAST_TIER = '.venv/bin/python -m pytest -q -m "not real and not vllm and not slow"'
+SETUP = {"bash scripts/setup.sh", FULL_TIER, " ".join(shlex.split(FAST_TIER))}  # the tiers: run by CI / a developer
 
 
 def _blocks(lang: str) -> list[str]:
@@ -95,6 +97,15 @@ def workdir(tmp_path_factory):
     step.mkdir(parents=True)
     (step / "adapter").symlink_to(wd / "runs" / "ppo-hh-sum" / "adapter")
     return wd
+
+
+def test_readme_names_both_test_tiers_and_ci_runs_the_full_one():
+    readme = (ROOT / "README.md").read_text()
+    assert FULL_TIER in readme and FAST_TIER in readme
+    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "bash scripts/setup.sh" in ci and FULL_TIER in ci
+    markers = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{m}:' in markers for m in ("real", "vllm", "slow"))
 
 
 def test_readme_lists_the_jobs():

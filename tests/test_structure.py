@@ -61,7 +61,8 @@ def test_import_direction():
 JOBS = ("align.dpo", "align.ppo", "align.rm")
 # What reward/ (user-facing reward code, documented as knowing no trainer) may import from align:
 # public helpers that load models/adapters, assets and chat text -- none imports a job.
-REWARD_MAY_IMPORT = ("align.adapters", "align.artifacts", "align.assets", "align.chat", "align.data.rows")
+REWARD_MAY_IMPORT = ("align.adapters", "align.artifacts", "align.assets", "align.chat", "align.data.rows",
+                     "align.placement")
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -134,7 +135,7 @@ def package_cycles(imports: dict[str, set[str]]) -> list[list[str]]:
 
 # The layers, bottom up: a unit imports only from its own layer or below (docs/layout.md).
 LAYERS = [
-    ("align.config", "align.atomic", "align.distributed"),
+    ("align.config", "align.atomic", "align.distributed", "align.placement"),
     ("align.assets", "align.deps", "align.guards", "align.memory", "align.compute", "align.tiny"),
     ("align.checkpoints", "align.scoring", "align.models", "align.chat", "align.data"),
     ("align.adapters", "align.runs"),

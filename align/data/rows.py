@@ -43,19 +43,6 @@ class LoadReport:
         return ", ".join(parts)
 
 
-def read_utf8(path: Path) -> str:
-    """A whole text file (a byte-order mark dropped); a byte that is not UTF-8 is a DataError
-    naming its line and offset, not a decoder's chunk-relative position."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
-        raise DataError(f"{path}:{line}: not UTF-8: byte 0x{data[e.start]:02x} at byte {col} of the line "
-                        f"({e.start} of the file); save the file as UTF-8") from None
-
-
 def iter_jsonl(path: Path, report: LoadReport, strict: bool = False):
     """Yield ``(where, row)`` per JSON line; malformed lines are counted (or raise under strict).
     A file that ends early (a cut download, a truncated ``.gz``) is always an error naming the
