@@ -71,6 +71,8 @@ def _ppo_rows(add) -> None:
         "when rollout.engine is not vllm-server", lambda c: engine(c) != "vllm-server",
         {"rollout.server_devices": "1", "rollout.server_host": "127.0.0.2", "rollout.server_api_key": "k"},
         (), ("rollout.engine=vllm-server",))
+    add("ppo", "rollout.gpu_memory_fraction", "when rollout.engine is hf (a vLLM setting; on a CPU vLLM sizes its "
+        "cache by VLLM_CPU_KVCACHE_SPACE)", lambda c: engine(c) == "hf", "0.5", (), ("rollout.engine=vllm",))
     add("ppo", "rollout.sync", "when rollout.engine is not vllm (in-process)", lambda c: engine(c) != "vllm",
         "merged", (), ("rollout.engine=vllm",))
     add("ppo", ("rollout.parity_prompts", "rollout.parity_every"),

@@ -77,7 +77,7 @@ def _fast_dir() -> Path:
 class VLLMEngine(RolloutEngine):
     name = "vllm"
 
-    def __init__(self, base_path: str, tokenizer, *, dtype: str, device: str = "auto", max_lora_rank: int = 8,
+    def __init__(self, base_path: str, tokenizer, *, dtype: str = "auto", device: str = "auto", max_lora_rank: int = 8,
                  sync: str = "lora", seed: int = 0, max_model_len: int = 1024, kv_cache_gib: int = 2,
                  memory_fraction: float | None = None, base_name: str | None = None):
         from ..placement import PlacementError, resolve_device, vllm_engine_args
@@ -304,7 +304,7 @@ class MultiAdapterEngine:
     (no LoRA request) and every adapter answer the same prompts in one batch -- what many
     adapters on one base are for (Punica/S-LoRA batching in vLLM)."""
 
-    def __init__(self, base_path: str, tokenizer, adapters: dict[str, str], *, dtype: str, device: str = "auto",
+    def __init__(self, base_path: str, tokenizer, adapters: dict[str, str], *, dtype: str = "auto", device: str = "auto",
                  max_model_len: int = 2048, seed: int = 0, memory_fraction: float | None = None):
         import json
 

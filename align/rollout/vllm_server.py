@@ -144,7 +144,7 @@ class ServerProcess:
 class VLLMServerEngine(RolloutEngine):
     name = "vllm-server"
 
-    def __init__(self, base_path: str, tokenizer, *, dtype: str, device: str = "auto", host: str = "127.0.0.1",
+    def __init__(self, base_path: str, tokenizer, *, dtype: str = "auto", device: str = "auto", host: str = "127.0.0.1",
                  port: int = 0, api_key: str = "", max_lora_rank: int = 8, max_model_len: int = 1024,
                  memory_fraction: float | None = None, seed: int = 0, startup_timeout: float = 300,
                  request_timeout: float = 300, base_name: str | None = None,
