@@ -1,5 +1,6 @@
-"""Data parallelism for align's own loop (PPO): the few collectives it needs, and nothing when
-there is one process. DPO and RM get theirs from transformers' Trainer (accelerate, DDP).
+"""Data parallelism for align's own loop (PPO): torch's DistributedDataParallel for the
+gradients (:func:`data_parallel`) and the few scalar collectives the loop's decisions need, and
+nothing when there is one process. DPO and RM get theirs from transformers' Trainer (accelerate).
 
 Run with ``accelerate launch --multi_gpu --num_processes N -m align.cli ppo ...`` (on a CPU-only
 machine the same command starts N CPU processes on gloo; accelerate's ``--cpu`` launcher wants
@@ -72,21 +73,20 @@ def any_rank(flag: bool) -> bool:
     return bool(all_sum(torch.tensor([1.0 if flag else 0.0], device=device()))[0] > 0)
 
 
-def average_gradients(params) -> None:
-    """All-reduce the gradients of ``params`` (one flat buffer) and divide by the world size.
-    A NaN on any rank reaches every rank, so the non-finite check after it agrees everywhere."""
-    dist = _dist()
-    if not dist:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` under torch's DistributedDataParallel when there are several processes, else
+    ``module`` itself: DDP averages the gradients (a NaN on any rank reaches every rank, so the
+    non-finite check after it agrees everywhere), bucketed and overlapped with the backward pass.
+    ``find_unused_parameters``: each pass trains one role's adapter (the policy's or the
+    critic's), so the others' parameters are unused in it. Only trainable (adapter) weights are
+    reduced; the frozen base is broadcast once at wrapping, which only checks it is the same."""
+    if not _dist():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = device()
+    return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=True, broadcast_buffers=False)
 
 
 def finish() -> None:

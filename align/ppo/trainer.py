@@ -28,7 +28,7 @@ from .heldout import evaluate_prompts, side_by_side
 from .experience import make_experience
 from .kl import make_kl_controller
 from ..scorers import make_reward
-from .update import make_optimizer, ppo_update
+from .update import LossPasses, make_optimizer, ppo_update
 
 
 def train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run, log=print) -> dict:
@@ -72,6 +72,7 @@ class PPOLoop:
         self.judge_fn = make_reward(cfg.judge, ac, tok, "judge", cfg.model.name) if cfg.judge.kind != "none" else None
         self.estimator = get_estimator(cfg.ppo)
         self.optimizer = make_optimizer(ac, cfg)
+        self.passes = distributed.data_parallel(LossPasses(ac))  # DDP over the trained adapters
         self.kl = make_kl_controller(cfg.ppo)
         self.order = PromptOrder(len(train_prompts), cfg.run.seed)
         self.guard, self.stop = NonFiniteGuard(cfg.run.max_nonfinite_steps), GracefulStop()
@@ -142,7 +143,7 @@ class PPOLoop:
         self.progress(" update ...")
         if torch.isfinite(exp.advantages).all() and (exp.returns is None or torch.isfinite(exp.returns).all()):
             out = ppo_update(self.ac, exp, self.optimizer, self.cfg, self.guard, it, meter=self.meter,
-                             kl_coef=self.kl.beta)
+                             kl_coef=self.kl.beta, passes=self.passes)
             check_divergence(self.ac.model, f"iteration {it}")
             release_freed_memory()  # the update's activations, before the next generation
             return out

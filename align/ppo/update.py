@@ -3,6 +3,7 @@ of experience. It reads an :class:`~align.ppo.experience.Experience` and changes
 trainable adapters; making experience is :mod:`align.ppo.experience`'s job."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -14,15 +15,38 @@ from . import losses
 from .experience import Experience
 
 
+class LossPasses(torch.nn.Module):
+    """The forward passes of a PPO step as one module's ``forward`` (``passes("policy_pass",
+    batch)``), so that torch's DistributedDataParallel, which hooks a module's forward, wraps
+    them: the roles' methods are not ``forward`` themselves."""
+
+    def __init__(self, ac):
+        super().__init__()
+        self.ac = ac
+
+    def forward(self, method: str, batch, **kwargs):
+        return getattr(self.ac, method)(batch, **kwargs)
+
+
+def _synced(passes, sync: bool):
+    """DDP all-reduces gradients only in the backward of a pass run with ``sync``; the others
+    accumulate locally (``no_sync``). One process: nothing to do."""
+    return contextlib.nullcontext() if sync or not hasattr(passes, "no_sync") else passes.no_sync()
+
+
 def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, meter=None,
-               kl_coef: float = 0.0) -> dict:
+               kl_coef: float = 0.0, passes=None) -> dict:
     """Several epochs of minibatch updates on one batch; stops early on approx-KL. A minibatch
     with a NaN/inf loss or gradient makes no update (``guard`` counts it). With
     ``ppo.kl_penalty=loss``, ``kl_coef`` weighs the KL-to-reference loss term.
 
-    With N data-parallel ranks each holds 1/N of the batch and of every minibatch; each local
-    token-mean loss is scaled by (local tokens / global tokens) x N, so the averaged gradient
-    is that of the global minibatch's token mean -- what one process would compute."""
+    ``passes``: :class:`LossPasses` of ``ac``, under DDP with several processes
+    (:func:`align.distributed.data_parallel`). With N ranks each holds 1/N of the batch and of
+    every minibatch; each local token-mean loss is scaled by (local tokens / global tokens) x N,
+    and DDP averages the gradients once per minibatch (the micro-chunks and a separate critic's
+    pass accumulate under ``no_sync``), so the gradient is that of the global minibatch's token
+    mean -- what one process would compute."""
+    passes = passes if passes is not None else LossPasses(ac)
     p = cfg.ppo
     world = distributed.world_size()
     mb_size = p.minibatch_size // world
@@ -31,7 +55,7 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
     params = ac.policy_parameters() + ac.value_parameters()
     ac.train()
     meter = meter or NullMeter()
-    passes = 2 * (2 if ac.with_critic and not ac.shared_critic else 1)  # forward + backward, critic's too
+    flop_passes = 2 * (2 if ac.with_critic and not ac.shared_critic else 1)  # forward + backward, critic's too
     epochs_done = 0
     for epoch in range(p.ppo_epochs):
         epoch_kl = []
@@ -42,22 +66,23 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
             units = losses.aggregation_units(exp.train_mask[idx], p.loss_aggregation)
             total = distributed.all_sum(units).clamp(min=1)
             got, read = {}, 0
-            for micro in _micro_chunks(idx, p.micro_batch_size):
+            chunks = _micro_chunks(idx, p.micro_batch_size)
+            for i, micro in enumerate(chunks):
                 mb = exp.select(micro)
                 # the global minibatch's aggregate: each chunk's weighted by its tokens (or answers)
                 scale = float(losses.aggregation_units(mb.train_mask, p.loss_aggregation) * world / total)
-                parts = _backward(ac, mb, p, scale, kl_coef)  # a NaN loss gives NaN gradients: caught below, on every rank
+                # a NaN loss gives NaN gradients: averaged to every rank, caught below on every rank
+                parts = _backward(passes, ac, mb, p, scale, kl_coef, sync=i == len(chunks) - 1)
                 read += mb.batch.tokens
                 for k, v in parts.items():
                     got[k] = got.get(k, 0.0) + v * scale
-            distributed.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
             if not grads_finite(params):
                 (guard or NonFiniteGuard(0)).skip(
                     params, f"iteration {it}, epoch {epoch}, minibatch {n_mb}")
                 continue
             optimizer.step()
-            meter.add("update", time.perf_counter() - t_mb, forward_gflop(meter.counts, read * passes, int(mb_tokens) * 2))
+            meter.add("update", time.perf_counter() - t_mb, forward_gflop(meter.counts, read * flop_passes, int(mb_tokens) * 2))
             for k, v in got.items():
                 stats[k].append(v)
             epoch_kl.append(got["approx_kl"])
@@ -76,33 +101,36 @@ def _micro_chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [idx] if not size or size >= len(idx) else list(idx.split(size))
 
 
-def _backward(ac, mb, p, scale: float, kl_coef: float = 0.0) -> dict:
+def _backward(passes, ac, mb, p, scale: float, kl_coef: float = 0.0, sync: bool = True) -> dict:
     """Back-propagate ``scale`` x the minibatch loss (token means); its parts as floats. A
     separate critic's pass is run and back-propagated after the policy's graph is freed (the
     two share no trained weight, so the gradients are the same): one pass's activations alive
-    at a time, not two."""
+    at a time, not two. ``sync``: this chunk's last backward all-reduces (DDP)."""
     separate = ac.with_critic and not ac.shared_critic
-    logp, entropy, v = ac.policy_pass(mb.batch, with_entropy=True, with_values=not separate)
     mask, agg = mb.train_mask, p.loss_aggregation
-    pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mask, p.clip_range,
-                                  p.clip_range_high or None, agg)
-    ent = losses.aggregate(entropy, mask, agg)
-    loss = pl - p.entropy_coef * ent
-    parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
-             "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
-    if p.kl_penalty == "loss":
-        kl = losses.kl_loss(logp, mb.ref_logp, mask, p.kl_estimator, agg)
-        loss = loss + kl_coef * kl
-        parts["kl_loss"] = float(kl.detach())
-    if separate:  # the policy's graph is freed before the critic's pass
+    with _synced(passes, sync and not separate):
+        logp, entropy, v = passes("policy_pass", mb.batch, with_entropy=True, with_values=not separate)
+        pl, info = losses.policy_loss(logp, mb.old_logp, mb.advantages, mask, p.clip_range,
+                                      p.clip_range_high or None, agg)
+        ent = losses.aggregate(entropy, mask, agg)
+        loss = pl - p.entropy_coef * ent
+        parts = {"policy_loss": float(pl.detach()), "entropy": float(ent.detach()),
+                 "clipfrac": float(info["clipfrac"]), "approx_kl": float(info["approx_kl"])}
+        if p.kl_penalty == "loss":
+            kl = losses.kl_loss(logp, mb.ref_logp, mask, p.kl_estimator, agg)
+            loss = loss + kl_coef * kl
+            parts["kl_loss"] = float(kl.detach())
+        if v is not None:  # a shared critic: its values came with the policy's pass
+            vl, _ = losses.value_loss(v, mb.values, mb.returns, mask, p.value_clip_range)
+            loss = loss + p.vf_coef * vl
+            parts["value_loss"] = float(vl.detach())
         (loss * scale).backward()
-        v = ac.values(mb.batch)
-        loss = torch.zeros((), device=v.device)
-    if v is not None:
-        vl, _ = losses.value_loss(v, mb.values, mb.returns, mask, p.value_clip_range)
-        loss = loss + p.vf_coef * vl
-        parts["value_loss"] = float(vl.detach())
-    (loss * scale).backward()
+    if separate:  # the policy's graph is freed before the critic's pass
+        with _synced(passes, sync):
+            v = passes("values", mb.batch)
+            vl, _ = losses.value_loss(v, mb.values, mb.returns, mask, p.value_clip_range)
+            parts["value_loss"] = float(vl.detach())
+            (p.vf_coef * vl * scale).backward()
     return parts
 
 
