@@ -79,14 +79,15 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
     non-finite check after it agrees everywhere), bucketed and overlapped with the backward pass.
     ``find_unused_parameters``: each pass trains one role's adapter (the policy's or the
     critic's), so the others' parameters are unused in it. Only trainable (adapter) weights are
-    reduced; the frozen base is broadcast once at wrapping, which only checks it is the same."""
+    reduced; the frozen base is broadcast once at wrapping, and buffers (rotary tables) are not
+    re-sent at every forward: every rank computes them alike."""
     if not _dist():
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     dev = device()
     return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=False)
+                                   find_unused_parameters=True, forward_sync_buffers=False)
 
 
 def finish() -> None:

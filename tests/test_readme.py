@@ -44,6 +44,8 @@ COMMANDS = _commands()
 def _cheap_form(line: str) -> list[str] | None:
     """The argv that checks ``line`` without running the job (None: a shell line to run)."""
     words = [w.replace("<run-name>", "dpo-hh") for w in shlex.split(line, comments=True)]
+    if words[0] == "torchrun":  # the launcher's flags are torchrun's; the job after -m is align's
+        return [sys.executable, "-m", "align.cli", *words[words.index("align.cli") + 1:], "--dry-run"]
     if words[:2] == ["accelerate", "launch"]:
         config = words[words.index("--config_file") + 1]
         assert (ROOT / config).is_file(), config
