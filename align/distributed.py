@@ -90,6 +90,22 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
                                    find_unused_parameters=True, forward_sync_buffers=False)
 
 
+def trainer_parallelism(trainer) -> str:
+    """What a transformers Trainer will shard or replicate with (``fsdp``, ``deepspeed``, ``ddp``,
+    ``single``), said at the start of a DPO/RM run. A launcher that asked for FSDP
+    (``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets ACCELERATE_USE_FSDP)
+    where the Trainer does not apply it -- measured: on a CPU (``use_cpu``) transformers runs DDP
+    instead, silently -- is said too, never left for the user to find."""
+    kind = ("fsdp" if getattr(trainer, "is_fsdp_enabled", False) else
+            "deepspeed" if getattr(trainer, "is_deepspeed_enabled", False) else
+            "ddp" if world_size() > 1 else "single")
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if asked and kind != "fsdp" and rank() == 0:
+        print(f"notice: the launcher asked for FSDP but the Trainer runs {kind.upper()} (as measured with "
+              "model.device=cpu: transformers' Trainer does not shard there); every process holds the whole base")
+    return kind
+
+
 def finish() -> None:
     """End of a job: wait until rank 0 has written everything, then leave the process group on
     every rank together (a rank exiting while gloo still serves the others aborts the run)."""

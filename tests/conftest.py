@@ -169,6 +169,9 @@ def accuracy_with_ties(margins, tie: float = 1e-4):
 # A test is `real` when it uses the real model's fixtures; `slow` when it is named here.
 REAL_FIXTURES = {"real_model", "real_model_path"}
 SLOW = {
+    "tests/test_multiprocess.py::test_fsdp_asked_where_the_trainer_does_not_apply_it_is_said",
+    "tests/test_hardening3.py::test_a_reward_that_changes_folder_seeds_and_threads_changes_nothing_outside",
+    "tests/test_hardening3.py::test_a_full_disk_while_saving_a_checkpoint_says_so_and_keeps_the_last_good_one",
     "tests/test_export.py::test_real_dpo_export_loads_in_peft_transformers_and_vllm",
     "tests/test_resume.py::test_dpo_interrupted_then_resumed_matches_uninterrupted",
     "tests/test_rm.py::test_sentiment_reward_separates_real_reviews",

@@ -82,3 +82,20 @@ def test_ppo_two_processes_match_one(tmp_path, tiny_model_path):
     ckpt = tmp_path / "two" / "checkpoints" / "step-3"
     assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+def test_fsdp_asked_where_the_trainer_does_not_apply_it_is_said(tmp_path, tiny_model_path, shared):
+    """configs/accelerate/fsdp.yaml on this CPU: transformers' Trainer runs DDP instead (measured);
+    align says so and records what ran, instead of leaving the user to believe the base is sharded."""
+
+    args = ["dpo", f"model.name={tiny_model_path}", "data.max_train_pairs=8", "data.max_eval_pairs=4",
+            "train.max_length=64", "train.max_prompt_length=32", "train.batch_size=2", f"run.output_dir={tmp_path}",
+            "run.name=f", "run.plot=false", "run.save_every=0", "model.dtype=float32"]
+    log = tmp_path / "fsdp.log"
+    rc = subprocess.call([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--mixed_precision", "no",
+                          "--num_processes", "2", "-m", "align.cli", *args],
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, timeout=600)
+    assert rc == 0, log.read_text()[-3000:]
+    assert log.read_text().count("notice: the launcher asked for FSDP but the Trainer runs DDP") == 1
+    assert json.loads((tmp_path / "f" / "run.json").read_text())["parallelism"] == "ddp"

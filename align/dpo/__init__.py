@@ -41,7 +41,7 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
 
 def run_dpo(cfg) -> dict:
     """Train, then evaluate on the held-out subsets; every phase is timed for the compute block."""
-    from .. import guards
+    from .. import distributed, guards
     from ..adapters import save_adapter
     from ..data import load_preference_splits
     from ..models import add_policy_adapter, load_base
@@ -61,6 +61,7 @@ def run_dpo(cfg) -> dict:
         model.print_trainable_parameters()
         stop, guard = guards.GracefulStop(), guards.NonFiniteGuard(cfg.run.max_nonfinite_steps)
         trainer = _trainer(cfg, run, model, tok, train_rows, stop, guard)
+        run.record(parallelism=distributed.trainer_parallelism(trainer))
         cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
         print(f"training pairs: {cut['message']}")
         seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}

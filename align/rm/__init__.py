@@ -49,6 +49,9 @@ def run_rm(cfg) -> dict:
                                       data_collator=collator, center_coef=t.center_coef,
                                       callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)])
         trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
+        from .. import distributed
+
+        run.record(parallelism=distributed.trainer_parallelism(trainer))
         t_train = time.time()
         trainer.train_resumable(run, stop)
         train_seconds = time.time() - t_train
