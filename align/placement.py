@@ -183,12 +183,16 @@ def engine_dtype(dtype: str, device: torch.device, lora: bool) -> tuple[str, str
 
 def vllm_engine_args(model: str, *, device: torch.device, dtype: str, lora_rank: int | None = None,
                      max_loras: int = 1, max_model_len: int | None = 1024, seed: int = 0,
-                     memory_fraction: float | None = None, colocated: bool = True) -> tuple[dict, list[str]]:
+                     memory_fraction: float | None = None, colocated: bool = True,
+                     world: int = 1) -> tuple[dict, list[str]]:
     """(the keyword arguments of ``vllm.LLM``, notices): every vLLM engine align builds -- in
     process, a server, export's check, eval, serve -- is configured here. ``lora_rank`` None =
     no LoRA. On a CPU: eager (vLLM's CPU backend captures no graphs). On CUDA: CUDA graphs, and
     a GPU memory fraction set (vLLM's own default, 0.9, would take a trainer's GPU). ``lora_rank``
-    is the largest adapter rank served (vLLM's slot above it is taken)."""
+    is the largest adapter rank served (vLLM's slot above it is taken). ``world`` > 1 on CUDA (a
+    data-parallel trainer, one engine per rank): vLLM's ``external_launcher`` executor, which
+    puts each rank's engine on that rank's own GPU (``LOCAL_RANK``) within the trainer's process
+    group, as TRL's colocated mode does -- without it every rank's engine lands on cuda:0."""
     dtype, notice = engine_dtype(dtype, device, lora_rank is not None)
     if memory_fraction is None:
         memory_fraction = COLOCATED_MEMORY_FRACTION if colocated else ALONE_MEMORY_FRACTION
@@ -198,6 +202,8 @@ def vllm_engine_args(model: str, *, device: torch.device, dtype: str, lora_rank:
                 gpu_memory_utilization=memory_fraction)
     if max_model_len:  # None: the model's own
         args["max_model_len"] = max_model_len
+    if world > 1 and device.type == "cuda":
+        args.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
     if lora_rank is not None:
         args.update(enable_lora=True, max_lora_rank=lora_rank_slot(lora_rank), max_loras=max_loras)
     return args, [notice] if notice else []

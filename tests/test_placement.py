@@ -300,6 +300,24 @@ def test_every_in_process_vllm_engine_on_cuda_is_never_fp32_with_lora(pretend_cu
     assert not seen[0]["enforce_eager"]  # CUDA graphs on a GPU
 
 
+def test_each_ranks_engine_on_its_own_gpu(pretend_cuda, monkeypatch, tiny_model_path):
+    """With several trainer processes on CUDA, each in-process engine joins them through vLLM's
+    external_launcher (its own GPU, LOCAL_RANK); on 84b20d5 every rank's engine took cuda:0."""
+    from align.models import load_tokenizer
+    from align.rollout import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "_refuse_transformers_fallback", lambda *a: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = _capture_llm(monkeypatch)
+    with pytest.raises(vllm_engine.EngineStartError):
+        vllm_engine.VLLMEngine(tiny_model_path, load_tokenizer(tiny_model_path), dtype="bfloat16", device="cuda")
+    assert seen[0]["distributed_executor_backend"] == "external_launcher" and seen[0]["tensor_parallel_size"] == 1
+    from align.placement import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda", 1)
+
+
 def test_the_ppo_engine_options_carry_device_dtype_and_memory(pretend_cuda):
     from align.ppo import engine_options
 

@@ -91,10 +91,13 @@ class VLLMEngine(RolloutEngine):
         self.tok = tokenizer
         self.sync_mode = sync
         self.base_name = base_name or base_path
+        from .. import distributed
+
         try:  # a merged engine has no LoRA layers, so its weights load by HF name
             args, notices = vllm_engine_args(base_path, device=resolve_device(device), dtype=dtype,
                                              lora_rank=max_lora_rank if sync == "lora" else None, max_loras=2,
-                                             max_model_len=max_model_len, seed=seed, memory_fraction=memory_fraction)
+                                             max_model_len=max_model_len, seed=seed, memory_fraction=memory_fraction,
+                                             world=distributed.world_size())
         except PlacementError as e:
             raise EngineStartError(str(e)) from e
         for notice in notices:
