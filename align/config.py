@@ -208,9 +208,13 @@ class DPOTrainConfig:
     max_length: int = _num(128, 2, MAX_TOKENS)
     # Tokens of the prompt kept (its last ones), within max_length.
     max_prompt_length: int = _num(64, 1, MAX_TOKENS)
-    # TRL's DPO loss variant (sigmoid = the DPO paper's; ipo, hinge, robust, ...).
-    loss_type: str = _choice("sigmoid", "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
-                             "nca_pair", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
+    # TRL's DPO loss (sigmoid = the DPO paper's; ipo, hinge, robust, ... all 15 of TRL 1.16), or
+    # a list of them summed with loss_weights (e.g. [sigmoid, sft]: RPO's DPO + NLL).
+    loss_type: str | list[str] = _choice("sigmoid", "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard",
+                                         "nca_pair", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                                         "exo_pair", "sft", "sigmoid_norm")
+    # One weight per loss of a loss_type list (empty = 1 each).
+    loss_weights: list[float] = field(default_factory=list)
     # Conservative DPO / robust: the assumed share of flipped preference labels.
     label_smoothing: float = _num(0.0, 0.0, 0.5, hi_open=True)
 
@@ -742,7 +746,14 @@ def check_declared(section, prefix: str = "") -> list[tuple[str, str]]:
             problems += check_declared(value, f"{key}.")
             continue
         choices, bounds = f.metadata.get("choices"), f.metadata.get("range")
-        if choices is not None and value not in choices:
+        if choices is not None and isinstance(value, list) and typing.get_origin(f.type) is None \
+                and "list" in str(f.type):  # a list of choices (train.loss_type)
+            for i, item in enumerate(value):
+                if item not in choices:
+                    problems.append((f"{key}[{i}]", f"must be {_or_list(choices)}, got {item!r}"))
+            if not value:
+                problems.append((key, "must name at least one choice"))
+        elif choices is not None and value not in choices:
             problems.append((key, f"must be {_or_list(choices)}, got {value!r}"))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -772,6 +783,15 @@ def validate(cfg, where: str = "config") -> None:
     train = getattr(cfg, "train", None)
     if isinstance(train, (DPOTrainConfig, RMTrainConfig)) and train.max_prompt_length >= train.max_length:
         bad("train.max_prompt_length", "must be smaller than train.max_length")
+    if isinstance(train, DPOTrainConfig) and "exo_pair" in (train.loss_type if isinstance(train.loss_type, list)
+                                                           else [train.loss_type]) and not train.label_smoothing > 0:
+        bad("train.label_smoothing", "must be > 0 with the exo_pair loss (TRL refuses 0; the EXO paper uses 1e-3)")
+    if isinstance(train, DPOTrainConfig) and train.loss_weights:
+        n = len(train.loss_type) if isinstance(train.loss_type, list) else 1
+        if len(train.loss_weights) != n:
+            bad("train.loss_weights", f"needs one weight per loss of train.loss_type ({n}), got {len(train.loss_weights)}")
+        if not all(math.isfinite(w) and w >= 0 for w in train.loss_weights):
+            bad("train.loss_weights", f"must be finite and >= 0, got {train.loss_weights}")
     name = cfg.run.name
     if name and (name in (".", "..") or not _RUN_NAME.fullmatch(name)):
         bad("run.name", f"must be one folder name of letters, digits and - _ . @ (not . or ..; a "

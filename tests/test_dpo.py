@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from align.config import LoraConfig, load_config
+from align.config import ConfigError, LoraConfig, load_config
 from align.scoring.stats import tie_half_accuracy
 from align.scoring.pairs import (PACKED_KEYS, PackedPairCollator, PairScores, implicit_reward_metrics,
                                  install_packed_forward, reference_free_accuracy, truncate_pair)
@@ -212,3 +212,26 @@ def test_one_pair_tokenization_for_dpo_rm_and_eval(real_model_path):
     merged = tokenize_pair(tok, rows[0])
     assert tok.decode(merged["chosen_ids"]).startswith(" yes") and merged["chosen_ids"][-1] == tok.eos_token_id
     assert tokenize_pair(tok, rows[1])["chosen_ids"].count(tok.eos_token_id) == 1
+
+
+@pytest.mark.parametrize("loss", ["exo_pair", "sft", "sigmoid_norm", "[sigmoid,sft]"])
+def test_trls_other_losses_and_a_weighted_list_train_through_the_packed_trainer(loss, tiny_model_path, tmp_path, shared):
+    """TRL 1.16's 15 DPO losses are all choices (the three added here run through align's packed
+    forward), and a list of them is summed with train.loss_weights (RPO: sigmoid + sft)."""
+    import math
+
+    from align.dpo import run_dpo
+
+    over = [f"model.name={tiny_model_path}", "data.max_train_pairs=8", "evaluate=false", "train.batch_size=4",
+            "train.max_length=64", "train.max_prompt_length=32", f"run.output_dir={tmp_path}", "run.name=l",
+            f"train.loss_type={loss}", "run.save_every=0", "run.plot=false"]
+    if loss.startswith("["):
+        over.append("train.loss_weights=[1.0,0.5]")
+    if loss == "exo_pair":
+        with pytest.raises(ConfigError, match="train.label_smoothing' must be > 0 with the exo_pair loss"):
+            load_config("dpo", None, over)
+        over.append("train.label_smoothing=0.001")
+    run_dpo(load_config("dpo", None, over))
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "l" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -65,7 +65,8 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         max_grad_norm=t.max_grad_norm,
         lr_scheduler_type="linear",
         beta=t.beta,
-        loss_type=[t.loss_type],
+        loss_type=list(t.loss_type) if isinstance(t.loss_type, list) else [t.loss_type],
+        loss_weights=list(t.loss_weights) or None,
         label_smoothing=t.label_smoothing,
         # Truncation happens in the collator (prompt keeps its end, answers their start).
         max_length=None,
