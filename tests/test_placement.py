@@ -72,31 +72,21 @@ def fresh_base(tiny_model_path):
     return load_base(ModelConfig(name=tiny_model_path, dtype="float32", device="cpu"))
 
 
-def test_score_pairs_places_its_batches(fresh_base):
-    """DPO's reference pass and held-out scoring (score_pairs) on a model elsewhere than the
-    collator's CPU tensors: on 84b20d5 the batch stayed on the CPU (DeviceMismatch)."""
-    from align.models import add_policy_adapter
+@pytest.mark.parametrize("entry", ["score_pairs", "score_reference"])
+def test_dpo_scoring_places_its_batches(entry, fresh_base):
+    """DPO's reference pass (score_reference) and held-out scoring (score_pairs) on a model
+    elsewhere than the collator's CPU tensors: on 84b20d5 the batch stayed on the CPU."""
     from align.config import LoraConfig
+    from align.dpo.heldout import score_reference
+    from align.models import add_policy_adapter
     from align.scoring.pairs import PackedPairCollator, install_packed_forward, score_pairs
 
     base, tok = fresh_base
     model = add_policy_adapter(base, LoraConfig(r=2))
     install_packed_forward(model.get_base_model())
     _on_meta(model)
-    _probe(lambda: score_pairs(model, _pairs(), PackedPairCollator(tok.pad_token_id, 64, 32), 2))
-
-
-def test_dpo_heldout_reference_places_its_batches(fresh_base):
-    from align.config import LoraConfig
-    from align.dpo.heldout import score_reference
-    from align.models import add_policy_adapter
-    from align.scoring.pairs import PackedPairCollator, install_packed_forward
-
-    base, tok = fresh_base
-    model = add_policy_adapter(base, LoraConfig(r=2))
-    install_packed_forward(model.get_base_model())
-    _on_meta(model)
-    _probe(lambda: score_reference(model, _pairs(), PackedPairCollator(tok.pad_token_id, 64, 32), 2))
+    score = {"score_pairs": score_pairs, "score_reference": score_reference}[entry]
+    _probe(lambda: score(model, _pairs(), PackedPairCollator(tok.pad_token_id, 64, 32), 2))
 
 
 def test_reward_model_pair_scores_place_their_batches(tiny_model_path):
