@@ -29,7 +29,8 @@ _DEVICE: torch.device | None = None  # this process's model.device, set by init(
 
 def init(device: str = "auto") -> None:
     """Record where this process computes (``model.device``: the collectives' tensors go there)
-    and join the process group (gloo on CPU, nccl on GPUs) when launched with several processes."""
+    and join the process group (gloo for CPU processes, nccl for GPU ones) when launched with
+    several processes."""
     global _DEVICE
     from .placement import resolve_device
 
@@ -37,7 +38,9 @@ def init(device: str = "auto") -> None:
     if world_size() > 1:
         from accelerate import PartialState
 
-        PartialState()
+        # the backend follows model.device (gloo for CPU processes even where GPUs exist), not
+        # whether torch sees a GPU
+        PartialState(cpu=_DEVICE.type == "cpu")
 
 
 def _dist():
