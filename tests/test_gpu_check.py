@@ -23,3 +23,16 @@ def test_gpu_check_tiny_on_the_cpu_runs_every_job(tmp_path, shared):
     assert jobs["dpo"]["share_of_peak_train"] is not None and result["weights"] == "random"
     assert all(not v["skew"] for k, v in result["dependencies"].items() if k != "vllm")
     assert not list((ROOT / "results").glob("gpu_check_cpu*.json"))  # wrote where it was told, nothing else
+
+
+def test_gpu_session_says_how_to_use_it(tmp_path):
+    """The device-side script refuses clearly: no subcommand, or `run` before `prepare`."""
+    import shutil
+
+    script = tmp_path / "repo" / "scripts" / "gpu_session.sh"
+    script.parent.mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_session.sh", script)
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash scripts/gpu_session.sh prepare | run" in usage.stderr
+    early = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True)
+    assert early.returncode == 2 and "run 'prepare' first and carry .gpu" in early.stderr
