@@ -119,8 +119,8 @@ def _job_rows(add) -> None:
             ("evaluate=false",), ())
     add("rm", "train.eval_max_length", "when evaluate is false", lambda c: not c.evaluate, "256",
         ("evaluate=false",), ())
-    add("dpo", "data.validation_pairs", "ever (align dpo holds out no validation split; align rm does)",
-        lambda c: True, "100", (), None)
+    add("dpo", "data.validation_pairs", "when evaluate is false (nothing would be evaluated on them, so none are held "
+        "out of training)", lambda c: not c.evaluate, "100", ("evaluate=false",), ())
 
 
 def _command_rows(add) -> None:

@@ -235,3 +235,33 @@ def test_trls_other_losses_and_a_weighted_list_train_through_the_packed_trainer(
     losses = [json.loads(l)["loss"] for l in (tmp_path / "l" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(l)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_normalized_margin_accuracy_by_hand():
+    """(pi - ref) per token, chosen against rejected: the longer answer's larger summed log-ratio
+    does not decide (pair 0: summed margin +1, per-token margin -0.1)."""
+    from align.scoring.pairs import PairScores, implicit_reward_metrics, normalized_margin_accuracy
+
+    ref = PairScores(torch.tensor([-10.0, -10.0, -5.0]), torch.tensor([-10.0, -10.0, -5.0]),
+                     torch.tensor([10, 2, 1]), torch.tensor([2, 2, 1]))
+    pol = PairScores(torch.tensor([-8.0, -9.0, -5.0]), torch.tensor([-9.0, -10.0, -5.0]),
+                     torch.tensor([10, 2, 1]), torch.tensor([2, 2, 1]))
+    # per-token gains: pair 0 chosen 0.2, rejected 0.5 (lose); pair 1 0.5 vs 0 (win); pair 2 tie
+    assert normalized_margin_accuracy(pol, ref) == pytest.approx((0 + 1 + 0.5) / 3)
+    assert implicit_reward_metrics(pol, ref, 1.0)["implicit_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_dpo_reports_an_in_family_validation_split(tiny_model_path, tmp_path, shared):
+    """data.validation_pairs holds pairs of the training subsets out of training and reports them
+    beside the off-family evaluation (validation.json, summary['validation'])."""
+    from align.dpo import run_dpo
+
+    summary = run_dpo(load_config("dpo", None, [
+        f"model.name={tiny_model_path}", "data.max_train_pairs=12", "data.max_eval_pairs=4", "data.validation_pairs=4",
+        "train.batch_size=4", "train.max_length=64", "train.max_prompt_length=32", f"run.output_dir={tmp_path}",
+        "run.name=v", "run.save_every=0", "run.plot=false"]))
+    assert summary["train_pairs"] == 8 and summary["steps"] == 2
+    val = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert val["pairs"] == 4 and val["held_out_of"] == ["helpful-rejection-sampled"] and summary["validation"] == val
+    assert 0 <= val["normalized_margin_accuracy"] <= 1 and "normalized_margin_accuracy" in summary["eval"]
+    assert (tmp_path / "v" / "reference_logps_validation.pt").is_file()

@@ -43,7 +43,7 @@ def run_dpo(cfg) -> dict:
     """Train, then evaluate on the held-out subsets; every phase is timed for the compute block."""
     from .. import distributed, guards
     from ..adapters import save_adapter
-    from ..data import load_preference_splits
+    from ..data import hold_out, load_preference_splits
     from ..models import add_policy_adapter, load_base
     from ..runs import after_job, is_main_process, plot_metrics, start_run
     from .heldout import cached_reference
@@ -55,7 +55,10 @@ def run_dpo(cfg) -> dict:
     transformers_internals.check()
     with start_run(cfg, "dpo") as run:
         train_rows, eval_rows, _ = load_preference_splits(cfg.data)
-        run.record(data={"train_pairs": len(train_rows), "eval_pairs": len(eval_rows)})
+        # in-family validation: pairs of the training subsets never trained on (tune on these)
+        train_rows, val_rows = hold_out(train_rows, cfg.data.validation_pairs if cfg.evaluate else 0, cfg.data.seed)
+        run.record(data={"train_pairs": len(train_rows), "validation_pairs": len(val_rows),
+                         "eval_pairs": len(eval_rows)})
         base, tok = load_base(cfg.model)
         model = add_policy_adapter(base, cfg.lora)
         model.print_trainable_parameters()
@@ -70,6 +73,7 @@ def run_dpo(cfg) -> dict:
             trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
                 model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
         held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
+        validation = _prepare_eval(cfg, run, trainer, tok, val_rows, seconds, tokens, split="validation")
         with _timed(seconds, "train", device):
             trainer.train_resumable(run, stop)
         adapter_dir = run.path / "adapter"
@@ -79,6 +83,8 @@ def run_dpo(cfg) -> dict:
                    "steps": trainer.state.global_step, "adapter": str(adapter_dir),
                    "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
                    "truncation": {k: v for k, v in cut.items() if k != "message"}}
+        if validation is not None and is_main_process():
+            summary["validation"] = _final_eval(cfg, run, trainer, *validation, split="validation")
         if held_out is not None and is_main_process():
             with _timed(seconds, "policy_eval", device):
                 summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
@@ -127,9 +133,11 @@ def _trainer(cfg, run, model, tok, train_rows, stop, guard):
     return trainer
 
 
-def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens):
+def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens, split: str = "eval"):
     """Tokenized held-out pairs and their reference scores (before training: the reference
-    pass runs while the adapter is still untouched, and is cached for a resumed run)."""
+    pass runs while the adapter is still untouched, and is cached for a resumed run). ``split``:
+    ``eval`` (the evaluation subsets, off the training family) or ``validation`` (held out of
+    the training pairs: in family); only ``eval`` counts in the compute block."""
     from .heldout import cached_reference
     import datasets
 
@@ -141,21 +149,26 @@ def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens):
     # The pair tokenization training data gets from TRL (chat.tokenize_pair reproduces it; tested).
     eval_ds = datasets.Dataset.from_list([tokenize_pair(tok, r) for r in eval_rows])
     eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
-    tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
-    with _timed(seconds, "reference_eval", trainer.model.device):
-        ref_scores = cached_reference(run, "eval", lambda: score_reference(
+    spent = seconds if split == "eval" else {}
+    if split == "eval":
+        tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
+    with _timed(spent, "reference_eval", trainer.model.device):
+        ref_scores = cached_reference(run, split, lambda: score_reference(
             trainer.model, eval_ds, trainer.data_collator, cfg.train.batch_size))
     return eval_ds, ref_scores
 
 
-def _final_eval(cfg, run, trainer, eval_ds, ref_scores) -> dict:
+def _final_eval(cfg, run, trainer, eval_ds, ref_scores, split: str = "eval") -> dict:
     t = time.time()
     result = evaluate(trainer.model, eval_ds, trainer.data_collator, cfg.train.beta, ref_scores,
                       cfg.train.batch_size)
-    result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
+    if split == "eval":
+        result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
+    else:
+        result["held_out_of"] = cfg.data.train_subsets or [cfg.data.train_split]
     result["eval_seconds"] = round(time.time() - t, 1)
-    run.write_json("eval.json", result)
-    run.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in result.items()
+    run.write_json("eval.json" if split == "eval" else f"{split}.json", result)
+    run.log({"step": trainer.state.global_step, **{f"{split}/{k}": v for k, v in result.items()
                                                     if isinstance(v, (int, float))}})
     return result
 

@@ -10,7 +10,8 @@ import torch
 
 from .. import distributed
 from ..models import reference_mode
-from ..scoring.pairs import PairScores, implicit_reward_metrics, reference_free_accuracy, score_pairs
+from ..scoring.pairs import (PairScores, implicit_reward_metrics, normalized_margin_accuracy, reference_free_accuracy,
+                             score_pairs)
 
 
 def score_reference(peft_model, dataset, collator, batch_size=8) -> PairScores:
@@ -60,6 +61,7 @@ def evaluate(peft_model, dataset, collator, beta: float, ref: PairScores,
     return {
         "pairs": len(dataset),
         **implicit_reward_metrics(policy, ref, beta),
+        "normalized_margin_accuracy": normalized_margin_accuracy(policy, ref),
         "reference_free_accuracy_base": reference_free_accuracy(ref),
         "reference_free_accuracy_policy": reference_free_accuracy(policy),
     }

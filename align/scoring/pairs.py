@@ -312,6 +312,16 @@ def implicit_reward_metrics(policy: PairScores, ref: PairScores, beta: float) ->
             "reward_chosen": float(r_c.mean()), "reward_rejected": float(r_r.mean())}
 
 
+def normalized_margin_accuracy(policy: PairScores, ref: PairScores) -> float:
+    """Share of pairs (ties 1/2) whose chosen answer gained more per-token log-probability over
+    the reference than the rejected one: ``(pi_c - ref_c) / |c| > (pi_r - ref_r) / |r|``. The
+    implicit reward's sign without its bias towards the longer answer (summed log-ratios grow with
+    length) -- one yardstick for methods trained with and without length normalisation."""
+    c = (policy.chosen_logp - ref.chosen_logp) / policy.chosen_tokens.clamp(min=1)
+    r = (policy.rejected_logp - ref.rejected_logp) / policy.rejected_tokens.clamp(min=1)
+    return tie_half_accuracy(c - r)
+
+
 def reference_free_accuracy(s: PairScores) -> float:
     mean_c = s.chosen_logp / s.chosen_tokens.clamp(min=1)
     mean_r = s.rejected_logp / s.rejected_tokens.clamp(min=1)
