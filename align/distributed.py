@@ -93,6 +93,33 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
                                    find_unused_parameters=True, forward_sync_buffers=False)
 
 
+def check_shared_folder(folder) -> None:
+    """Several machines must see one run folder (checkpoints, the reference-score cache and resume
+    are read from it by every rank): rank 0 writes a token there, every rank reads it back, and a
+    rank that cannot -- a node-local disk at the same path -- stops every rank at the start with
+    an error saying so, instead of failing at the first save or hanging at resume."""
+    import secrets
+    from pathlib import Path
+
+    if not _dist():
+        return
+    token = secrets.token_hex(8) if rank() == 0 else None
+    probe = Path(folder) / f".shared-check-{gather_objects(token)[0]}"
+    if rank() == 0:
+        probe.write_text("align")
+    barrier()
+    seen = gather_objects((rank(), os.uname().nodename, probe.is_file()))
+    barrier()
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, host, ok in seen if not ok]
+    if blind:
+        raise ValueError(f"run.output_dir: the run folder '{folder}' is not the same folder on every machine "
+                         f"({', '.join(blind)} cannot see what rank 0 wrote there): checkpoints, the reference "
+                         "cache and --resume need one folder every machine shares; put run.output_dir on a "
+                         "shared file system")
+
+
 def trainer_parallelism(trainer) -> str:
     """What a transformers Trainer will shard or replicate with (``fsdp``, ``deepspeed``, ``ddp``,
     ``single``), said at the start of a DPO/RM run. A launcher that asked for FSDP

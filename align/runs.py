@@ -458,6 +458,19 @@ def absolute_paths(cfg) -> None:
         reward.also = [local(term) for term in reward.also]
 
 
+def _check_shared_output(cfg) -> None:
+    """With several processes, every one must see rank 0's ``run.output_dir`` (machines with
+    local disks would each see their own): checked before any rank reads a checkpoint."""
+    from . import distributed
+
+    if distributed.world_size() == 1:
+        return
+    if is_main_process():
+        Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)  # the run would create it next
+    distributed.barrier()
+    distributed.check_shared_folder(cfg.run.output_dir)
+
+
 def start_run(cfg, job: str) -> RunDir:
     """Seed everything from ``run.seed``, set torch's threads (``model.threads``), create or
     reopen the run folder (``run.resume``) under its lock, say where it is. ``run.resume_from``
@@ -466,6 +479,7 @@ def start_run(cfg, job: str) -> RunDir:
     from transformers import set_seed
 
     absolute_paths(cfg)  # before any user code runs: a reward may os.chdir
+    _check_shared_output(cfg)
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     set_seed(cfg.run.seed)

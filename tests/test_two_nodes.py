@@ -156,3 +156,28 @@ def test_a_node_killed_mid_run_then_both_resumed_finish_as_an_uninterrupted_run(
                                                 "eval/reward_mean"))
     assert sorted(r["step"] for r in _records(tmp_path / "two") if "reward_mean" in r) == [1, 2, 3, 4, 5, 6]
     assert stopped_in < 120, stopped_in  # seconds node 0 took to give up on its lost peers
+
+
+def test_machines_that_do_not_share_the_run_folder_are_refused_at_start(tmp_path, tiny_model_path, shared):
+    """Machine 1 sees its own empty disk at run.output_dir (a tmpfs mounted there in a mount
+    namespace of its own): every rank stops at the start with an error naming the folder and the
+    blind ranks -- not at the first save, and no hang."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [*_pairs_job("dpo", tiny_model_path, out), "train.batch_size=1", "run.name=two", "model.dtype=float32"]
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                    "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                    "--rdzv-id", f"align-{port}", "-m", "align.cli", *args]
+        cmd = torchrun if node == 0 else ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                          f'mount -t tmpfs tmpfs "{out}" && exec "$@"', "sh", *torchrun]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=open(tmp_path / f"node{node}.log", "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    assert all(codes), (codes, logs[0][-2000:], logs[1][-2000:])
+    assert "is not the same folder on every machine (rank 2 on" in logs[0], logs[0][-3000:]
+    assert "rank 3 on" in logs[0] and "put run.output_dir on a shared file system" in logs[0]
+    assert not (out / "two" / "metrics.jsonl").exists()  # nothing trained

@@ -53,6 +53,7 @@ def run_dpo(cfg) -> dict:
     t0 = time.time()
     trl_internals.check()  # before the run folder exists: an incompatible TRL writes nothing
     transformers_internals.check()
+    distributed.init(cfg.model.device)  # the process group before the run folder: its checks need it
     with start_run(cfg, "dpo") as run:
         train_rows, eval_rows, _ = load_preference_splits(cfg.data)
         # in-family validation: pairs of the training subsets never trained on (tune on these)

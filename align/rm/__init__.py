@@ -32,8 +32,11 @@ def run_rm(cfg) -> dict:
     from ..deps import transformers_internals
     from ..runs import is_main_process, plot_metrics, start_run
 
+    from .. import distributed
+
     t0 = time.time()
     transformers_internals.check()  # before the run folder exists
+    distributed.init(cfg.model.device)  # the process group before the run folder: its checks need it
     with start_run(cfg, "rm") as run:
         train_rows, eval_rows, _ = load_preference_splits(cfg.data)
         train_rows, val_rows = hold_out(train_rows, cfg.data.validation_pairs, cfg.data.seed)
@@ -49,8 +52,6 @@ def run_rm(cfg) -> dict:
                                       data_collator=collator, center_coef=t.center_coef,
                                       callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)])
         trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last
-        from .. import distributed
-
         run.record(parallelism=distributed.trainer_parallelism(trainer))
         t_train = time.time()
         trainer.train_resumable(run, stop)
