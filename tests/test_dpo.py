@@ -265,3 +265,8 @@ def test_dpo_reports_an_in_family_validation_split(tiny_model_path, tmp_path, sh
     assert val["pairs"] == 4 and val["held_out_of"] == ["helpful-rejection-sampled"] and summary["validation"] == val
     assert 0 <= val["normalized_margin_accuracy"] <= 1 and "normalized_margin_accuracy" in summary["eval"]
     assert (tmp_path / "v" / "reference_logps_validation.pt").is_file()
+    for split, result in (("validation", val), ("eval", summary["eval"])):
+        marks = json.loads((tmp_path / "v" / f"{split}_per_pair.json").read_text())
+        assert len(marks["normalized"]) == result["pairs"] == len(marks["implicit"])
+        assert sum(marks["normalized"]) / result["pairs"] == pytest.approx(result["normalized_margin_accuracy"])
+        assert sum(marks["implicit"]) / result["pairs"] == pytest.approx(result["implicit_accuracy"])

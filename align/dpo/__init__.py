@@ -163,6 +163,7 @@ def _final_eval(cfg, run, trainer, eval_ds, ref_scores, split: str = "eval") -> 
     t = time.time()
     result = evaluate(trainer.model, eval_ds, trainer.data_collator, cfg.train.beta, ref_scores,
                       cfg.train.batch_size)
+    run.write_json(f"{split}_per_pair.json", result.pop("per_pair"))  # for paired intervals between runs
     if split == "eval":
         result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
     else:

@@ -57,11 +57,22 @@ def cached_reference(run, split: str, compute) -> PairScores:
 
 def evaluate(peft_model, dataset, collator, beta: float, ref: PairScores,
              batch_size: int = 8) -> dict:
+    """The held-out metrics, and under ``per_pair`` each pair's mark (1 right, 1/2 tie, 0 wrong)
+    by the implicit reward and by the length-normalised margin: what a paired interval between
+    two methods scored on the same pairs needs (``scoring.stats.paired_difference``)."""
     policy = score_pairs(peft_model, dataset, collator, batch_size, desc="policy scores")
+
+    def marks(margin):
+        return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margin.tolist()]
+
+    per_token = lambda s, side: (getattr(s, f"{side}_logp") - getattr(ref, f"{side}_logp")) \
+        / getattr(s, f"{side}_tokens").clamp(min=1)  # noqa: E731
     return {
         "pairs": len(dataset),
         **implicit_reward_metrics(policy, ref, beta),
         "normalized_margin_accuracy": normalized_margin_accuracy(policy, ref),
         "reference_free_accuracy_base": reference_free_accuracy(ref),
         "reference_free_accuracy_policy": reference_free_accuracy(policy),
+        "per_pair": {"implicit": marks((policy.chosen_logp - ref.chosen_logp) - (policy.rejected_logp - ref.rejected_logp)),
+                     "normalized": marks(per_token(policy, "chosen") - per_token(policy, "rejected"))},
     }
