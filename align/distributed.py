@@ -81,16 +81,23 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
     ``module`` itself: DDP averages the gradients (a NaN on any rank reaches every rank, so the
     non-finite check after it agrees everywhere), bucketed and overlapped with the backward pass.
     ``find_unused_parameters``: each pass trains one role's adapter (the policy's or the
-    critic's), so the others' parameters are unused in it. Only trainable (adapter) weights are
-    reduced; the frozen base is broadcast once at wrapping, and buffers (rotary tables) are not
-    re-sent at every forward: every rank computes them alike."""
-    if not _dist():
+    critic's), so the others' parameters are unused in it. Only trainable (adapter) weights move:
+    they are broadcast from rank 0 once here, and DDP's own start-up broadcast of *every* weight
+    (``init_sync``) is skipped: each rank loaded the same frozen base from the same file, so
+    sending it again is traffic for nothing. Buffers (rotary tables) are not re-sent at every
+    forward: every rank computes them alike."""
+    dist = _dist()
+    if not dist:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
     dev = device()
     return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                   find_unused_parameters=True, forward_sync_buffers=False)
+                                   find_unused_parameters=True, forward_sync_buffers=False, init_sync=False)
 
 
 def check_shared_folder(folder) -> None:

@@ -57,3 +57,16 @@ def full_finetuning_bytes(model) -> int:
     n = sum(p.numel() for p in model.parameters())
     size = next(model.parameters()).element_size()
     return 2 * n * size + 2 * n * 4
+
+
+def peak_memory(device) -> dict:
+    """This process's peak so far: resident memory (the kernel's high-water mark, GiB) and, on a
+    GPU, the most torch's allocator held (GiB) -- what one rank of a data-parallel run needs."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB on Linux
+    if getattr(device, "type", str(device)) == "cuda":
+        out["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out

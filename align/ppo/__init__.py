@@ -48,8 +48,12 @@ def run_ppo(cfg) -> dict:
             summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
         finally:
             engine.close()
+        from ..memory import peak_memory
+
+        memory = distributed.gather_objects(peak_memory(ac.device))  # every rank's, in rank order
         if distributed.rank() != 0:
             return summary
+        summary["peak_memory_per_rank"] = memory
         summary["adapter"] = str(ac.save_policy(run.path, cfg.model.name, tok))
         summary["wall_seconds"] = round(time.time() - t0, 1)
         summary["engine"] = cfg.rollout.engine
