@@ -28,7 +28,7 @@ VERIFY_PROMPTS = [
     "Give me one tip for sleeping better.",
     "Write a short sentence about the sea.",
 ]
-from .placement import DTYPES as _DTYPES  # noqa: E402
+from .placement import DTYPES as _DTYPES, MERGE_DTYPE  # noqa: E402
 
 
 class ExportError(ValueError):
@@ -168,7 +168,7 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
     if dtype is None:  # the merged model in the dtype the run trained in
         from .runs import read_manifest
 
-        dtype = (read_manifest(src.run_dir).get("dtype") if src.run_dir else None) or "float32"
+        dtype = (read_manifest(src.run_dir).get("dtype") if src.run_dir else None) or MERGE_DTYPE
     _refuse_overlap(out, [d for d in (src.run_dir, src.path) if d is not None])
     check_weights(src.path)
     report: dict = {"source": str(src.path), "base": src.base, "out": str(out)}
@@ -178,8 +178,8 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         return report
 
     # Load once: this fails early, before anything is written, on a mismatched base.
-    # The merge and its checks run in float32 (whatever dtype is saved), on this process's device.
-    model, tok = load_with_adapter(src.base, src.path, dtype="float32", device=device)
+    # The merge and its checks run in MERGE_DTYPE (whatever dtype is saved), on this process's device.
+    model, tok = load_with_adapter(src.base, src.path, dtype=MERGE_DTYPE, device=device)
     ref_logps = prompt_logprobs(model, tok) if verify else None
 
     with atomic_dir(out) as tmp:
@@ -193,7 +193,7 @@ def _export(source, out, *, merge, dtype, checkpoint, verify, force, base, vllm_
         if src.run_dir is not None:
             shutil.copy2(src.run_dir / "config.yaml", tmp / "training_config.yaml")
         if verify:
-            exported, _ = load_with_adapter(src.base, adapter_out, dtype="float32", device=device)
+            exported, _ = load_with_adapter(src.base, adapter_out, dtype=MERGE_DTYPE, device=device)
             diff = _max_diff(ref_logps, prompt_logprobs(exported, tok))
             report["adapter_max_logprob_diff"] = diff
             if diff > 1e-5:

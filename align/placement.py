@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Export merges LoRA into the base and verifies it in this dtype, whatever dtype it then saves.
+MERGE_DTYPE = "float32"
 
 # CPU features that make bf16 matmuls native (oneDNN uses them); without one, bf16 is emulated
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")

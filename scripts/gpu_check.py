@@ -35,20 +35,10 @@ RANDOM_SHAPE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def dependencies() -> dict:
     """Each library's version (None = not installed) and whether it differs from align's pin."""
-    from importlib import metadata
+    from align.runs import library_versions
 
-    out = {}
-    for name, pin in PINS.items():
-        version = None
-        for dist in (name, f"{name}-cpu"):
-            try:
-                version = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        out[name] = {"version": version, "pinned": pin,
-                     "skew": bool(pin and version and version != pin)}
-    return out
+    return {name: {"version": version, "pinned": PINS[name], "skew": bool(PINS[name] and version and version != PINS[name])}
+            for name, version in library_versions(PINS).items()}
 
 
 def random_weights_model(folder: Path, like: str) -> str:
@@ -214,10 +204,10 @@ def main(argv=None) -> int:
             print(f"[gpu_check] {name}: {'ran' if job['ran'] else 'FAILED'} in {job['wall_seconds']} s", flush=True)
         result["all_ran"] = all(j["ran"] for j in result["jobs"].values())
         result["wall_seconds"] = round(time.time() - t0, 1)
+        from align.atomic import atomic_write_text
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")  # a fresh temp name, one rename
         print(f"[gpu_check] wrote {out}: {sum(j['ran'] for j in result['jobs'].values())} of "
               f"{len(result['jobs'])} jobs ran in {result['wall_seconds']} s")
         return 0 if result["all_ran"] else 1

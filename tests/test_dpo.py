@@ -214,27 +214,36 @@ def test_one_pair_tokenization_for_dpo_rm_and_eval(real_model_path):
     assert tokenize_pair(tok, rows[1])["chosen_ids"].count(tok.eos_token_id) == 1
 
 
-@pytest.mark.parametrize("loss", ["exo_pair", "sft", "sigmoid_norm", "[sigmoid,sft]"])
-def test_trls_other_losses_and_a_weighted_list_train_through_the_packed_trainer(loss, tiny_model_path, tmp_path, shared):
-    """TRL 1.16's 15 DPO losses are all choices (the three added here run through align's packed
-    forward), and a list of them is summed with train.loss_weights (RPO: sigmoid + sft)."""
-    import math
-
+def _first_losses(tiny_model_path, tmp_path, name: str, *extra) -> list[float]:
     from align.dpo import run_dpo
 
-    over = [f"model.name={tiny_model_path}", "data.max_train_pairs=8", "evaluate=false", "train.batch_size=4",
-            "train.max_length=64", "train.max_prompt_length=32", f"run.output_dir={tmp_path}", "run.name=l",
-            f"train.loss_type={loss}", "run.save_every=0", "run.plot=false"]
-    if loss.startswith("["):
-        over.append("train.loss_weights=[1.0,0.5]")
-    if loss == "exo_pair":
-        with pytest.raises(ConfigError, match="train.label_smoothing' must be > 0 with the exo_pair loss"):
-            load_config("dpo", None, over)
-        over.append("train.label_smoothing=0.001")
-    run_dpo(load_config("dpo", None, over))
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "l" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(l)]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    run_dpo(load_config("dpo", None, [
+        f"model.name={tiny_model_path}", "data.max_train_pairs=8", "evaluate=false", "train.batch_size=4",
+        "train.max_length=64", "train.max_prompt_length=32", f"run.output_dir={tmp_path}", f"run.name={name}",
+        "run.save_every=0", "run.plot=false", *extra]))
+    return [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(l)]
+
+
+def test_trls_other_losses_and_a_weighted_list_train_through_the_packed_trainer(tiny_model_path, tmp_path, shared):
+    """TRL 1.16's 15 DPO losses are all choices (the three added here run through align's packed
+    forward), and a list of them is summed with train.loss_weights (RPO: sigmoid + sft). At the
+    first step the policy is the reference (margin 0), so each loss has a closed form there."""
+    import math
+
+    with pytest.raises(ConfigError, match="train.label_smoothing' must be > 0 with the exo_pair loss"):
+        load_config("dpo", None, ["train.loss_type=exo_pair"])
+    exo = _first_losses(tiny_model_path, tmp_path, "exo", "train.loss_type=exo_pair", "train.label_smoothing=0.001")
+    eps = 0.001  # q = (1/2, 1/2) against p = (1 - eps, eps): KL = 1/2 ln(1/2 / (1-eps)) + 1/2 ln(1/2 / eps)
+    assert exo[0] == pytest.approx(0.5 * math.log(0.5 / (1 - eps)) + 0.5 * math.log(0.5 / eps), abs=1e-3)
+    norm = _first_losses(tiny_model_path, tmp_path, "norm", "train.loss_type=sigmoid_norm")
+    assert norm[0] == pytest.approx(math.log(2), abs=1e-3)
+    sft = _first_losses(tiny_model_path, tmp_path, "sft", "train.loss_type=sft")
+    assert sft[0] > 2  # the chosen answers' NLL under a random tiny model, not a preference loss
+    both = _first_losses(tiny_model_path, tmp_path, "both", "train.loss_type=[sigmoid,sft]",
+                         "train.loss_weights=[1.0,0.5]")
+    assert both[0] == pytest.approx(math.log(2) + 0.5 * sft[0], rel=1e-4)
+    assert all(len(x) == 2 and all(math.isfinite(v) for v in x) for x in (exo, norm, sft, both))
 
 
 def test_normalized_margin_accuracy_by_hand():

@@ -394,9 +394,12 @@ def test_no_literal_dtype_default_outside_placement():
 
 
 def test_the_meter_measures_the_device_it_is_given():
+    """On ``meta`` a product computes nothing, so its 'rate' is absurdly high: a probe that ignored
+    its device and multiplied on the CPU (84b20d5's) would report a CPU's few hundred GFLOP/s."""
     from align.compute import matmul_peak_gflops
 
-    assert matmul_peak_gflops(torch.float32, sizes=(64,), seconds=0.01, device="cpu") > 0
+    assert matmul_peak_gflops(torch.float32, sizes=(4096,), seconds=0.01, device="meta") > 1e5
+    assert 0 < matmul_peak_gflops(torch.float32, sizes=(256,), seconds=0.05, device="cpu") < 1e5
 
 
 def test_row_seeded_sampling_on_the_cpu_is_unchanged():

@@ -66,11 +66,13 @@ def _vllm_main(job: dict) -> list[list[int]]:
 
     from ..placement import vllm_engine_args
 
+    from ..adapters import read_adapter_config
+
     lora_rank = None
     if job["lora"]:
         from vllm.lora.request import LoRARequest
 
-        lora_rank = json.loads((Path(job["lora"]) / "adapter_config.json").read_text())["r"]
+        lora_rank = read_adapter_config(job["lora"])["r"]
     kwargs, _ = vllm_engine_args(job["model"], device=torch.device(job["device"]), dtype=job["dtype"],
                                  lora_rank=lora_rank, max_model_len=1024, colocated=False)
     llm = LLM(**kwargs)
