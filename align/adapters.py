@@ -21,15 +21,21 @@ class AdapterError(ValueError):
 
 
 def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "default",
-                 tokenizer=None) -> Path:
+                 tokenizer=None, state_dict: dict | None = None) -> Path:
     """Write adapter ``adapter_name`` as a PEFT folder (safetensors), atomically, naming the base
     as users know it (and the tokenizer beside it, when given). The base name is patched in
     after saving: handing PEFT a Hub id makes it look the base up on the Hub at every save
-    (every PPO sync)."""
+    (every PPO sync). ``state_dict``: the adapter's weights gathered whole beforehand
+    (:func:`align.distributed.gathered_state`), required where the model is sharded (FSDP2):
+    the one rank that writes cannot gather alone."""
+    if state_dict is None and any(hasattr(p, "full_tensor") for p in peft_model.parameters()):
+        raise RuntimeError(f"save_adapter('{out_dir}'): the model is sharded (FSDP2); gather the adapter on "
+                           "every rank first (align.distributed.gathered_state) and pass it as state_dict")
     with atomic_dir(out_dir) as tmp:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True,
+                                   **({"state_dict": state_dict} if state_dict is not None else {}))
         if adapter_name != "default":  # PEFT writes a non-default adapter into a sub-folder
             sub = tmp / adapter_name
             for f in sub.iterdir():
@@ -37,6 +43,17 @@ def save_adapter(peft_model, out_dir, base_name: str, adapter_name: str = "defau
             sub.rmdir()
         set_base_name(tmp, base_name)
     return Path(out_dir)
+
+
+def adapter_weights(peft_model, adapter_name: str = "default") -> dict:
+    """Adapter ``adapter_name``'s weights -- its LoRA matrices and the modules it trains whole (a
+    reward model's score head) -- whole and on the CPU, keyed as ``peft_model``'s state dict
+    (:func:`save_adapter`'s ``state_dict``). Every rank must call it: where the model is
+    sharded (FSDP2) the adapter's shards are gathered -- the adapter only, never the base."""
+    from . import distributed
+
+    return distributed.gathered_state(
+        peft_model, lambda n: ("lora_" in n or "modules_to_save" in n) and f".{adapter_name}." in n)
 
 
 def read_adapter_config(adapter_dir) -> dict:

@@ -467,6 +467,12 @@ class PPOTrainConfig:
     eval_pass_k: int = _num(0, 0, 1024)
     # Stop after the iteration that crosses this many minutes (0 = no budget), then evaluate.
     time_budget_minutes: float = _num(0.0, 0.0, 525600.0)  # up to a year
+    # With several processes: ddp (every rank holds the whole base; the adapters' gradients are
+    # averaged by torch's DistributedDataParallel) or fsdp2 (torch's fully_shard: each rank holds
+    # 1/N of every decoder layer and of the embeddings, gathered layer by layer for each pass --
+    # for a base too large for one device). auto: fsdp2 when launched with
+    # configs/accelerate/fsdp.yaml (accelerate's FSDP setting), else ddp.
+    parallelism: str = _choice("auto", "auto", "ddp", "fsdp2")
 
 
 @dataclass

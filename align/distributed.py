@@ -1,16 +1,20 @@
-"""Data parallelism for align's own loop (PPO): torch's DistributedDataParallel for the
-gradients (:func:`data_parallel`) and the few scalar collectives the loop's decisions need, and
-nothing when there is one process. DPO and RM get theirs from transformers' Trainer (accelerate).
+"""Data parallelism for align's own loop (PPO) on torch's engines -- DistributedDataParallel or
+FSDP2's ``fully_shard`` (:func:`data_parallel`) -- and the few scalar collectives the loop's
+decisions need; nothing when there is one process. DPO and RM get theirs from transformers'
+Trainer (accelerate).
 
-Run with ``accelerate launch --multi_gpu --num_processes N -m align.cli ppo ...`` (on a CPU-only
-machine the same command starts N CPU processes on gloo; accelerate's ``--cpu`` launcher wants
-MPI). Every rank holds the same weights: it samples its share of the prompts, gradients are
-averaged (a sum over the *global* batch's tokens, as one process would compute), and every
+Run with ``accelerate launch --config_file configs/accelerate/ddp.yaml (or fsdp.yaml)
+--num_processes N -m align.cli ppo ...`` or ``torchrun`` (on a CPU-only machine the same
+command starts N CPU processes on gloo). Every rank samples its share of the prompts, gradients
+are averaged (a sum over the *global* batch's tokens, as one process would compute), and every
 decision that ends a loop -- approx-KL early stop, time budget, a signal, a NaN -- is agreed on
-by all ranks, or they would wait on each other forever.
+by all ranks, or they would wait on each other forever. Under FSDP2 every rank must also join
+every forward pass (each layer's weights are gathered from all) and every save (the adapters
+are gathered from their shards: :func:`gathered_state`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,28 +80,190 @@ def any_rank(flag: bool) -> bool:
     return bool(all_sum(torch.tensor([1.0 if flag else 0.0], device=device()))[0] > 0)
 
 
-def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` under torch's DistributedDataParallel when there are several processes, else
-    ``module`` itself: DDP averages the gradients (a NaN on any rank reaches every rank, so the
-    non-finite check after it agrees everywhere), bucketed and overlapped with the backward pass.
-    ``find_unused_parameters``: each pass trains one role's adapter (the policy's or the
-    critic's), so the others' parameters are unused in it. Only trainable (adapter) weights move:
-    they are broadcast from rank 0 once here, and DDP's own start-up broadcast of *every* weight
-    (``init_sync``) is skipped: each rank loaded the same frozen base from the same file, so
-    sending it again is traffic for nothing. Buffers (rotary tables) are not re-sent at every
-    forward: every rank computes them alike."""
+def share_loaded_weights(model: torch.nn.Module) -> None:
+    """Under accelerate's FSDP config with RAM-efficient loading (configs/accelerate/fsdp.yaml:
+    ``fsdp_cpu_ram_efficient_loading``), transformers' ``from_pretrained`` reads the file on
+    each machine's first process only and gives the others zeros, for FSDP to broadcast later --
+    but align scores with the model before any trainer wraps it (DPO's reference pass, PPO's
+    first rollouts). Measured: PPO's first rewards on rank 1 came from an all-zero model. So
+    here every weight and buffer is sent from rank 0 once, right after loading."""
+    dist = _dist()
+    efficient = all(os.environ.get(k, "").lower() in ("1", "true")
+                    for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"))
+    if not (dist and efficient):
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def parallelism(choice: str = "auto") -> str:
+    """What PPO's loop trains with: ``single`` (one process), ``ddp`` or ``fsdp2``. ``auto``
+    follows the launcher: accelerate's FSDP config (configs/accelerate/fsdp.yaml sets
+    ACCELERATE_USE_FSDP) means fsdp2, anything else ddp."""
+    if world_size() == 1:
+        return "single"
+    if choice == "auto":
+        return "fsdp2" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
+    return choice
+
+
+def data_parallel(module: torch.nn.Module, mode: str = "ddp") -> torch.nn.Module:
+    """``module`` ready for data-parallel training by ``mode`` (:func:`parallelism`); with one
+    process, ``module`` itself.
+
+    ``ddp``: torch's DistributedDataParallel averages the gradients (a NaN on any rank reaches
+    every rank), bucketed and overlapped with the backward pass. ``find_unused_parameters``:
+    each pass trains one role's adapter (the policy's or the critic's), so the others'
+    parameters are unused in it. Only trainable (adapter) weights move: they are broadcast from
+    rank 0 once here, and DDP's own start-up broadcast of *every* weight (``init_sync``) is
+    skipped: each rank loaded the same frozen base from the same file. Buffers (rotary tables)
+    are not re-sent at every forward: every rank computes them alike.
+
+    ``fsdp2``: :func:`shard` -- torch's ``fully_shard`` on ``module``'s decoder layers, its
+    decoder and its value head, in place; ``module`` is returned as it is (FSDP2 hooks the
+    sharded modules' own forwards)."""
     dist = _dist()
     if not dist:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
+    if mode == "fsdp2":
+        shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
     dev = device()
     return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
                                    find_unused_parameters=True, forward_sync_buffers=False, init_sync=False)
+
+
+def shard(module: torch.nn.Module) -> None:
+    """FSDP2 over every rank (torch's ``fully_shard``): each transformer block of every causal
+    LM in ``module`` (the classes transformers names ``_no_split_modules``, as accelerate's
+    TRANSFORMER_BASED_WRAP does), then each LM's decoder (embeddings, final norm), then any
+    trainable module left outside them (a value head). Each unit's weights are gathered just
+    before its forward and freed after it, its gradients reduce-scattered after its backward.
+    The LM's output head stays whole on every rank: a pass calls it outside the decoder, and
+    with tied embeddings it is the embedding matrix. Must run after every adapter is added and
+    before the optimizer is made (the parameters become sharded DTensors)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device().type, (world_size(),))
+    from transformers import PreTrainedModel
+
+    # the causal LMs (a PEFT wrapper answers for its LM's attributes, so the class decides)
+    lms = [m for m in module.modules() if isinstance(m, PreTrainedModel) and m._no_split_modules and m.base_model is not m]
+    if not lms:
+        raise ValueError("fsdp2: no transformers causal LM in this model to shard")
+    sharded: set[int] = set()
+    for lm in lms:
+        blocks = set(lm._no_split_modules)
+        for m in lm.modules():
+            if type(m).__name__ in blocks:
+                fully_shard(m, mesh=mesh, reshard_after_forward=True)
+                sharded.add(id(m))
+        fully_shard(lm.base_model, mesh=mesh, reshard_after_forward=True)
+        sharded.add(id(lm.base_model))
+    inside = {id(p) for m in module.modules() if id(m) in sharded for p in m.parameters()}
+    for m in module.modules():  # outermost first: the largest trainable subtree outside the LMs
+        params = list(m.parameters())
+        if any(p.requires_grad for p in params) and not any(id(p) in inside for p in params):
+            fully_shard(m, mesh=mesh, reshard_after_forward=True)  # e.g. the value head: its gradients reduce-scattered too
+            inside |= {id(p) for p in m.parameters()}
+    loose = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in inside]
+    if loose:
+        raise ValueError(f"fsdp2: trainable weights outside every sharded unit (e.g. '{loose[0]}'), "
+                         "whose gradients no rank would average")
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds FSDP2-sharded weights (every rank must then join each forward,
+    each gather and each save)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, on: bool):
+    """Gradients of the backward passes inside are averaged over ranks (``on``), or only
+    accumulated locally until a later synced backward: DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync``. One process: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if on or not (units or hasattr(module, "no_sync")):
+        yield
+    elif units:
+        for m in units:
+            m.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in units:
+                m.set_requires_gradient_sync(True, recurse=False)
+    else:
+        with module.no_sync():
+            yield
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: an FSDP2-sharded parameter (a DTensor) is gathered from every rank -- so
+    every rank must call this, in the same order -- and anything else is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gathered_state(module: torch.nn.Module, keep) -> dict:
+    """``{name: whole tensor on the CPU}`` for the entries of ``module.state_dict()`` whose name
+    ``keep`` accepts -- the adapters, never the frozen base: what a save or an engine sync
+    needs. Every rank must call it (sharded entries are gathered)."""
+    return {n: full_tensor(t.detach()).cpu().clone() for n, t in module.state_dict(keep_vars=True).items() if keep(n)}
+
+
+def set_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole tensor ``value`` into ``param``: into this rank's shard where ``param``
+    is FSDP2-sharded (no collective: every rank holds ``value``)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            local = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                      src_data_rank=None)
+            param.to_local().copy_(local.to_local())
+        else:
+            param.copy_(value)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """``optimizer``'s state to save. Sharded (FSDP2): gathered whole by torch's
+    ``get_optimizer_state_dict`` (keyed by parameter name; rank 0 gets it, on the CPU) -- every
+    rank must call it; else the optimizer's own ``state_dict``."""
+    if not sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, where: str) -> None:
+    """Put :func:`optimizer_state`'s ``state`` back (each rank keeps its shard when sharded)."""
+    by_name = any(isinstance(k, str) for g in state.get("param_groups", []) for k in g.get("params", []))
+    if by_name != sharded(model):
+        saved, now = ("fsdp2", "ddp or one process") if by_name else ("ddp or one process", "fsdp2")
+        raise ValueError(f"{where} was written under {saved} and this run is {now}: resume with the "
+                         "parallelism it was written with (ppo.parallelism, or the same launcher config)")
+    if not by_name:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def check_shared_folder(folder) -> None:

@@ -55,9 +55,12 @@ def lora_update_ratio(model) -> tuple[float, str]:
                 a, b = lora_a[key].weight, lora_b[key].weight
                 if not a.requires_grad:
                     continue
-                a, b = a.float(), b.float()
+                # under FSDP2 each rank holds a shard: the adapter is gathered (small), the base's
+                # norm reduced from each rank's shard (never gathered); plain tensors pass through
+                a, b = _whole(a).float(), _whole(b).float()
                 sq = ((a @ a.T) * (b.T @ b)).sum().clamp(min=0)
-                ratios.append(sq.sqrt() * abs(float(m.scaling[key])) / base.weight.float().norm().clamp(min=1e-12))
+                norm = _whole(base.weight.float().norm())
+                ratios.append(sq.sqrt() * abs(float(m.scaling[key])) / norm.clamp(min=1e-12))
                 names.append(f"{name} ({key})")
     worst, where = 0.0, ""
     # one copy to the host for all layers (a GPU would otherwise wait once per layer, every step)
@@ -65,6 +68,11 @@ def lora_update_ratio(model) -> tuple[float, str]:
         if not ratio <= worst:  # NaN counts as the worst
             worst, where = ratio, name
     return worst, where
+
+
+def _whole(t):
+    """A DTensor (an FSDP2 shard, or a reduction of one) as a plain whole tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def check_divergence(model, where: str) -> None:
@@ -185,7 +193,8 @@ class GracefulStop:
 def grads_finite(params) -> bool:
     import torch
 
-    grads = [p.grad for p in params if p.grad is not None]
+    # this rank's shard of an FSDP2-sharded gradient (the caller agrees across ranks)
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
     # one reduction and one host sync for all parameters, not one per parameter
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 

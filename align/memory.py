@@ -70,3 +70,14 @@ def peak_memory(device) -> dict:
     if getattr(device, "type", str(device)) == "cuda":
         out["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
+
+
+def held_parameters_gib(module) -> float:
+    """GiB of weights this process holds: each parameter once, and of a sharded (FSDP2) one only
+    this rank's shard -- what sharding saves, which the resident-memory peak (set when the whole
+    base was loaded, before sharding) does not show."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return round(total / 2**30, 4)

@@ -89,6 +89,9 @@ def load_base(model_cfg, *, with_tokenizer: bool = True, kind: str = "causal"):
         model.hf_quantizer = None
         model.is_quantized = False
     model.config.use_cache = True
+    from . import distributed
+
+    distributed.share_loaded_weights(model)  # before any pass: every rank computes with rank 0's weights
     model.to(where_to.device)
     if getattr(model_cfg, "gradient_checkpointing", False):
         # non-reentrant: gradients reach the LoRA weights although the frozen inputs need none

@@ -3,6 +3,7 @@ the same global batch, and only rank 0 writes the run folder."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def _launch(args: list[str], processes: int, log: Path) -> None:
+def _launch(args: list[str], processes: int, log: Path, config: str = "ddp.yaml") -> None:
     args = [*args, "model.dtype=float32"]  # exact agreement is float32's (auto may pick bf16 here)
     if processes == 1:
         cmd = [sys.executable, "-m", "align.cli", *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch",  # the shipped config, as documented
-               "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+               "--config_file", str(ROOT / "configs" / "accelerate" / config), "--mixed_precision", "no",
                "--num_processes", str(processes), "-m", "align.cli", *args]
     rc = subprocess.call(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT, timeout=600)
     assert rc == 0, log.read_text()[-4000:]
@@ -83,6 +84,30 @@ def test_ppo_two_processes_match_one(tmp_path, tiny_model_path):
     assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
 
+    # FSDP2 (configs/accelerate/fsdp.yaml: ppo.parallelism=auto follows it): the base's layers and
+    # embeddings sharded over the 2 ranks, the same numbers as DDP; its checkpoint (adapters and
+    # optimizer gathered from the shards) resumes to the same end
+    _launch([*common, "run.name=fsdp", "run.save_every=2"], 2, tmp_path / "fsdp.log", config="fsdp.yaml")
+    _check_fsdp2_run(tmp_path / "fsdp", two)
+    (tmp_path / "fsdp" / "summary.json").unlink()  # as if stopped after the iteration-2 checkpoint
+    shutil.rmtree(tmp_path / "fsdp" / "adapter")
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-3", ignore_errors=True)
+    _launch([*common, "run.name=fsdp", "run.save_every=2", "--resume"], 2, tmp_path / "resume.log", config="fsdp.yaml")
+    assert "resumed at iteration 3" in (tmp_path / "resume.log").read_text()
+    _check_fsdp2_run(tmp_path / "fsdp", two)
+
+
+def _check_fsdp2_run(run: Path, ddp: list[dict]) -> None:
+    assert json.loads((run / "run.json").read_text())["parallelism"] == "fsdp2"
+    got = _records(run)
+    for key in ("reward_mean", "kl_per_answer", "value_loss", "entropy", "eval/reward_mean", "eval/kl_per_answer"):
+        a, b = _by_step(ddp, key), _by_step(got, key)
+        assert a and sorted(a) == sorted(b), key
+        assert all(abs(a[s] - b[s]) < 1e-4 * max(1.0, abs(a[s])) for s in a), (key, a, b)
+    memory = json.loads((run / "summary.json").read_text())["peak_memory_per_rank"]
+    assert len(memory) == 2 and all(m["parameters_gib"] > 0 for m in memory)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
 
 def test_fsdp_asked_where_the_trainer_does_not_apply_it_is_said(tmp_path, tiny_model_path, shared):
     """configs/accelerate/fsdp.yaml on this CPU: transformers' Trainer runs DDP instead (measured);
@@ -99,3 +124,11 @@ def test_fsdp_asked_where_the_trainer_does_not_apply_it_is_said(tmp_path, tiny_m
     assert rc == 0, log.read_text()[-3000:]
     assert log.read_text().count("notice: the launcher asked for FSDP but the Trainer runs DDP") == 1
     assert json.loads((tmp_path / "f" / "run.json").read_text())["parallelism"] == "ddp"
+    # the config's RAM-efficient loading gives rank 1 an all-zero base until something sends it
+    # rank 0's: the reference pass (before the Trainer) must see the real weights on every rank
+    _launch([*[a for a in args if a != "train.batch_size=2"], "train.batch_size=4", "run.name=one"], 1,
+            tmp_path / "one.log")
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "f")
+    for key in ("loss", "rewards/margins"):
+        a, b = _by_step(one, key), _by_step(two, key)
+        assert a and sorted(a) == sorted(b) and all(abs(a[s] - b[s]) < 1e-4 for s in a), (key, a, b)

@@ -42,7 +42,7 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
 def run_dpo(cfg) -> dict:
     """Train, then evaluate on the held-out subsets; every phase is timed for the compute block."""
     from .. import distributed, guards
-    from ..adapters import save_adapter
+    from ..adapters import adapter_weights, save_adapter
     from ..data import hold_out, load_preference_splits
     from ..models import add_policy_adapter, load_base
     from ..runs import after_job, is_main_process, plot_metrics, start_run
@@ -78,15 +78,17 @@ def run_dpo(cfg) -> dict:
         with _timed(seconds, "train", device):
             trainer.train_resumable(run, stop)
         adapter_dir = run.path / "adapter"
+        weights = adapter_weights(model)  # on every rank: sharded weights (FSDP) are gathered
         if is_main_process():
-            save_adapter(model, adapter_dir, cfg.model.name)
+            save_adapter(model, adapter_dir, cfg.model.name, state_dict=weights)
         summary = {"train_pairs": len(train_rows), "train_seconds": round(seconds["train"], 1),
                    "steps": trainer.state.global_step, "adapter": str(adapter_dir),
                    "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or ""),
                    "truncation": {k: v for k, v in cut.items() if k != "message"}}
-        if validation is not None and is_main_process():
+        # every rank evaluates (only rank 0 writes): with sharded weights each forward needs all
+        if validation is not None:
             summary["validation"] = _final_eval(cfg, run, trainer, *validation, split="validation")
-        if held_out is not None and is_main_process():
+        if held_out is not None:
             with _timed(seconds, "policy_eval", device):
                 summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
         summary["compute"] = compute_report(model, tokens, seconds)

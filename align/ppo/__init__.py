@@ -1,6 +1,7 @@
 """`align ppo`: PPO with a custom reward; policy, reference and critic on one frozen base."""
 from __future__ import annotations
 
+import os
 import time
 
 __all__ = ["run_ppo", "engine_options", "check_config"]
@@ -32,9 +33,12 @@ def run_ppo(cfg) -> dict:
     estimator = get_estimator(cfg.ppo)
     distributed.init(cfg.model.device)
     _check_divisible(cfg, distributed.world_size())
+    parallelism = distributed.parallelism(cfg.ppo.parallelism)
+    _check_parallelism(cfg, parallelism)
     t0 = time.time()
     with start_run(cfg, "ppo") as run:
         run.open_trackers(cfg.run.report_to, cfg)
+        run.record(parallelism=parallelism)
         train_prompts, eval_prompts = load_prompts(cfg.data)
         print(f"prompts: {len(train_prompts)} train, {len(eval_prompts)} held out")
         run.record(data={"train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts)})
@@ -48,13 +52,15 @@ def run_ppo(cfg) -> dict:
             summary = train_ppo(ac, engine, tok, train_prompts, eval_prompts, cfg, run)
         finally:
             engine.close()
-        from ..memory import peak_memory
+        from ..memory import held_parameters_gib, peak_memory
 
-        memory = distributed.gather_objects(peak_memory(ac.device))  # every rank's, in rank order
+        # every rank's, in rank order
+        memory = distributed.gather_objects({**peak_memory(ac.device), "parameters_gib": held_parameters_gib(ac)})
+        policy = ac.adapter_state()  # gathered on every rank (FSDP2 shards); rank 0 writes
         if distributed.rank() != 0:
             return summary
         summary["peak_memory_per_rank"] = memory
-        summary["adapter"] = str(ac.save_policy(run.path, cfg.model.name, tok))
+        summary["adapter"] = str(ac.save_policy(run.path, cfg.model.name, tok, state=policy))
         summary["wall_seconds"] = round(time.time() - t0, 1)
         summary["engine"] = cfg.rollout.engine
         summary["processes"] = distributed.world_size()
@@ -99,6 +105,26 @@ def engine_options(cfg, run):
                          host=cfg.rollout.server_host, api_key=cfg.rollout.server_api_key,
                          server_devices=cfg.rollout.server_devices,
                          log_dir=str(run.path) if run is not None else None)
+
+
+def _check_parallelism(cfg, parallelism: str) -> None:
+    """What FSDP2 cannot do without gathering the whole base (the failure it exists to avoid)."""
+    from ..config import ConfigError
+
+    if parallelism == "single" and cfg.ppo.parallelism != "auto":
+        print(f"notice: ppo.parallelism={cfg.ppo.parallelism} has no effect with one process")
+    if parallelism == "ddp" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        print("notice: PPO's own loop does not run on DeepSpeed; the launcher's DeepSpeed config is ignored "
+              "and the adapters train under DDP (configs/accelerate/fsdp.yaml shards the base)")
+    if parallelism != "fsdp2":
+        return
+    if cfg.lora.r == "full":
+        raise ConfigError("key 'ppo.parallelism': fsdp2 shards a frozen base under trained adapters; with "
+                          "lora.r=full (every weight trains, a tied head and embedding) use ddp")
+    if cfg.rollout.engine != "hf" and cfg.rollout.sync != "lora":
+        raise ConfigError(f"key 'rollout.sync': {cfg.rollout.sync} may merge the adapter into whole base weights, "
+                          "which under fsdp2 would gather the sharded base at every sync; use rollout.sync=lora "
+                          "(only the adapter moves)")
 
 
 def _check_divisible(cfg, world: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..scoring.logprobs import token_logprobs
 from ..models import POLICY, lora_peft_config
 from ..roles import Roles
@@ -77,30 +78,41 @@ class ActorCritic(Roles):
             return logp, ent, None
         return logp, ent, (self.value_head(h.float()).squeeze(-1) if self.shared_critic else self.values(tb))
 
+    def _trained(self, name: str) -> bool:
+        return ("lora_" in name and (f".{POLICY}." in name or f".{VALUE}." in name)) or name.startswith("value_head.")
+
     def trained_state(self) -> dict:
-        """Every weight training changes (policy, critic, value head), by name: what a
-        checkpoint must hold to continue exactly."""
-        return {n: p.detach().clone() for n, p in self.named_parameters()
-                if ("lora_" in n and (f".{POLICY}." in n or f".{VALUE}." in n)) or n.startswith("value_head.")}
+        """Every weight training changes (policy, critic, value head), by name, whole and on the
+        CPU: what a checkpoint must hold to continue exactly. Every rank must call it (FSDP2
+        shards are gathered; only these weights move, never the base)."""
+        return distributed.gathered_state(self, self._trained)
 
     def load_trained_state(self, state: dict, where: str = "checkpoint") -> None:
         params = dict(self.named_parameters())
-        expected = set(self.trained_state())
+        expected = {n for n in params if self._trained(n)}
         if set(state) != expected:
             odd = sorted(expected ^ set(state))[0]
             raise ValueError(f"{where} does not match this model/LoRA config (e.g. '{odd}')")
-        with torch.no_grad():
-            for n, w in state.items():
-                params[n].copy_(w)
+        for n, w in state.items():
+            distributed.set_whole(params[n], w)
 
-    def save_policy(self, folder, base_name: str, tok=None):
-        """The trained policy into ``folder``: ``adapter/``, a PEFT folder naming ``base_name``."""
+    def adapter_state(self, adapter: str = POLICY) -> dict:
+        """PEFT adapter ``adapter``'s weights, whole (``save_policy``'s ``state``). Every rank
+        must call it."""
+        from ..adapters import adapter_weights
+
+        return adapter_weights(self.model, adapter)
+
+    def save_policy(self, folder, base_name: str, tok=None, state: dict | None = None):
+        """The trained policy into ``folder``: ``adapter/``, a PEFT folder naming ``base_name``;
+        ``state``: :meth:`adapter_state`, gathered beforehand on every rank when sharded."""
         from ..adapters import save_adapter
 
-        return save_adapter(self.model, Path(folder) / "adapter", base_name)
+        return save_adapter(self.model, Path(folder) / "adapter", base_name, state_dict=state)
 
     def critic_state(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.value_head.state_dict().items()} if self.with_critic else {}
+        """The value head's weights, whole (every rank must call it)."""
+        return distributed.gathered_state(self.value_head, lambda n: True) if self.with_critic else {}
 
 
 class FullFineTuning(ActorCritic):
@@ -147,10 +159,17 @@ class FullFineTuning(ActorCritic):
     def policy_parameters(self):
         return list(self.model.parameters())
 
+    def _trained(self, name: str) -> bool:
+        return name.startswith("model.")
+
     def trained_state(self) -> dict:
+        # named_parameters, not the state dict: a tied head and embedding are one weight
         return {n: p.detach().clone() for n, p in self.named_parameters() if n.startswith("model.")}
 
-    def save_policy(self, folder, base_name: str, tok=None):
+    def adapter_state(self, adapter: str = "") -> dict | None:
+        return None  # no adapter: the whole model is saved (never sharded: config check)
+
+    def save_policy(self, folder, base_name: str, tok=None, state=None):
         """``model/``: a transformers folder with its tokenizer, loadable as a base or an export."""
         from ..atomic import atomic_dir
 

@@ -71,8 +71,9 @@ class PPOLoop:
         self.reward_fn = make_reward(cfg.reward, ac, tok, "reward", cfg.model.name)
         self.judge_fn = make_reward(cfg.judge, ac, tok, "judge", cfg.model.name) if cfg.judge.kind != "none" else None
         self.estimator = get_estimator(cfg.ppo)
+        # DDP or FSDP2 over the trained adapters; before the optimizer: FSDP2 replaces the weights
+        self.passes = distributed.data_parallel(LossPasses(ac), distributed.parallelism(cfg.ppo.parallelism))
         self.optimizer = make_optimizer(ac, cfg)
-        self.passes = distributed.data_parallel(LossPasses(ac))  # DDP over the trained adapters
         self.kl = make_kl_controller(cfg.ppo)
         self.order = PromptOrder(len(train_prompts), cfg.run.seed)
         self.guard, self.stop = NonFiniteGuard(cfg.run.max_nonfinite_steps), GracefulStop()
@@ -305,15 +306,21 @@ def save_checkpoint(loop: PPOLoop, it: int, ev: dict | None, state: dict):
     held-out eval ran at this iteration (``align export --checkpoint best`` ranks by it), and
     ``trainer_state.pt`` -- trainable weights, optimizer, KL controller, prompt order, counters."""
     ac, cfg = loop.ac, loop.cfg
+    # gathered on every rank (FSDP2 shards: only the adapters, head and optimizer moments move);
+    # rank 0 writes
+    policy, trainable = ac.adapter_state(), ac.trained_state()
+    separate_critic = ac.with_critic and not ac.shared_critic
+    critic, head = (ac.adapter_state("value"), ac.critic_state()) if separate_critic else (None, None)
+    optimizer = distributed.optimizer_state(ac, loop.optimizer)
 
     def write(folder):
-        ac.save_policy(folder, cfg.model.name, loop.tok)
+        ac.save_policy(folder, cfg.model.name, loop.tok, state=policy)
         if ev is not None:
             (folder / "eval.json").write_text(json.dumps(ev, indent=2))
-        if ac.with_critic and not ac.shared_critic:
-            save_adapter(ac.model, folder / "critic", cfg.model.name, adapter_name="value")
-            torch.save(ac.critic_state(), folder / "value_head.pt")
-        torch.save({"trainable": ac.trained_state(), "optimizer": loop.optimizer.state_dict(),
+        if separate_critic:
+            save_adapter(ac.model, folder / "critic", cfg.model.name, adapter_name="value", state_dict=critic)
+            torch.save(head, folder / "value_head.pt")
+        torch.save({"trainable": trainable, "optimizer": optimizer,
                     "kl_ctl": loop.kl.state_dict(), "data": loop.order.state_dict(), **state},
                    folder / "trainer_state.pt")
 
@@ -328,7 +335,7 @@ def load_checkpoint(loop: PPOLoop, path) -> dict:
                          "it cannot be resumed")
     state = torch.load(f, weights_only=False, map_location=loop.ac.device)  # saved on any device
     loop.ac.load_trained_state(state["trainable"], f"checkpoint '{path}'")
-    loop.optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(loop.ac, loop.optimizer, state["optimizer"], f"checkpoint '{path}'")
     if state["kl_ctl"]:
         loop.kl.load_state_dict(state["kl_ctl"])
     loop.order.load_state_dict(state["data"])

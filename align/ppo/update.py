@@ -3,7 +3,6 @@ of experience. It reads an :class:`~align.ppo.experience.Experience` and changes
 trainable adapters; making experience is :mod:`align.ppo.experience`'s job."""
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -29,9 +28,9 @@ class LossPasses(torch.nn.Module):
 
 
 def _synced(passes, sync: bool):
-    """DDP all-reduces gradients only in the backward of a pass run with ``sync``; the others
-    accumulate locally (``no_sync``). One process: nothing to do."""
-    return contextlib.nullcontext() if sync or not hasattr(passes, "no_sync") else passes.no_sync()
+    """Gradients are averaged over ranks only in the backward of a pass run with ``sync``; the
+    others accumulate locally (DDP's ``no_sync``, FSDP2's gradient-sync switch)."""
+    return distributed.gradient_sync(passes, sync)
 
 
 def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, meter=None,
@@ -40,10 +39,10 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
     with a NaN/inf loss or gradient makes no update (``guard`` counts it). With
     ``ppo.kl_penalty=loss``, ``kl_coef`` weighs the KL-to-reference loss term.
 
-    ``passes``: :class:`LossPasses` of ``ac``, under DDP with several processes
+    ``passes``: :class:`LossPasses` of ``ac``, under DDP or FSDP2 with several processes
     (:func:`align.distributed.data_parallel`). With N ranks each holds 1/N of the batch and of
     every minibatch; each local token-mean loss is scaled by (local tokens / global tokens) x N,
-    and DDP averages the gradients once per minibatch (the micro-chunks and a separate critic's
+    and DDP/FSDP2 average the gradients once per minibatch (the micro-chunks and a separate critic's
     pass accumulate under ``no_sync``), so the gradient is that of the global minibatch's token
     mean -- what one process would compute."""
     passes = passes if passes is not None else LossPasses(ac)
@@ -76,8 +75,10 @@ def ppo_update(ac, exp: Experience, optimizer, cfg, guard=None, it: int = 0, met
                 read += mb.batch.tokens
                 for k, v in parts.items():
                     got[k] = got.get(k, 0.0) + v * scale
-            torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
-            if not grads_finite(params):
+            torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)  # DTensor-aware under FSDP2
+            # under FSDP2 a rank holds a shard of each gradient: a NaN stays in one rank's shard,
+            # so every rank asks all of them, and all skip or all step
+            if distributed.any_rank(not grads_finite(params)):
                 (guard or NonFiniteGuard(0)).skip(
                     params, f"iteration {it}, epoch {epoch}, minibatch {n_mb}")
                 continue
@@ -105,7 +106,7 @@ def _backward(passes, ac, mb, p, scale: float, kl_coef: float = 0.0, sync: bool 
     """Back-propagate ``scale`` x the minibatch loss (token means); its parts as floats. A
     separate critic's pass is run and back-propagated after the policy's graph is freed (the
     two share no trained weight, so the gradients are the same): one pass's activations alive
-    at a time, not two. ``sync``: this chunk's last backward all-reduces (DDP)."""
+    at a time, not two. ``sync``: this chunk's last backward averages over ranks."""
     separate = ac.with_critic and not ac.shared_critic
     mask, agg = mb.train_mask, p.loss_aggregation
     with _synced(passes, sync and not separate):

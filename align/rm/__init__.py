@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from ..adapters import save_adapter
+from ..adapters import adapter_weights, save_adapter
 from ..scoring.pairs import PackedPairCollator, truncation_report
 from .heldout import evaluate
 from .trainer import PackedRewardTrainer, new_reward_model, pair_loss, rm_args
@@ -56,15 +56,18 @@ def run_rm(cfg) -> dict:
         t_train = time.time()
         trainer.train_resumable(run, stop)
         train_seconds = time.time() - t_train
-        if not is_main_process():
-            return {}
-        save_adapter(model, run.path / "adapter", cfg.model.name, tokenizer=tok)
+        weights = adapter_weights(model)  # on every rank: sharded weights (FSDP) are gathered
+        if is_main_process():
+            save_adapter(model, run.path / "adapter", cfg.model.name, tokenizer=tok, state_dict=weights)
         summary = {"train_pairs": len(ds), "epochs": t.epochs, "steps": trainer.state.global_step,
                    "train_seconds": round(train_seconds, 1),
                    "seconds_per_1000_pairs": round(1000 * train_seconds / max(1, len(ds) * t.epochs), 1),
                    "truncation": {k: v for k, v in cut.items() if k != "message"}, "adapter": str(run.path / "adapter"),
                    "nonfinite_steps_skipped": guard.skipped, "resumed_from": str(run.resume_from or "")}
+        # every rank evaluates (only rank 0 writes): with sharded weights each forward needs all
         summary.update(evaluate(cfg, run, model, tok, val_rows, eval_rows))
+        if not is_main_process():
+            return {}
         summary["wall_seconds"] = round(time.time() - t0, 1)
         run.write_json("summary.json", summary)
         if cfg.run.plot:

@@ -13,13 +13,15 @@ def evaluate(cfg, run, model, tok, val_rows, eval_rows) -> dict:
     """Pairwise accuracy (ties 1/2) on the validation split (training length) and on the
     held-out subsets (``train.eval_max_length``, 0 = untruncated)."""
     from ..chat import tokenize_pair
+    from ..runs import is_main_process
 
+    say = print if is_main_process() else (lambda *a, **k: None)  # every rank evaluates, one reports
     t, out = cfg.train, {}
     if val_rows:
         val = pair_scores(model, [tokenize_pair(tok, r) for r in val_rows],
                           PackedPairCollator(tok.pad_token_id, t.max_length, t.max_prompt_length), t.batch_size)
         out["validation"] = pairwise_metrics(val)
-        print(f"validation pairwise accuracy ({len(val_rows)} pairs of the training subsets): "
+        say(f"validation pairwise accuracy ({len(val_rows)} pairs of the training subsets): "
               f"{out['validation']['pairwise_accuracy']:.3f}")
     if cfg.evaluate and eval_rows:
         limit = t.eval_max_length or NO_LIMIT
@@ -31,6 +33,6 @@ def evaluate(cfg, run, model, tok, val_rows, eval_rows) -> dict:
         run.write_json("eval.json", ev)
         run.log({"step": -1, **{f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)}})
         out["eval"] = ev
-        print(f"held-out pairwise accuracy ({', '.join(cfg.data.eval_subsets)}, {ev['pairs']} pairs, "
+        say(f"held-out pairwise accuracy ({', '.join(cfg.data.eval_subsets)}, {ev['pairs']} pairs, "
               f"{ev['max_length']}): {ev['pairwise_accuracy']:.3f}")
     return out

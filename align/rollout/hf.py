@@ -6,6 +6,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .. import distributed
 from ..chat import trim_at_eos
 from ..scoring.logprobs import sampled_logprobs
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
@@ -40,6 +41,7 @@ class HFEngine(RolloutEngine):
         if params.seed is not None:
             gen = torch.Generator().manual_seed(params.seed)
         out: list[Completion] = []
+        sharded = distributed.sharded(self.model) and distributed.world_size() > 1
         for start in range(0, len(prompt_ids), self.batch_size):
             chunk = prompt_ids[start:start + self.batch_size]
             L = max(map(len, chunk))
@@ -61,8 +63,10 @@ class HFEngine(RolloutEngine):
             if gen is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device="cpu")))
             dev = self.model.device
+            # FSDP2: every rank must join each forward's weight gathering, so a rank whose answers
+            # ended keeps stepping until all have (transformers' synced_gpus)
             res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), return_dict_in_generate=True,
-                                      output_logits=params.logprobs, **kwargs)
+                                      output_logits=params.logprobs, synced_gpus=sharded, **kwargs)
             seqs = res.sequences[:, L:]
             lps = sampled_logprobs(res.logits, seqs) if params.logprobs else None
             for i, (p, row) in enumerate(zip(chunk, seqs.tolist())):

@@ -166,9 +166,10 @@ class VLLMEngine(RolloutEngine):
     def _sync_lora(self, peft_model, version: int) -> None:
         from vllm.lora.request import LoRARequest
 
-        from ..adapters import save_adapter
+        from ..adapters import adapter_weights, save_adapter
 
-        path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name)
+        path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name,
+                            state_dict=adapter_weights(peft_model))  # gathered on every rank when sharded
         old = self._lora
         # lora_int_id must be > 0 and unique per version: a reused id would serve cached weights.
         self._lora = LoRARequest(f"policy-v{version}", version + 1, str(path))

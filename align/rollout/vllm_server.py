@@ -184,10 +184,11 @@ class VLLMServerEngine(RolloutEngine):
         return engine
 
     def sync(self, peft_model, version: int) -> None:
-        from ..adapters import save_adapter
+        from ..adapters import adapter_weights, save_adapter
 
         t0 = time.perf_counter()
-        path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name)
+        path = save_adapter(peft_model, self._dir / f"v{version}", self.base_name,
+                            state_dict=adapter_weights(peft_model))  # gathered on every rank when sharded
         name, old = f"policy-v{version}", self._lora_name
         self.server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         self._lora_name, self.version = name, version
