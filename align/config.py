@@ -217,6 +217,14 @@ class DPOTrainConfig:
     loss_weights: list[float] = field(default_factory=list)
     # Conservative DPO / robust: the assumed share of flipped preference labels.
     label_smoothing: float = _num(0.0, 0.0, 0.5, hi_open=True)
+    # What is optimised: dpo (TRL's DPO losses, train.loss_type, against the reference) or a
+    # reference-free objective on the policy's own per-token log-probs (no reference pass at all):
+    # simpo (beta-scaled margin of average log-probs above simpo_gamma_ratio x beta; SimPO's beta
+    # is ~2) or orpo (the chosen answer's NLL + beta x log-sigmoid of the log odds ratio; ORPO's
+    # lambda, ~0.1). align/dpo/objectives.py.
+    objective: str = _choice("dpo", "dpo", "simpo", "orpo")
+    # SimPO's target margin over beta (gamma / beta).
+    simpo_gamma_ratio: float = _num(0.5, 0.0, 100.0)
 
 
 @dataclass

@@ -121,6 +121,11 @@ def _job_rows(add) -> None:
         ("evaluate=false",), ())
     add("dpo", "data.validation_pairs", "when evaluate is false (nothing would be evaluated on them, so none are held "
         "out of training)", lambda c: not c.evaluate, "100", ("evaluate=false",), ())
+    add("dpo", ("train.loss_type", "train.loss_weights"), "when train.objective is not dpo (TRL's DPO losses only)",
+        lambda c: c.train.objective != "dpo", {"train.loss_type": "ipo", "train.loss_weights": "[1.0]"},
+        ("train.objective=simpo",), ())
+    add("dpo", "train.simpo_gamma_ratio", "when train.objective is not simpo", lambda c: c.train.objective != "simpo",
+        "1.0", (), ("train.objective=simpo",))
 
 
 def _command_rows(add) -> None:

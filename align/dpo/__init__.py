@@ -47,6 +47,7 @@ def run_dpo(cfg) -> dict:
     from ..models import add_policy_adapter, load_base
     from ..runs import after_job, is_main_process, plot_metrics, start_run
     from .heldout import cached_reference
+    from .objectives import REFERENCE_FREE
     from ..deps import transformers_internals, trl_internals
     from ..scoring.pairs import truncation_report
 
@@ -70,9 +71,12 @@ def run_dpo(cfg) -> dict:
         print(f"training pairs: {cut['message']}")
         seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}
         device = model.device
-        with _timed(seconds, "reference_train", device):
-            trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
-                model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
+        if cfg.train.objective in REFERENCE_FREE:  # nothing of the reference enters the loss
+            print(f"train.objective={cfg.train.objective}: reference-free, no reference pass over the training pairs")
+        else:
+            with _timed(seconds, "reference_train", device):
+                trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
+                    model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
         held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
         validation = _prepare_eval(cfg, run, trainer, tok, val_rows, seconds, tokens, split="validation")
         with _timed(seconds, "train", device):
@@ -130,6 +134,7 @@ def _trainer(cfg, run, model, tok, train_rows, stop, guard):
     trainer = PackedDPOTrainer(
         model=model, args=dpo_args(cfg, str(run.path / "trainer")), train_dataset=_as_dataset(train_rows),
         processing_class=tok, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
+        objective=cfg.train.objective, train_cfg=cfg.train,
         callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)],
     )
     trainer.align_run_path, trainer.align_keep_last = run.path, cfg.run.keep_last

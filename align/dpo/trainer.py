@@ -14,11 +14,18 @@ from trl import DPOConfig, DPOTrainer
 from ..checkpoints import AtomicCheckpoints, hf_warmup
 from ..placement import resolve_device, resolve_dtype
 from ..deps.trl_internals import use_precomputed_reference
-from ..scoring.pairs import LengthGroupedPairBatches, PackedPairCollator, install_packed_forward
+from ..scoring.pairs import LengthGroupedPairBatches, PackedPairCollator, install_packed_forward, packed_pair_logps
+from .objectives import objective_loss
 
 
 class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
-    def __init__(self, *args, max_length: int, max_prompt_length: int, **kwargs):
+    """``objective``: ``dpo`` (TRL's loss, ``loss_type``) or a reference-free objective of
+    :mod:`align.dpo.objectives` (``simpo``, ``orpo``), computed here on the packed scores --
+    TRL's CPO/ORPO trainers have no packed (``fused_lm_head``) path -- with no reference pass."""
+
+    def __init__(self, *args, max_length: int, max_prompt_length: int, objective: str = "dpo",
+                 train_cfg=None, **kwargs):
+        self.objective, self.train_cfg, self._objective_metrics = objective, train_cfg, {}
         tok = kwargs["processing_class"]
         kwargs.setdefault("data_collator", PackedPairCollator(
             pad_token_id=tok.pad_token_id, max_length=max_length,
@@ -36,6 +43,24 @@ class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
         install_packed_forward(self.model.get_base_model())
         if self.ref_model is not None:  # only when a user passes a separate reference model
             install_packed_forward(self.ref_model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective == "dpo":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        chosen, rejected, chosen_n, rejected_n = packed_pair_logps(model, inputs)
+        loss, parts = objective_loss(self.objective, chosen, rejected, chosen_n, rejected_n, self.train_cfg)
+        c, r = parts.pop("chosen_rewards"), parts.pop("rejected_rewards")
+        # the same names as TRL's DPO metrics, over every process's pairs
+        for name, v in {"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": c - r,
+                        "rewards/accuracies": (c > r).float(), **parts}.items():
+            v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
+            self._objective_metrics.setdefault(name, []).append(float(v.mean()))
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        logs.update({k: sum(v) / len(v) for k, v in self._objective_metrics.items() if v})
+        self._objective_metrics = {}
+        super().log(logs, start_time)
 
     def attach_reference_logps(self, ref_scores) -> None:
         """Use reference log-probs computed once by :func:`align.scoring.pairs.score_pairs`

@@ -275,6 +275,18 @@ def placed_batch(collator, rows, model) -> dict:
     return to_device(collator(rows), model_device(model))
 
 
+def packed_pair_logps(model, batch: dict) -> tuple[torch.Tensor, ...]:
+    """(chosen log-probs, rejected log-probs, chosen tokens, rejected tokens), one entry per pair
+    of a :class:`PackedPairCollator` batch, through the packed forward
+    (:func:`install_packed_forward`); differentiable when grad is on."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=labels, fused_lm_head=True, **{k: batch[k] for k in PACKED_KEYS})
+    logps, n = res.log_probs.sum(1), res.label_mask.sum(1)
+    B = len(logps) // 2
+    return logps[:B], logps[B:], n[:B], n[B:]
+
+
 @torch.no_grad()
 def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 8,
                 desc: str = "scoring") -> PairScores:
@@ -287,15 +299,9 @@ def score_pairs(model, dataset, collator: PackedPairCollator, batch_size: int = 
     order = length_order(rows, collator)
     rows = [rows[i] for i in order]
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-        batch = placed_batch(collator, rows[start:start + batch_size], model)
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=labels, fused_lm_head=True, **{k: batch[k] for k in PACKED_KEYS})
-        logps = res.log_probs.sum(1)
-        n = res.label_mask.sum(1)
-        B = len(logps) // 2
-        out["c"].append(logps[:B]); out["r"].append(logps[B:])
-        out["cn"].append(n[:B]); out["rn"].append(n[B:])
+        scores = packed_pair_logps(model, placed_batch(collator, rows[start:start + batch_size], model))
+        for k, v in zip(("c", "r", "cn", "rn"), scores):
+            out[k].append(v)
     model.train(was_training)
     inverse = torch.empty(len(order), dtype=torch.long, device="cpu")
     inverse[torch.tensor(order, dtype=torch.long, device="cpu")] = torch.arange(len(order), device="cpu")
