@@ -222,9 +222,14 @@ class DPOTrainConfig:
     # simpo (beta-scaled margin of average log-probs above simpo_gamma_ratio x beta; SimPO's beta
     # is ~2) or orpo (the chosen answer's NLL + beta x log-sigmoid of the log odds ratio; ORPO's
     # lambda, ~0.1). align/dpo/objectives.py.
-    objective: str = _choice("dpo", "dpo", "simpo", "orpo")
+    # kto: unpaired -- each pair's two answers become a thumbs-up and a thumbs-down row (TRL's
+    # prompt/completion/label format), each moved against the policy's KL to the reference.
+    objective: str = _choice("dpo", "dpo", "simpo", "orpo", "kto")
     # SimPO's target margin over beta (gamma / beta).
     simpo_gamma_ratio: float = _num(0.5, 0.0, 100.0)
+    # KTO's weights of thumbs-up and thumbs-down rows (the paper: keep w_D n_D / (w_U n_U) in [1, 4/3]).
+    kto_desirable_weight: float = _num(1.0, 0.0, 100.0, lo_open=True)
+    kto_undesirable_weight: float = _num(1.0, 0.0, 100.0, lo_open=True)
 
 
 @dataclass

@@ -126,6 +126,10 @@ def _job_rows(add) -> None:
         ("train.objective=simpo",), ())
     add("dpo", "train.simpo_gamma_ratio", "when train.objective is not simpo", lambda c: c.train.objective != "simpo",
         "1.0", (), ("train.objective=simpo",))
+    add("dpo", ("train.kto_desirable_weight", "train.kto_undesirable_weight"), "when train.objective is not kto",
+        lambda c: c.train.objective != "kto", "2.0", (), ("train.objective=kto",))
+    add("dpo", "train.label_smoothing", "when train.objective is orpo or kto (no smoothed form)",
+        lambda c: c.train.objective in ("orpo", "kto"), "0.1", ("train.objective=orpo",), ())
 
 
 def _command_rows(add) -> None:

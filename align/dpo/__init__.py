@@ -121,9 +121,16 @@ def _timed(seconds: dict, phase: str, device=None):
     seconds[phase] = time.time() - t
 
 
-def _as_dataset(rows):
+def _as_dataset(rows, objective: str = "dpo", seed: int = 0):
+    """The trainer's rows: pairs, or for KTO the unpaired rows packed as pairs whose first answer
+    is the row's own and whose second is a mismatched one (its KL term)."""
     import datasets
 
+    if objective == "kto":
+        from .objectives import kto_rows
+
+        return datasets.Dataset.from_list([{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["mismatched"],
+                                            "label": r["label"]} for r in kto_rows(rows, seed)])
     return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
 
@@ -132,7 +139,8 @@ def _trainer(cfg, run, model, tok, train_rows, stop, guard):
     from .trainer import PackedDPOTrainer, dpo_args
 
     trainer = PackedDPOTrainer(
-        model=model, args=dpo_args(cfg, str(run.path / "trainer")), train_dataset=_as_dataset(train_rows),
+        model=model, args=dpo_args(cfg, str(run.path / "trainer")),
+        train_dataset=_as_dataset(train_rows, cfg.train.objective, cfg.data.seed),
         processing_class=tok, max_length=cfg.train.max_length, max_prompt_length=cfg.train.max_prompt_length,
         objective=cfg.train.objective, train_cfg=cfg.train,
         callbacks=[run.trainer_callback(), guards.trainer_callback(stop, guard)],

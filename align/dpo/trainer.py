@@ -9,23 +9,27 @@ model); reference log-probs are computed once before training and reused.
 """
 from __future__ import annotations
 
+import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..checkpoints import AtomicCheckpoints, hf_warmup
 from ..placement import resolve_device, resolve_dtype
 from ..deps.trl_internals import use_precomputed_reference
 from ..scoring.pairs import LengthGroupedPairBatches, PackedPairCollator, install_packed_forward, packed_pair_logps
-from .objectives import objective_loss
+from .objectives import kl_estimate, kto, objective_loss
 
 
 class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
     """``objective``: ``dpo`` (TRL's loss, ``loss_type``) or a reference-free objective of
     :mod:`align.dpo.objectives` (``simpo``, ``orpo``), computed here on the packed scores --
-    TRL's CPO/ORPO trainers have no packed (``fused_lm_head``) path -- with no reference pass."""
+    TRL's CPO/ORPO trainers have no packed (``fused_lm_head``) path -- with no reference pass;
+    or ``kto`` on unpaired rows packed as (the row's answer, a mismatched answer)."""
 
     def __init__(self, *args, max_length: int, max_prompt_length: int, objective: str = "dpo",
                  train_cfg=None, **kwargs):
         self.objective, self.train_cfg, self._objective_metrics = objective, train_cfg, {}
+        ds = kwargs.get("train_dataset")
+        labels = ds["label"] if ds is not None and "label" in ds.column_names else None
         tok = kwargs["processing_class"]
         kwargs.setdefault("data_collator", PackedPairCollator(
             pad_token_id=tok.pad_token_id, max_length=max_length,
@@ -39,6 +43,11 @@ class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
         if "ref" in getattr(peft_model, "peft_config", {}):
             peft_model.delete_adapter("ref")
             peft_model.set_adapter("default")
+        if labels is not None and "label" not in self.train_dataset.column_names:  # TRL's tokenizing drops it
+            if len(self.train_dataset) != len(labels):
+                raise RuntimeError(f"TRL's tokenizing changed the number of rows ({len(labels)} -> "
+                                   f"{len(self.train_dataset)}): KTO's labels no longer line up")
+            self.train_dataset = self.train_dataset.add_column("label", labels)
         # TRL patched the forwards with its fused head; put ours in their place.
         install_packed_forward(self.model.get_base_model())
         if self.ref_model is not None:  # only when a user passes a separate reference model
@@ -47,6 +56,9 @@ class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective == "dpo":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.objective == "kto":
+            loss = self._kto_loss(model, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
         chosen, rejected, chosen_n, rejected_n = packed_pair_logps(model, inputs)
         loss, parts = objective_loss(self.objective, chosen, rejected, chosen_n, rejected_n, self.train_cfg)
         c, r = parts.pop("chosen_rewards"), parts.pop("rejected_rewards")
@@ -56,6 +68,25 @@ class PackedDPOTrainer(AtomicCheckpoints, LengthGroupedPairBatches, DPOTrainer):
             v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
             self._objective_metrics.setdefault(name, []).append(float(v.mean()))
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _kto_loss(self, model, inputs):
+        """KTO on rows packed as (row's answer, a mismatched answer) pairs: the second slot's
+        log-ratio is the KL estimate, averaged over processes like TRL's."""
+        t = self.train_cfg
+        own, mismatched, _, _ = packed_pair_logps(model, inputs)
+        kl = self.accelerator.gather_for_metrics(
+            kl_estimate(mismatched, inputs["ref_rejected_logps"]).reshape(1)).mean().clamp(min=0)
+        loss, parts = kto(own, inputs["ref_chosen_logps"], inputs["label"], kl, t.beta,
+                          t.kto_desirable_weight, t.kto_undesirable_weight)
+        c, r = parts["chosen_rewards"], parts["rejected_rewards"]
+        # sums and counts gathered (a process may hold no row of one kind)
+        sums = self.accelerator.gather_for_metrics(torch.stack(
+            [c.sum(), c.new_tensor(len(c)), r.sum(), r.new_tensor(len(r))]).float().reshape(1, 4)).sum(0)
+        chosen, rejected = float(sums[0] / sums[1].clamp(min=1)), float(sums[2] / sums[3].clamp(min=1))
+        for name, v in {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+                        "kl": float(kl)}.items():
+            self._objective_metrics.setdefault(name, []).append(v)
+        return loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         logs.update({k: sum(v) / len(v) for k, v in self._objective_metrics.items() if v})
@@ -111,4 +142,6 @@ def dpo_args(cfg, output_dir: str) -> DPOConfig:
         data_seed=cfg.data.seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # KTO's label column is none of the columns TRL keeps for the model; the collator reads ids
+        remove_unused_columns=t.objective != "kto",
     )

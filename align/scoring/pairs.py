@@ -147,6 +147,8 @@ class PackedPairCollator:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        if "label" in examples[0]:  # KTO's rows: thumbs up (chosen slot = the row's answer) or down
+            batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
         return batch
 
 
