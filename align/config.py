@@ -227,8 +227,9 @@ class DPOTrainConfig:
     objective: str = _choice("dpo", "dpo", "simpo", "orpo", "kto")
     # SimPO's target margin over beta (gamma / beta).
     simpo_gamma_ratio: float = _num(0.5, 0.0, 100.0)
-    # KTO's weights of thumbs-up and thumbs-down rows (the paper: keep w_D n_D / (w_U n_U) in [1, 4/3]).
+    # KTO's weight of thumbs-up rows (the paper: keep w_D n_D / (w_U n_U) in [1, 4/3]).
     kto_desirable_weight: float = _num(1.0, 0.0, 100.0, lo_open=True)
+    # KTO's weight of thumbs-down rows.
     kto_undesirable_weight: float = _num(1.0, 0.0, 100.0, lo_open=True)
 
 
