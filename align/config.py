@@ -217,6 +217,10 @@ class DPOTrainConfig:
     loss_weights: list[float] = field(default_factory=list)
     # Conservative DPO / robust: the assumed share of flipped preference labels.
     label_smoothing: float = _num(0.0, 0.0, 0.5, hi_open=True)
+    # The held-out (data.eval_subsets) pairs' length: -1 = truncated as in training, 0 =
+    # untruncated (what a user's conversations are), N = N tokens (the prompt at most half).
+    # Validation pairs are always truncated as in training.
+    eval_max_length: int = _num(-1, -1, MAX_TOKENS)
     # What is optimised: dpo (TRL's DPO losses, train.loss_type, against the reference) or a
     # reference-free objective on the policy's own per-token log-probs (no reference pass at all):
     # simpo (beta-scaled margin of average log-probs above simpo_gamma_ratio x beta; SimPO's beta

@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import resolve
-
-NO_LIMIT = 1 << 30
+from .scoring.pairs import NO_LIMIT
 
 
 class EvalError(ValueError):

@@ -117,8 +117,9 @@ def _job_rows(add) -> None:
         add(job, ("data.eval_subsets", "data.max_eval_pairs"), "when evaluate is false",
             lambda c: not c.evaluate, {"data.eval_subsets": "[harmless-base]", "data.max_eval_pairs": "50"},
             ("evaluate=false",), ())
-    add("rm", "train.eval_max_length", "when evaluate is false", lambda c: not c.evaluate, "256",
-        ("evaluate=false",), ())
+    for job in ("dpo", "rm"):
+        add(job, "train.eval_max_length", "when evaluate is false", lambda c: not c.evaluate, "256",
+            ("evaluate=false",), ())
     add("dpo", "data.validation_pairs", "when evaluate is false (nothing would be evaluated on them, so none are held "
         "out of training)", lambda c: not c.evaluate, "100", ("evaluate=false",), ())
     add("dpo", ("train.loss_type", "train.loss_weights"), "when train.objective is not dpo (TRL's DPO losses only)",

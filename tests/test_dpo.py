@@ -279,3 +279,17 @@ def test_dpo_reports_an_in_family_validation_split(tiny_model_path, tmp_path, sh
         assert len(marks["normalized"]) == result["pairs"] == len(marks["implicit"])
         assert sum(marks["normalized"]) / result["pairs"] == pytest.approx(result["normalized_margin_accuracy"])
         assert sum(marks["implicit"]) / result["pairs"] == pytest.approx(result["implicit_accuracy"])
+
+
+def test_held_out_pairs_are_truncated_as_train_eval_max_length_says():
+    from align.config import DPOTrainConfig
+    from align.dpo import eval_collator
+    from align.scoring.pairs import NO_LIMIT
+
+    t = DPOTrainConfig(max_length=128, max_prompt_length=64)
+    as_training = eval_collator(t, 0)
+    assert (as_training.max_length, as_training.max_prompt_length) == (128, 64)
+    t.eval_max_length = 0
+    assert eval_collator(t, 0).max_length == NO_LIMIT
+    t.eval_max_length = 256
+    assert (eval_collator(t, 0).max_length, eval_collator(t, 0).max_prompt_length) == (256, 128)

@@ -164,23 +164,39 @@ def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens, split: str
         return None
     # The pair tokenization training data gets from TRL (chat.tokenize_pair reproduces it; tested).
     eval_ds = datasets.Dataset.from_list([tokenize_pair(tok, r) for r in eval_rows])
-    eval_cut = truncation_report(eval_ds, cfg.train.max_length, cfg.train.max_prompt_length)
+    collator = trainer.data_collator if split != "eval" else eval_collator(cfg.train, tok.pad_token_id)
+    eval_cut = truncation_report(eval_ds, collator.max_length, collator.max_prompt_length)
     spent = seconds if split == "eval" else {}
     if split == "eval":
         tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
     with _timed(spent, "reference_eval", trainer.model.device):
         ref_scores = cached_reference(run, split, lambda: score_reference(
-            trainer.model, eval_ds, trainer.data_collator, cfg.train.batch_size))
-    return eval_ds, ref_scores
+            trainer.model, eval_ds, collator, cfg.train.batch_size))
+    return eval_ds, ref_scores, collator
 
 
-def _final_eval(cfg, run, trainer, eval_ds, ref_scores, split: str = "eval") -> dict:
+def eval_collator(train_cfg, pad_token_id: int):
+    """The held-out (off-family) pairs' truncation, ``train.eval_max_length``: as in training
+    (-1), untruncated (0), or N tokens with the prompt at most half of them."""
+    from ..scoring.pairs import NO_LIMIT, PackedPairCollator
+
+    n = train_cfg.eval_max_length
+    if n < 0:
+        return PackedPairCollator(pad_token_id, train_cfg.max_length, train_cfg.max_prompt_length)
+    if n == 0:
+        return PackedPairCollator(pad_token_id, NO_LIMIT, NO_LIMIT - 1)
+    return PackedPairCollator(pad_token_id, n, max(1, n // 2))
+
+
+def _final_eval(cfg, run, trainer, eval_ds, ref_scores, collator, split: str = "eval") -> dict:
     t = time.time()
-    result = evaluate(trainer.model, eval_ds, trainer.data_collator, cfg.train.beta, ref_scores,
+    result = evaluate(trainer.model, eval_ds, collator, cfg.train.beta, ref_scores,
                       cfg.train.batch_size)
     run.write_json(f"{split}_per_pair.json", result.pop("per_pair"))  # for paired intervals between runs
     if split == "eval":
         result["eval_subsets"] = cfg.data.eval_subsets or [cfg.data.eval_split]
+        n = cfg.train.eval_max_length
+        result["max_length"] = "as training" if n < 0 else n or "untruncated"
     else:
         result["held_out_of"] = cfg.data.train_subsets or [cfg.data.train_split]
     result["eval_seconds"] = round(time.time() - t, 1)

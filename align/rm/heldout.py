@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ..scoring.pairs import PackedPairCollator, pair_scores, pairwise_metrics
+from ..scoring.pairs import NO_LIMIT, PackedPairCollator, pair_scores, pairwise_metrics
 
-NO_LIMIT = 1 << 30  # a max_length of "no truncation"
 
 
 def evaluate(cfg, run, model, tok, val_rows, eval_rows) -> dict:

@@ -32,6 +32,9 @@ from .stats import tie_half_accuracy
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_attention_mask", "packed_src")
 
 
+NO_LIMIT = 1 << 30  # a max_length of "no truncation"
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """Length-grouped order that depends only on (seed, epoch): a run resumed in epoch 2 sees
     exactly the order an uninterrupted one would (a shared generator would not)."""
