@@ -171,6 +171,7 @@ REAL_FIXTURES = {"real_model", "real_model_path"}
 SLOW = {
     "tests/test_dpo.py::test_trls_other_losses_and_a_weighted_list_train_through_the_packed_trainer",
     "tests/test_objectives.py::test_a_reference_free_run_makes_no_reference_pass",
+    "tests/test_bench_preference.py::test_arms_are_recorded_reported_and_never_run_twice",
     "tests/test_objectives.py::test_a_kto_run_trains_on_both_answers_of_every_pair",
     "tests/test_multiprocess.py::test_fsdp_asked_where_the_trainer_does_not_apply_it_is_said",
     "tests/test_hardening3.py::test_a_reward_that_changes_folder_seeds_and_threads_changes_nothing_outside",

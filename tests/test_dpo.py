@@ -279,6 +279,8 @@ def test_dpo_reports_an_in_family_validation_split(tiny_model_path, tmp_path, sh
         assert len(marks["normalized"]) == result["pairs"] == len(marks["implicit"])
         assert sum(marks["normalized"]) / result["pairs"] == pytest.approx(result["normalized_margin_accuracy"])
         assert sum(marks["implicit"]) / result["pairs"] == pytest.approx(result["implicit_accuracy"])
+        assert sum(marks["reference_free_normalized"]) / result["pairs"] == pytest.approx(
+            result["reference_free_accuracy_policy"])
 
 
 def test_held_out_pairs_are_truncated_as_train_eval_max_length_says():

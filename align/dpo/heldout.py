@@ -74,5 +74,8 @@ def evaluate(peft_model, dataset, collator, beta: float, ref: PairScores,
         "reference_free_accuracy_base": reference_free_accuracy(ref),
         "reference_free_accuracy_policy": reference_free_accuracy(policy),
         "per_pair": {"implicit": marks((policy.chosen_logp - ref.chosen_logp) - (policy.rejected_logp - ref.rejected_logp)),
-                     "normalized": marks(per_token(policy, "chosen") - per_token(policy, "rejected"))},
+                     "normalized": marks(per_token(policy, "chosen") - per_token(policy, "rejected")),
+                     # reference-free objectives' yardstick: the policy's own per-token margin
+                     "reference_free_normalized": marks(policy.chosen_logp / policy.chosen_tokens.clamp(min=1)
+                                                        - policy.rejected_logp / policy.rejected_tokens.clamp(min=1))},
     }

@@ -1,0 +1,297 @@
+"""Preference learning off its training family: every DPO-family objective measured with one
+yardstick (docs/preference-generalisation.md, written before any run; issue 43).
+
+Each arm is a normal `align dpo` run under ``--runs``; a finished arm leaves a small record in
+``--records`` (committed with the results: its settings, machine, minutes, validation and
+off-family metrics and per-pair marks, which the paired intervals need), so the study goes on
+across sessions and machines although run folders are not kept: an arm with a record is never
+run again. One arm at a time, never two (timings compare only on an otherwise idle machine).
+
+    python scripts/bench_preference.py                   # the screen, then the full budget; resumable
+    python scripts/bench_preference.py --only screen --max-arms 2
+    python scripts/bench_preference.py --report-only     # results/preference_generalisation.{json,md,png}
+
+The protocol, as the doc fixes it:
+
+- Train on helpful-rejection-sampled (half-b); 200 of those pairs held out as validation (tune
+  on these); off-family test: 500 helpful-base pairs, untruncated (``train.eval_max_length=0``).
+- Decision metric: length-normalised log-probability margin accuracy against the reference
+  (``normalized``), or for a reference-free objective (SimPO, ORPO) the policy's own per-token
+  margin (``reference_free_normalized``); implicit accuracy beside it where defined.
+- Screen: every loss (TRL's 15, SimPO, ORPO, KTO) at 300 training pairs, beta 0.1, seed 0,
+  ranked by validation.
+- Full budget: sigmoid, IPO, robust (label smoothing 0.1), APO-zero, SimPO, ORPO, KTO at 1,000
+  pairs, beta from {0.05, 0.1, 0.3} chosen on validation per method, then a second seed of the
+  three best; differences against sigmoid at the same seed paired on the same pairs (95 %).
+- The rule: a method replaces sigmoid as the default only if its off-family mean of two seeds
+  beats sigmoid's and the paired interval excludes 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TRL_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "exo_pair", "sft", "sigmoid_norm")
+OBJECTIVES = ("simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
+SCREEN_PAIRS, FULL_PAIRS = 300, 1000
+SCREEN_BETA, BETAS = 0.1, (0.05, 0.1, 0.3)
+FULL_SET = ("sigmoid", "ipo", "robust", "apo_zero", "simpo", "orpo", "kto")
+EXTRA = {"robust": ["train.label_smoothing=0.1"], "exo_pair": ["train.label_smoothing=0.001"]}
+
+
+def method_overrides(method: str) -> list[str]:
+    if method in OBJECTIVES:
+        return [f"train.objective={method}"]
+    return [f"train.loss_type={method}", *EXTRA.get(method, [])]
+
+
+def decision_key(method: str) -> str:
+    return "reference_free_normalized" if method in REFERENCE_FREE else "normalized"
+
+
+def common(a) -> list[str]:
+    return ["data.train_rows=half-b", "data.validation_pairs=200", "data.eval_subsets=[helpful-base]",
+            f"data.max_eval_pairs={a.eval_pairs}", "train.eval_max_length=0", "run.save_every=0", "run.plot=false",
+            "model.dtype=float32", *([f"model.name={a.model}"] if a.model else [])]
+
+
+def screen_arms(a) -> dict[str, dict]:
+    return {f"screen-{m}": {"stage": "screen", "method": m, "beta": SCREEN_BETA, "seed": 0, "pairs": SCREEN_PAIRS}
+            for m in (*TRL_LOSSES, *OBJECTIVES)}
+
+
+def full_arms(a) -> dict[str, dict]:
+    """Every method of the full set at every beta; then, once a method's grid has run, its
+    validation-best beta with seed 1 for the three best methods."""
+    arms = {f"full-{m}-b{b}": {"stage": "full", "method": m, "beta": b, "seed": 0, "pairs": FULL_PAIRS}
+            for m in FULL_SET for b in BETAS}
+    best = best_per_method(a, arms)
+    ranked = sorted(best, key=lambda m: best[m][1], reverse=True)
+    for m in ranked[:3] + (["sigmoid"] if "sigmoid" in best else []):
+        b = arms[best[m][0]]["beta"]
+        arms[f"full-{m}-b{b}-seed1"] = {"stage": "full", "method": m, "beta": b, "seed": 1, "pairs": FULL_PAIRS}
+    return arms
+
+
+def best_per_method(a, arms) -> dict[str, tuple[str, float]]:
+    """Per method whose whole beta grid has a record: (arm name, validation decision metric) of the best."""
+    out = {}
+    for m in FULL_SET:
+        names = [n for n, v in arms.items() if v["method"] == m and v["seed"] == 0]
+        scores = {n: validation_score(a, n, m) for n in names}
+        if scores and None not in scores.values():
+            n = max(scores, key=scores.get)
+            out[m] = (n, scores[n])
+    return out
+
+
+def record_path(a, name: str) -> Path:
+    return Path(a.records) / f"{name}.json"
+
+
+def load_record(a, name: str) -> dict | None:
+    p = record_path(a, name)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def validation_score(a, name: str, method: str) -> float | None:
+    r = load_record(a, name)
+    if r is None:
+        return None
+    marks = r["validation_per_pair"][decision_key(method)]
+    return sum(marks) / len(marks)
+
+
+def machine() -> dict:
+    info = {"machine": platform.machine(), "cpus": __import__("os").cpu_count()}
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            info["bf16_native"] = "avx512_bf16" in flags or "amx_bf16" in flags
+            break
+    return info
+
+
+def run_arm(a, name: str, arm: dict) -> dict:
+    out = Path(a.runs)
+    args = ["dpo", *common(a), *method_overrides(arm["method"]), f"train.beta={arm['beta']}", f"run.seed={arm['seed']}",
+            f"data.max_train_pairs={arm['pairs']}", f"run.output_dir={out}", f"run.name={name}", *a.set]
+    folder = out / name
+    if folder.exists():  # an arm cut short earlier (no record): kept aside, never deleted, and run again
+        aside = folder.with_name(f"{name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        print(f"{folder} had no record (stopped mid-way): moved to {aside}; running the arm again", flush=True)
+    print(f"== {name}: align {' '.join(args)}", flush=True)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{name}.log"
+    rc = subprocess.call([sys.executable, "-m", "align.cli", *args], cwd=ROOT, stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT)
+    if rc:
+        raise SystemExit(f"{name}: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
+    summary = json.loads((folder / "summary.json").read_text())
+    record = {**arm, "name": name, "args": args, "machine": machine(), "wall_seconds": round(time.time() - t0, 1),
+              "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+              "validation": summary.get("validation"), "eval": summary.get("eval"),
+              "validation_per_pair": json.loads((folder / "validation_per_pair.json").read_text()),
+              "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),
+              "recorded": time.strftime("%Y-%m-%d %H:%M")}
+    record_path(a, name).parent.mkdir(parents=True, exist_ok=True)
+    record_path(a, name).write_text(json.dumps(record) + "\n")
+    return record
+
+
+def report(a) -> dict:
+    """The results from whatever has a record: the screen ranked by validation; the full budget
+    per method (validation-best beta), off-family accuracy with the paired interval against
+    sigmoid at the same seed; the rule applied where both seeds have run."""
+    from align.scoring.stats import mean_ci95, paired_difference
+
+    def row(name, arm):
+        r = load_record(a, name)
+        if r is None:
+            return None
+        key = decision_key(arm["method"])
+        v, e = r["validation_per_pair"][key], r["eval_per_pair"][key]
+        return {"arm": name, "method": arm["method"], "beta": arm["beta"], "seed": arm["seed"],
+                "validation": sum(v) / len(v), "off_family": sum(e) / len(e), "off_family_ci95": list(mean_ci95(e)[1:]),
+                "off_family_implicit": (r["eval"] or {}).get("implicit_accuracy") if arm["method"] not in REFERENCE_FREE else None,
+                "train_minutes": round(r["train_seconds"] / 60, 2), "cpu": r["machine"].get("cpu")}
+
+    screen = [x for n, arm in screen_arms(a).items() if (x := row(n, arm))]
+    screen.sort(key=lambda x: x["validation"], reverse=True)
+    arms = full_arms(a)
+    best = best_per_method(a, arms)
+    full = []
+    for m, (n, _) in best.items():
+        x = row(n, arms[n])
+        seed1 = f"{n}-seed1"
+        x["seed1"] = row(seed1, {**arms[n], "seed": 1}) if seed1 in arms else None
+        full.append(x)
+    sig = best.get("sigmoid")
+    base = {0: load_record(a, sig[0]), 1: load_record(a, f"{sig[0]}-seed1")} if sig else {}
+    for x in full:
+        if x["method"] == "sigmoid" or not base.get(0):
+            continue
+        pooled_a, pooled_b, seeds = [], [], 0
+        for seed, name in ((0, x["arm"]), (1, f"{x['arm']}-seed1")):
+            mine, theirs = load_record(a, name), base.get(seed)
+            if mine and theirs:  # the same pairs, the same seed: sigmoid's marks against this method's
+                pooled_a += theirs["eval_per_pair"]["normalized"]
+                pooled_b += mine["eval_per_pair"][decision_key(x["method"])]
+                seeds += 1
+        x["vs_sigmoid"] = {**paired_difference(pooled_a, pooled_b), "seeds": seeds}
+    two_seeds = [x for x in full if x.get("vs_sigmoid", {}).get("seeds") == 2]
+    winners = [x for x in two_seeds if x["vs_sigmoid"]["difference"] > 0 and x["vs_sigmoid"]["ci95"][0] > 0]
+    everything = len(best) == len(FULL_SET) and all(load_record(a, n) is not None for n in arms)
+    decision = {"rule": "replace sigmoid if the off-family mean of two seeds beats it and the paired 95 % interval "
+                        "excludes 0 (the highest such mean wins)",
+                "decided": everything,
+                "new_default": max(winners, key=lambda x: x["vs_sigmoid"]["difference"])["method"]
+                if everything and winners else None}
+    result = {"command": "python scripts/bench_preference.py", "protocol": "docs/preference-generalisation.md",
+              "screen": screen, "screen_arms": len(screen_arms(a)), "full": full, "full_arms_recorded":
+              sum(load_record(a, n) is not None for n in arms), "full_arms": len(arms), "decision": decision}
+    path = Path(a.out)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, path.with_suffix(".md"))
+    plot(result, path.with_suffix(".png"))
+    return result
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = ["# Preference objectives off their training family (generated by scripts/bench_preference.py)", "",
+             f"Screen: {len(result['screen'])} of {result['screen_arms']} arms recorded; full budget: "
+             f"{result['full_arms_recorded']} of {result['full_arms']}.", "",
+             "## Screen (300 pairs, beta 0.1, seed 0), ranked by validation", "",
+             "| method | validation | off-family [95 %] | implicit (off-family) | train min | CPU |", "|---|---|---|---|---|---|"]
+    for x in result["screen"]:
+        ci = x["off_family_ci95"]
+        imp = f"{x['off_family_implicit']:.3f}" if x["off_family_implicit"] is not None else "-"
+        lines.append(f"| {x['method']} | {x['validation']:.3f} | {x['off_family']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {imp} "
+                     f"| {x['train_minutes']} | {x['cpu']} |")
+    lines += ["", "## Full budget (1,000 pairs, validation-best beta)", "",
+              "| method | beta | off-family seed 0 | seed 1 | vs sigmoid (paired, pooled seeds) | train min |", "|---|---|---|---|---|---|"]
+    for x in result["full"]:
+        s1 = f"{x['seed1']['off_family']:.3f}" if x.get("seed1") else "-"
+        vs = x.get("vs_sigmoid")
+        vs = f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}] ({vs['seeds']} seed(s))" if vs else "-"
+        lines.append(f"| {x['method']} | {x['beta']} | {x['off_family']:.3f} | {s1} | {vs} | {x['train_minutes']} |")
+    d = result["decision"]
+    lines += ["", f"Rule: {d['rule']}. Decided: {d['decided']}; new default: {d['new_default'] or 'none (sigmoid stays)'}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["screen"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if rows:
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["validation"] for r in rows], 0.4, label="validation (in family)")
+        ax.bar([x + 0.2 for x in xs], [r["off_family"] for r in rows], 0.4, label="helpful-base (off family)",
+               yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in rows],
+                     [r["off_family_ci95"][1] - r["off_family"] for r in rows]])
+        ax.set_xticks(list(xs), [r["method"] for r in rows], rotation=60, fontsize=7)
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    ax.set_ylabel("decision metric (normalised margin acc.)")
+    ax.set_title(f"screen: {len(rows)} of {result['screen_arms']} arms")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "preference"))
+    ap.add_argument("--records", default=str(ROOT / "results" / "preference" / "records"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "preference_generalisation.json"))
+    ap.add_argument("--only", choices=["screen", "full"])
+    ap.add_argument("--max-arms", type=int, default=0, help="stop after this many new arms (0 = all)")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--list", action="store_true", help="print the arms and whether each has a record")
+    ap.add_argument("--model", default="", help="model.name for every arm (default: the config's)")
+    ap.add_argument("--eval-pairs", type=int, default=500)
+    ap.add_argument("--set", nargs="*", default=[], help="more key=value overrides for every arm (tests)")
+    a = ap.parse_args(argv)
+    done = 0
+    for stage in ("screen", "full"):
+        if a.report_only or (a.only and a.only != stage):
+            continue
+        while True:  # the full stage's arms grow as the beta grids finish
+            todo = {n: v for n, v in (screen_arms(a) if stage == "screen" else full_arms(a)).items()
+                    if load_record(a, n) is None}
+            if a.list:
+                print(stage, "to run:", ", ".join(todo) or "none")
+                break
+            if not todo or (a.max_arms and done >= a.max_arms):
+                break
+            name, arm = next(iter(todo.items()))
+            run_arm(a, name, arm)
+            done += 1
+    if not a.list:
+        result = report(a)
+        print(f"wrote {a.out} (+ .md, .png): screen {len(result['screen'])}/{result['screen_arms']}, "
+              f"full {result['full_arms_recorded']}/{result['full_arms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

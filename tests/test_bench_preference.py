@@ -1,0 +1,37 @@
+"""scripts/bench_preference.py: arms run one at a time into records, the report is generated
+from the records, and an arm with a record is not run again."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+TINY = ["--eval-pairs", "8", "--set", "data.max_train_pairs=12", "data.validation_pairs=4", "train.batch_size=4",
+        "train.max_length=64", "train.max_prompt_length=32"]
+
+
+def _bench(tmp_path, tiny_model_path, *args):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_preference.py"), "--model", tiny_model_path,
+           "--runs", str(tmp_path / "runs"), "--records", str(tmp_path / "records"), "--out", str(tmp_path / "out.json"),
+           *args, *TINY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_path, shared):
+    _bench(tmp_path, tiny_model_path, "--only", "screen", "--max-arms", "2")
+    records = sorted(p.stem for p in (tmp_path / "records").glob("*.json"))
+    assert records == ["screen-hinge", "screen-sigmoid"]
+    rec = json.loads((tmp_path / "records" / "screen-sigmoid.json").read_text())
+    assert rec["steps"] == 2 and rec["machine"]["cpu"] and len(rec["eval_per_pair"]["normalized"]) == 8
+    assert "train.loss_type=sigmoid" in rec["args"] and "train.eval_max_length=0" in rec["args"]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert [r["method"] for r in result["screen"]] and len(result["screen"]) == 2 and result["screen_arms"] == 18
+    assert (tmp_path / "out.md").is_file() and (tmp_path / "out.png").is_file()
+    assert result["decision"]["decided"] is False and result["decision"]["new_default"] is None
+    listed = _bench(tmp_path, tiny_model_path, "--only", "screen", "--list")
+    todo = listed.split("to run:", 1)[1].strip().split(", ")
+    assert "screen-sigmoid" not in todo and "screen-hinge" not in todo and len(todo) == 16 and "screen-kto" in todo
