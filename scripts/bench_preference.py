@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -112,19 +111,9 @@ def validation_score(a, name: str, method: str) -> float | None:
     return sum(marks) / len(marks)
 
 
-def machine() -> dict:
-    info = {"machine": platform.machine(), "cpus": __import__("os").cpu_count()}
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            info["cpu"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = line.split(":", 1)[1].split()
-            info["bf16_native"] = "avx512_bf16" in flags or "amx_bf16" in flags
-            break
-    return info
-
-
 def run_arm(a, name: str, arm: dict) -> dict:
+    from align.runs import machine_state
+
     out = Path(a.runs)
     args = ["dpo", *common(a), *method_overrides(arm["method"]), f"train.beta={arm['beta']}", f"run.seed={arm['seed']}",
             f"data.max_train_pairs={arm['pairs']}", f"run.output_dir={out}", f"run.name={name}", *a.set]
@@ -142,7 +131,7 @@ def run_arm(a, name: str, arm: dict) -> dict:
     if rc:
         raise SystemExit(f"{name}: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
     summary = json.loads((folder / "summary.json").read_text())
-    record = {**arm, "name": name, "args": args, "machine": machine(), "wall_seconds": round(time.time() - t0, 1),
+    record = {**arm, "name": name, "args": args, "machine": machine_state(), "wall_seconds": round(time.time() - t0, 1),
               "train_seconds": summary["train_seconds"], "steps": summary["steps"],
               "validation": summary.get("validation"), "eval": summary.get("eval"),
               "validation_per_pair": json.loads((folder / "validation_per_pair.json").read_text()),

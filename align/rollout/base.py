@@ -16,7 +16,7 @@ class SamplingConfig:
     # shares or the process it runs in (PPO: N data-parallel ranks sample what one would).
     row_seeds: list[int] | None = None
     # Return the model's log-probs of the sampled tokens (raw, before temperature/top-p). vLLM
-    # always does; transformers' generate then keeps each step's logits, which costs memory.
+    # always does; the hf engine records them step by step (one step's log-softmax kept).
     logprobs: bool = False
 
     def __post_init__(self):

@@ -8,7 +8,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .. import distributed
 from ..chat import trim_at_eos
-from ..scoring.logprobs import sampled_logprobs
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
 
 
@@ -52,23 +51,27 @@ class HFEngine(RolloutEngine):
                 ids[i, L - len(p):] = torch.tensor(p, device="cpu")
                 attn[i, L - len(p):] = 1
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            recorder = SampledLogprobs() if params.logprobs else None
+            processors = [recorder] if recorder else []  # first: it must see the raw logits
             if params.greedy:
                 kwargs.update(do_sample=False)
             elif params.row_seeds is not None:  # sampling as argmax(scores + per-row Gumbel noise)
                 seeds = params.row_seeds[start:start + self.batch_size]
-                kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
-                    [RowSeededSampler(seeds, params.temperature, params.top_p)]))
+                processors.append(RowSeededSampler(seeds, params.temperature, params.top_p))
+                kwargs.update(do_sample=False)
             else:
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            if processors:
+                kwargs.update(logits_processor=LogitsProcessorList(processors))
             if gen is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device="cpu")))
             dev = self.model.device
             # FSDP2: every rank must join each forward's weight gathering, so a rank whose answers
             # ended keeps stepping until all have (transformers' synced_gpus)
             res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), return_dict_in_generate=True,
-                                      output_logits=params.logprobs, synced_gpus=sharded, **kwargs)
+                                      synced_gpus=sharded, **kwargs)
             seqs = res.sequences[:, L:]
-            lps = sampled_logprobs(res.logits, seqs) if params.logprobs else None
+            lps = recorder.result(seqs) if recorder else None
             for i, (p, row) in enumerate(zip(chunk, seqs.tolist())):
                 row, finished = trim_at_eos(row, eos)
                 out.append(Completion(p, row, finished, lps[i, :len(row)].tolist() if lps is not None else None,
@@ -77,6 +80,30 @@ class HFEngine(RolloutEngine):
         self.stats.generated_tokens += sum(len(c.token_ids) for c in out)
         self.stats.seconds += time.perf_counter() - t0
         return out
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The log-probability of each sampled token under the raw logits (before temperature or
+    top-p: the policy's own, as PPO's ratio needs), recorded as generation goes: a step's token is
+    known at the next step, so one step's log-softmax (batch x vocabulary) is kept, never every
+    step's logits (``output_logits``: batch x steps x vocabulary, 3 GiB for 64 answers of 256
+    tokens over a 49k vocabulary). Placed first, it sees the model's logits unchanged."""
+
+    def __init__(self):
+        self.last, self.steps = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:  # the previous step's token is the newest input id
+            self.steps.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.last = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def result(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, steps) on the host, for the generated ``tokens`` (B, steps)."""
+        steps = self.steps + ([self.last.gather(1, tokens[:, -1:].to(self.last.device)).squeeze(1)]
+                              if self.last is not None and tokens.size(1) > len(self.steps) else [])
+        out = torch.stack(steps, 1) if steps else torch.zeros(tokens.shape, dtype=torch.float32)
+        return out[:, :tokens.size(1)].cpu()  # one copy to the host, not one per decode step
 
 
 class RowSeededSampler(LogitsProcessor):

@@ -28,14 +28,3 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bo
 def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the vocabulary at each position (fp32)."""
     return logits.float().log_softmax(-1)
-
-
-def sampled_logprobs(step_logits, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, steps) log-probs of generated ``tokens`` under a generator's per-step raw logits
-    (before any temperature or top-p): the policy's own log-probs, as PPO's ratio needs them."""
-    device = step_logits[0].device if len(step_logits) else tokens.device
-    out = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
-    tokens = tokens.to(device)
-    for t, step in enumerate(step_logits):
-        out[:, t] = token_logprobs(step, tokens[:, t])[0]
-    return out.cpu()  # one copy to the host, not one per decode step
