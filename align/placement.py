@@ -36,6 +36,24 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def server_devices_of_rank(devices: str, rank: int | None = None, per_machine: int | None = None) -> str:
+    """The GPUs (CUDA_VISIBLE_DEVICES) of this process's own ``vllm-server``: with several
+    processes on a machine each starts one, and ``rollout.server_devices`` is split among them in
+    equal consecutive groups ("4,5,6,7" over 4 processes: one GPU each) -- otherwise every
+    process's server would load onto the same GPUs. "" (inherit) is kept for one process."""
+    rank = local_rank() if rank is None else rank
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if per_machine is None else per_machine
+    if per_machine <= 1:
+        return devices
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if not ids or len(ids) % per_machine:
+        raise ValueError(f"'{devices}': with {per_machine} processes on this machine, each "
+                         f"starts its own vllm-server, so list a multiple of {per_machine} GPUs to split among them "
+                         f"(e.g. {','.join(str(4 + i) for i in range(per_machine))})")
+    n = len(ids) // per_machine
+    return ",".join(ids[rank * n:(rank + 1) * n])
+
+
 def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The first of :data:`BF16_CPU_FEATURES` this CPU lists (``/proc/cpuinfo``), or None
     (also where the flags cannot be read: assume none rather than risk an emulated, slower bf16)."""

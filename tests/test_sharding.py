@@ -80,3 +80,28 @@ def test_fsdp2_refuses_what_would_gather_the_whole_base(overrides, key):
     _check_parallelism(cfg, "ddp")  # fine under DDP
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         _check_parallelism(cfg, "fsdp2")
+
+
+def test_each_process_gets_its_own_share_of_the_server_gpus():
+    from align.placement import server_devices_of_rank
+
+    assert server_devices_of_rank("", rank=0, per_machine=1) == ""  # one process: inherit, as before
+    assert [server_devices_of_rank("4,5,6,7", r, 4) for r in range(4)] == ["4", "5", "6", "7"]
+    assert [server_devices_of_rank("2,3,4,5", r, 2) for r in range(2)] == ["2,3", "4,5"]
+    for bad in ("", "4,5,6"):  # every server on the same GPUs, or an uneven split
+        with pytest.raises(ValueError, match="list a multiple of 2 GPUs"):
+            server_devices_of_rank(bad, 0, 2)
+
+
+def test_a_vllm_server_per_process_needs_its_gpus_named(monkeypatch):
+    from align.ppo import _server_devices
+
+    cfg = PPOJobConfig()
+    cfg.rollout.engine = "vllm-server"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg.rollout.server_devices = "2,3"
+    assert _server_devices(cfg) == "3"
+    cfg.rollout.server_devices = ""
+    with pytest.raises(ConfigError, match="key 'rollout.server_devices'"):
+        _server_devices(cfg)

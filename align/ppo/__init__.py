@@ -35,6 +35,7 @@ def run_ppo(cfg) -> dict:
     _check_divisible(cfg, distributed.world_size())
     parallelism = distributed.parallelism(cfg.ppo.parallelism)
     _check_parallelism(cfg, parallelism)
+    _server_devices(cfg)  # a split that cannot be made fails before the run folder exists
     t0 = time.time()
     with start_run(cfg, "ppo") as run:
         run.open_trackers(cfg.run.report_to, cfg)
@@ -103,8 +104,21 @@ def engine_options(cfg, run):
                          max_lora_rank=cfg.lora.r if cfg.lora.r != "full" else 8, seed=cfg.run.seed, sync=cfg.rollout.sync,
                          max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens,
                          host=cfg.rollout.server_host, api_key=cfg.rollout.server_api_key,
-                         server_devices=cfg.rollout.server_devices,
+                         server_devices=_server_devices(cfg),
                          log_dir=str(run.path) if run is not None else None)
+
+
+def _server_devices(cfg) -> str:
+    """This process's share of rollout.server_devices (vllm-server only; one server per process)."""
+    from ..config import ConfigError
+    from ..placement import server_devices_of_rank
+
+    if cfg.rollout.engine != "vllm-server":
+        return cfg.rollout.server_devices
+    try:
+        return server_devices_of_rank(cfg.rollout.server_devices)
+    except ValueError as e:
+        raise ConfigError(f"key 'rollout.server_devices': {e}") from None
 
 
 def _check_parallelism(cfg, parallelism: str) -> None:
