@@ -105,3 +105,20 @@ def test_a_vllm_server_per_process_needs_its_gpus_named(monkeypatch):
     cfg.rollout.server_devices = ""
     with pytest.raises(ConfigError, match="key 'rollout.server_devices'"):
         _server_devices(cfg)
+
+
+def test_the_deepspeed_config_is_one_accelerate_accepts():
+    """DeepSpeed itself is not installed here (nothing of it has run): what can be checked is that
+    accelerate reads configs/accelerate/deepspeed_zero2.yaml and builds its plugin from it, with
+    the batch sizes left to the Trainer ("auto", filled from align's train.* keys)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
+    assert config.distributed_type == "DEEPSPEED"
+    plugin = DeepSpeedPlugin(**config.deepspeed_config)
+    ds = plugin.deepspeed_config
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
+    assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["train_batch_size"] == "auto"
