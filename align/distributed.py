@@ -31,26 +31,30 @@ def rank() -> int:
 _DEVICE: torch.device | None = None  # this process's model.device, set by init()
 
 
-def init(device: str = "auto") -> None:
+def init(device: str = "auto", group: bool = False) -> None:
     """Record where this process computes (``model.device``: the collectives' tensors go there)
     and join the process group (gloo for CPU processes, nccl for GPU ones) when launched with
-    several processes."""
+    several processes -- or with one, when ``group`` (FSDP2 on a single device, under torchrun)."""
     global _DEVICE
     from .placement import resolve_device
 
     _DEVICE = resolve_device(device)
-    if world_size() > 1:
+    if world_size() > 1 or group:
         from accelerate import PartialState
 
         # the backend follows model.device (gloo for CPU processes even where GPUs exist), not
         # whether torch sees a GPU
         PartialState(cpu=_DEVICE.type == "cpu")
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # accelerate makes no group for a single process
+            dist.init_process_group("gloo" if _DEVICE.type == "cpu" else "nccl")
 
 
 def _dist():
     import torch.distributed as dist
 
-    return dist if world_size() > 1 and dist.is_available() and dist.is_initialized() else None
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -101,8 +105,8 @@ def parallelism(choice: str = "auto") -> str:
     """What PPO's loop trains with: ``single`` (one process), ``ddp`` or ``fsdp2``. ``auto``
     follows the launcher: accelerate's FSDP config (configs/accelerate/fsdp.yaml sets
     ACCELERATE_USE_FSDP) means fsdp2, anything else ddp."""
-    if world_size() == 1:
-        return "single"
+    if world_size() == 1:  # fsdp2 on one device only under a launcher (torchrun: a group of one)
+        return "fsdp2" if choice == "fsdp2" and os.environ.get("MASTER_ADDR") else "single"
     if choice == "auto":
         return "fsdp2" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "ddp"
     return choice

@@ -56,12 +56,19 @@ def random_weights_model(folder: Path, like: str) -> str:
     return str(folder)
 
 
+TORCHRUN = "--torchrun"  # a plan entry starting so runs under torchrun, one process
+
+
 def _align(args: list[str], log: Path, timeout: float, env: dict) -> dict:
     """One ``align`` command: ran or its error (the log's tail), and wall seconds."""
     t0 = time.time()
+    launcher = [sys.executable, "-m", "align.cli"]
+    if args[0] == TORCHRUN:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "align.cli"]
+        args = args[1:]
     with open(log, "w") as f:
         try:
-            proc = subprocess.run([sys.executable, "-m", "align.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.run([*launcher, *args], stdout=f, stderr=subprocess.STDOUT,
                                   cwd=ROOT, env=env, timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -100,6 +107,10 @@ def plan(model: str, runs: Path, work: Path, tiny: bool, device: str) -> list[tu
                                      "data.eval_prompts=4", "ppo.advantage=rloo", "reward.kind=dpo",
                                      f"reward.adapter={runs / 'dpo'}", "judge.kind=classifier",
                                      f"judge.adapter={runs / 'rm'}", "rollout.max_prompt_tokens=64"], "ppo"),
+        # FSDP2 on one device (a group of one under torchrun): the sharded path, gathers and saves
+        ("ppo_fsdp2_one_process", [TORCHRUN, "ppo", "--config", "configs/smoke.yaml", *common, *small_ppo,
+                                   "run.name=ppo-fsdp2", "ppo.parallelism=fsdp2", "data.eval_dataset=arithmetic-heldout-100",
+                                   "data.eval_prompts=8", "run.save_every=1"], "ppo"),
         ("eval_pairs", ["eval", str(runs / "dpo"), str(runs / "rm"), "--data", "Anthropic/hh-rlhf", "--subsets",
                         "helpful-base", "--pairs", "8", "--max-length", "96", "--device", device,
                         "--out", str(work / "eval-pairs")], "eval"),
@@ -148,6 +159,8 @@ def read_result(kind: str, run: Path, real_weights: bool) -> dict:
             if (run / "metrics.jsonl").is_file() else []
         out["train_seconds"] = s.get("train_seconds")
         out["share_of_peak"] = (s.get("compute") or {}).get("share_of_peak")
+        out["parallelism"] = json.loads((run / "run.json").read_text()).get("parallelism")
+        out["peak_memory_per_rank"] = s.get("peak_memory_per_rank")
         if real_weights and s.get("accuracy_change"):
             out["accuracy_change_lenient"] = s["accuracy_change"]["lenient"]
         gen = [r.get("gen_tokens_per_s") for r in iters if r.get("gen_tokens_per_s")]

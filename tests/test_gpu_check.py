@@ -19,8 +19,9 @@ def test_gpu_check_tiny_on_the_cpu_runs_every_job(tmp_path, shared):
     assert proc.returncode == 0 and result["all_ran"], failed
     jobs = result["jobs"]
     assert {"dpo", "rm", "ppo_verifier", "ppo_dpo_reward_rm_judge", "eval_pairs", "eval_accuracy",
-            "eval_generation", "export_adapter", "export_merged"} <= set(jobs)
+            "eval_generation", "export_adapter", "export_merged", "ppo_fsdp2_one_process"} <= set(jobs)
     assert jobs["dpo"]["share_of_peak_train"] is not None and result["weights"] == "random"
+    assert jobs["ppo_fsdp2_one_process"]["parallelism"] == "fsdp2"  # sharded, on a group of one
     assert all(not v["skew"] for k, v in result["dependencies"].items() if k != "vllm")
     assert not list((ROOT / "results").glob("gpu_check_cpu*.json"))  # wrote where it was told, nothing else
 

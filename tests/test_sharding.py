@@ -60,7 +60,10 @@ def test_a_sharded_policy_saves_and_loads_only_through_gathered_weights(one_rank
 
 def test_parallelism_follows_the_launcher_unless_chosen(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert distributed.parallelism("fsdp2") == "single"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # one process under torchrun: FSDP2 on a group of one
+    assert distributed.parallelism("fsdp2") == "fsdp2" and distributed.parallelism("auto") == "single"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert distributed.parallelism("auto") == "ddp"

@@ -31,9 +31,9 @@ def run_ppo(cfg) -> dict:
 
     check_config(cfg)  # an unknown estimator fails before anything is written
     estimator = get_estimator(cfg.ppo)
-    distributed.init(cfg.model.device)
-    _check_divisible(cfg, distributed.world_size())
     parallelism = distributed.parallelism(cfg.ppo.parallelism)
+    distributed.init(cfg.model.device, group=parallelism == "fsdp2")
+    _check_divisible(cfg, distributed.world_size())
     _check_parallelism(cfg, parallelism)
     _server_devices(cfg)  # a split that cannot be made fails before the run folder exists
     t0 = time.time()
