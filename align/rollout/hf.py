@@ -8,6 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .. import distributed
 from ..chat import trim_at_eos
+from ..scoring.logprobs import next_token_logprobs
 from .base import Completion, EngineStats, RolloutEngine, SamplingConfig
 
 
@@ -95,7 +96,7 @@ class SampledLogprobs(LogitsProcessor):
     def __call__(self, input_ids, scores):
         if self.last is not None:  # the previous step's token is the newest input id
             self.steps.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.last = torch.log_softmax(scores.float(), -1)
+        self.last = next_token_logprobs(scores)
         return scores
 
     def result(self, tokens: torch.Tensor) -> torch.Tensor:
