@@ -43,6 +43,7 @@ TRL_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca
 OBJECTIVES = ("simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 SCREEN_PAIRS, FULL_PAIRS = 300, 1000
+VALIDATION = 200  # held out of the loaded training rows: an arm loads its pairs + these
 SCREEN_BETA, BETAS = 0.1, (0.05, 0.1, 0.3)
 FULL_SET = ("sigmoid", "ipo", "robust", "apo_zero", "simpo", "orpo", "kto")
 EXTRA = {"robust": ["train.label_smoothing=0.1"], "exo_pair": ["train.label_smoothing=0.001"]}
@@ -59,7 +60,7 @@ def decision_key(method: str) -> str:
 
 
 def common(a) -> list[str]:
-    return ["data.train_rows=half-b", "data.validation_pairs=200", "data.eval_subsets=[helpful-base]",
+    return ["data.train_rows=half-b", f"data.validation_pairs={VALIDATION}", "data.eval_subsets=[helpful-base]",
             f"data.max_eval_pairs={a.eval_pairs}", "train.eval_max_length=0", "run.save_every=0", "run.plot=false",
             "model.dtype=float32", *([f"model.name={a.model}"] if a.model else [])]
 
@@ -116,7 +117,7 @@ def run_arm(a, name: str, arm: dict) -> dict:
 
     out = Path(a.runs)
     args = ["dpo", *common(a), *method_overrides(arm["method"]), f"train.beta={arm['beta']}", f"run.seed={arm['seed']}",
-            f"data.max_train_pairs={arm['pairs']}", f"run.output_dir={out}", f"run.name={name}", *a.set]
+            f"data.max_train_pairs={arm['pairs'] + VALIDATION}", f"run.output_dir={out}", f"run.name={name}", *a.set]
     folder = out / name
     if folder.exists():  # an arm cut short earlier (no record): kept aside, never deleted, and run again
         aside = folder.with_name(f"{name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -132,7 +133,7 @@ def run_arm(a, name: str, arm: dict) -> dict:
         raise SystemExit(f"{name}: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
     summary = json.loads((folder / "summary.json").read_text())
     record = {**arm, "name": name, "args": args, "machine": machine_state(), "wall_seconds": round(time.time() - t0, 1),
-              "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+              "train_seconds": summary["train_seconds"], "steps": summary["steps"], "train_pairs": summary["train_pairs"],
               "validation": summary.get("validation"), "eval": summary.get("eval"),
               "validation_per_pair": json.loads((folder / "validation_per_pair.json").read_text()),
               "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),

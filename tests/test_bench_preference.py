@@ -26,7 +26,8 @@ def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_pat
     records = sorted(p.stem for p in (tmp_path / "records").glob("*.json"))
     assert records == ["screen-hinge", "screen-sigmoid"]
     rec = json.loads((tmp_path / "records" / "screen-sigmoid.json").read_text())
-    assert rec["steps"] == 2 and rec["machine"]["cpu"] and len(rec["eval_per_pair"]["normalized"]) == 8
+    assert rec["steps"] == 2 and rec["train_pairs"] == 8 and rec["machine"]["cpu"] and len(rec["eval_per_pair"]["normalized"]) == 8
+    assert "data.max_train_pairs=500" in rec["args"]  # 300 to train on + 200 held out as validation
     assert "train.loss_type=sigmoid" in rec["args"] and "train.eval_max_length=0" in rec["args"]
     result = json.loads((tmp_path / "out.json").read_text())
     assert [r["method"] for r in result["screen"]] and len(result["screen"]) == 2 and result["screen_arms"] == 18
