@@ -24,7 +24,7 @@ def _bench(tmp_path, tiny_model_path, *args):
 def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_path, shared):
     _bench(tmp_path, tiny_model_path, "--only", "screen", "--max-arms", "2")
     records = sorted(p.stem for p in (tmp_path / "records").glob("*.json"))
-    assert records == ["screen-hinge", "screen-sigmoid"]
+    assert records == ["screen-ipo", "screen-sigmoid"]  # the full budget's methods first
     rec = json.loads((tmp_path / "records" / "screen-sigmoid.json").read_text())
     assert rec["steps"] == 2 and rec["train_pairs"] == 8 and rec["machine"]["cpu"] and len(rec["eval_per_pair"]["normalized"]) == 8
     assert "data.max_train_pairs=500" in rec["args"]  # 300 to train on + 200 held out as validation
@@ -35,4 +35,4 @@ def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_pat
     assert result["decision"]["decided"] is False and result["decision"]["new_default"] is None
     listed = _bench(tmp_path, tiny_model_path, "--only", "screen", "--list")
     todo = listed.split("to run:", 1)[1].strip().split(", ")
-    assert "screen-sigmoid" not in todo and "screen-hinge" not in todo and len(todo) == 16 and "screen-kto" in todo
+    assert "screen-sigmoid" not in todo and "screen-ipo" not in todo and len(todo) == 16 and "screen-kto" in todo
