@@ -103,7 +103,7 @@ class SampledLogprobs(LogitsProcessor):
         """(B, steps) on the host, for the generated ``tokens`` (B, steps)."""
         steps = self.steps + ([self.last.gather(1, tokens[:, -1:].to(self.last.device)).squeeze(1)]
                               if self.last is not None and tokens.size(1) > len(self.steps) else [])
-        out = torch.stack(steps, 1) if steps else torch.zeros(tokens.shape, dtype=torch.float32)
+        out = torch.stack(steps, 1) if steps else torch.zeros(tokens.shape, dtype=torch.float32, device="cpu")
         return out[:, :tokens.size(1)].cpu()  # one copy to the host, not one per decode step
 
 

@@ -151,7 +151,7 @@ class PackedPairCollator:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         if "label" in examples[0]:  # KTO's rows: thumbs up (chosen slot = the row's answer) or down
-            batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
+            batch["label"] = torch.tensor([bool(e["label"]) for e in examples], device="cpu")  # moved with the batch
         return batch
 
 
