@@ -54,6 +54,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--adapters-as", default="auto", choices=["auto", "lora", "merged"],
                    help="how the vLLM engine runs the adapters: lora (LoRA requests in one batch), merged (each "
                         "merged into its weights in turn), auto (merged on a CPU, where vLLM's LoRA path is slow)")
+    p.add_argument("--reference-cache", default="auto", metavar="auto|off|DIR",
+                   help="the base's scores on --data pairs are kept and read across runs, as DPO's "
+                        "train.reference_cache (auto: $ALIGN_CACHE_DIR or ~/.cache/align)")
     _add_placement(p)
     p.add_argument("--dry-run", action="store_true", help="check the targets, data, prompts and judge; load and write nothing")
 
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=args.judge,
                      out=args.out, base=args.base, use_vllm=args.use_vllm, dry_run=args.dry_run,
                      accuracy=args.accuracy, answer_field=args.answer_field, difficulty_field=args.difficulty_field,
-                     adapters_as=args.adapters_as, device=args.device, dtype=args.dtype)
+                     adapters_as=args.adapters_as, device=args.device, dtype=args.dtype,
+                     reference_cache=args.reference_cache)
         elif args.command == "serve":
             from .serve import read_api_key, serve
 

@@ -229,6 +229,11 @@ class DPOTrainConfig:
     # kto: unpaired -- each pair's two answers become a thumbs-up and a thumbs-down row (TRL's
     # prompt/completion/label format), each moved against the policy's KL to the reference.
     objective: str = _choice("dpo", "dpo", "simpo", "orpo", "kto")
+    # Reference scores kept across runs, keyed by the base's weights, the pairs' tokens, the
+    # batching, the versions and the machine (align/dpo/reference_store.py): a run with the same
+    # key (a beta or loss sweep, a rerun) reads them instead of scoring again. auto =
+    # $ALIGN_CACHE_DIR/reference-scores (default ~/.cache/align), off, or a folder.
+    reference_cache: str = "auto"
     # SimPO's target margin over beta (gamma / beta).
     simpo_gamma_ratio: float = _num(0.5, 0.0, 100.0)
     # KTO's weight of thumbs-up rows (the paper: keep w_D n_D / (w_U n_U) in [1, 4/3]).

@@ -62,20 +62,29 @@ def load_targets(texts: list[str], base_override: str | None, device: str = "aut
 # -- preferences ------------------------------------------------------------------------
 
 
-def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, batch_size: int = 8) -> dict:
-    """Per target (and the base): accuracies on tokenized ``pairs`` through the packed scorer."""
-    from .config import ModelConfig
+def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, batch_size: int = 8,
+                       reference_cache: str = "off") -> dict:
+    """Per target (and the base): accuracies on tokenized ``pairs`` through the packed scorer;
+    under ``per_pair``, each adapter's marks per pair (paired intervals between adapters). The
+    base's scores go through the reference store (``reference_cache``, as ``train.reference_cache``)."""
+    import dataclasses
+
+    from .dpo.reference_store import scores_through
     from .models import load_base
-    from .scoring.pairs import (PackedPairCollator, implicit_reward_metrics, install_packed_forward, pair_scores,
-                                pairwise_metrics, reference_free_accuracy, score_pairs, truncation_report)
+    from .scoring.pairs import (PackedPairCollator, PairScores, implicit_reward_metrics, install_packed_forward,
+                                normalized_margin_accuracy, pair_scores, pairwise_metrics, per_pair_marks,
+                                reference_free_accuracy, score_pairs, truncation_report)
 
     limit = max_length or NO_LIMIT  # truncated as DPO trains: the prompt at most half, its last tokens
     collator = PackedPairCollator(tok.pad_token_id, limit, max(1, limit // 2) if max_length else NO_LIMIT - 1)
     cut = truncation_report(_columns(pairs), limit, collator.max_prompt_length)
     install_packed_forward(roles.lm())
     with roles.role("reference"):
-        ref = score_pairs(roles.model, pairs, collator, batch_size, desc="base")
+        found, said, _ = scores_through(reference_cache, roles.model, pairs, collator, batch_size, lambda: dataclasses.asdict(
+            score_pairs(roles.model, pairs, collator, batch_size, desc="base")))
+    ref = PairScores(**found)
     table = {"base": {"kind": "base", "reference_free_accuracy": reference_free_accuracy(ref)}}
+    per_pair = {}
     for t in targets:
         if t.kind == "reward":
             scorer = _RewardPairs(roles, t.name)
@@ -91,9 +100,12 @@ def preference_metrics(targets, roles, tok, pairs: list[dict], max_length: int, 
             scores = score_pairs(roles.model, pairs, collator, batch_size, desc=t.name)
         table[t.name] = {"kind": f"{t.job or 'causal'} adapter", "beta": t.beta,
                          **implicit_reward_metrics(scores, ref, t.beta),
+                         "normalized_margin_accuracy": normalized_margin_accuracy(scores, ref),
                          "reference_free_accuracy": reference_free_accuracy(scores)}
+        per_pair[t.name] = per_pair_marks(scores, ref)
     return {"pairs": len(pairs), "max_length": max_length or "untruncated",
-            "truncated": {k: cut[k] for k in ("prompt_truncated", "answer_truncated")}, "table": table}
+            "truncated": {k: cut[k] for k in ("prompt_truncated", "answer_truncated")}, "table": table,
+            "reference_cache": said, "per_pair": per_pair}
 
 
 def _beside(roles, name: str):
@@ -263,7 +275,7 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
              use_vllm: bool = True, seed: int = 0, prompt_list: list[dict] | None = None, log=print,
              dry_run: bool = False, accuracy: str | None = None, answer_field: str = "answer",
              difficulty_field: str = "difficulty", adapters_as: str = "auto", device: str = "auto",
-             dtype: str = "auto") -> dict:
+             dtype: str = "auto", reference_cache: str = "auto") -> dict:
     """Check every option and the output folder first (nothing loads before they pass), then
     evaluate. ``dry_run``: also find the targets, data, prompts and judge, then stop."""
     from .atomic import check_out_path
@@ -280,6 +292,9 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
             raise EvalError(f"{flag} must be >= {low}, got {value}")
     adapters_as_resolved(adapters_as)
     try:
+        from .dpo.reference_store import store_folder
+
+        store_folder(reference_cache, "--reference-cache")
         out_dir = check_out_path(Path(out))
     except ValueError as e:
         raise EvalError(str(e)) from None
@@ -293,7 +308,7 @@ def run_eval(targets: list[str], *, data: str | None = None, subsets: list[str] 
     with stop_on_signals(f"nothing was written to '{out_dir}'"):
         return _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
                          num_prompts, max_new_tokens, temperature, judge, out_dir, base, engine, seed,
-                         prompt_list, log, graded, (device, dtype))
+                         prompt_list, log, graded, (device, dtype), reference_cache)
 
 
 def _load_pairs(data, subsets, split, pairs, seed, rows, log) -> list[dict]:
@@ -384,7 +399,7 @@ def _check_eval_sources(targets, data, subsets, split, pairs, rows, generate, pr
 
 def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, prompts, prompt_subsets,
               num_prompts, max_new_tokens, temperature, judge, out_dir, base, engine, seed, prompt_list, log,
-              graded=None, placed=("auto", "auto")):
+              graded=None, placed=("auto", "auto"), reference_cache: str = "auto"):
     from .atomic import atomic_dir
     from .chat import tokenize_pair
     from .report import write_report
@@ -402,8 +417,10 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
                           for t in tlist], "base": base_name}
     if data:
         te = time.time()
-        result["preferences"] = preference_metrics(tlist, roles, tok, [tokenize_pair(tok, r) for r in kept], max_length)
+        result["preferences"] = preference_metrics(tlist, roles, tok, [tokenize_pair(tok, r) for r in kept], max_length,
+                                                   reference_cache=reference_cache)
         result["preferences"].update(data=data, subsets=list(subsets), rows=rows, seconds=round(time.time() - te, 1))
+        per_pair = result["preferences"].pop("per_pair")
     if generate:
         result["generation"] = _generation(tlist, roles, tok, base_name, prompts, list(prompt_subsets), num_prompts,
                                            max_new_tokens, temperature, judge, engine, seed, prompt_list)
@@ -413,6 +430,8 @@ def _run_eval(targets, data, subsets, split, pairs, rows, max_length, generate, 
                                                        max_new_tokens, engine, seed, log)
     result["seconds"] = round(time.time() - t0, 1)
     with atomic_dir(out_dir) as tmp:
+        if data:  # each adapter's mark per pair, in the pairs' order: paired intervals between runs
+            (tmp / "preferences_per_pair.json").write_text(json.dumps(per_pair))
         if graded_samples:
             (tmp / "accuracy_answers.jsonl").write_text("".join(json.dumps(s) + "\n" for s in graded_samples))
         samples = result.get("generation", {}).pop("samples", [])

@@ -62,7 +62,8 @@ def decision_key(method: str) -> str:
 def common(a) -> list[str]:
     return ["data.train_rows=half-b", f"data.validation_pairs={VALIDATION}", "data.eval_subsets=[helpful-base]",
             f"data.max_eval_pairs={a.eval_pairs}", "train.eval_max_length=0", "run.save_every=0", "run.plot=false",
-            "model.dtype=float32", *([f"model.name={a.model}"] if a.model else [])]
+            "model.dtype=float32", f"train.reference_cache={Path(a.runs) / 'reference-store'}",
+            *([f"model.name={a.model}"] if a.model else [])]
 
 
 def screen_arms(a) -> dict[str, dict]:
@@ -133,16 +134,55 @@ def run_arm(a, name: str, arm: dict) -> dict:
                          stderr=subprocess.STDOUT)
     if rc:
         raise SystemExit(f"{name}: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
+    wall = round(time.time() - t0, 1)  # the `align dpo` run alone (the in-family test comes after it)
+    in_family = in_family_test(a, folder) if arm["stage"] == "full" else None
     summary = json.loads((folder / "summary.json").read_text())
-    record = {**arm, "name": name, "args": args, "machine": machine_state(), "wall_seconds": round(time.time() - t0, 1),
+    # reference passes another arm already made (same base, pairs, batching) are read from the
+    # study's store: what computing them took is kept, so a wall time can be said both ways
+    store = json.loads((folder / "run.json").read_text()).get("reference_cache", {})
+    read = {split: v["computed_seconds"] for split, v in store.items() if v.get("hit")}
+    record = {**arm, "name": name, "args": args, "machine": machine_state(), "wall_seconds": wall,
               "train_seconds": summary["train_seconds"], "steps": summary["steps"], "train_pairs": summary["train_pairs"],
               "validation": summary.get("validation"), "eval": summary.get("eval"),
               "validation_per_pair": json.loads((folder / "validation_per_pair.json").read_text()),
               "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),
-              "recorded": time.strftime("%Y-%m-%d %H:%M")}
+              "reference_read_from_store": read, "recorded": time.strftime("%Y-%m-%d %H:%M")}
+    if in_family:
+        record.update(in_family_test=in_family["metrics"], in_family_per_pair=in_family["per_pair"])
     record_path(a, name).parent.mkdir(parents=True, exist_ok=True)
     record_path(a, name).write_text(json.dumps(record) + "\n")
     return record
+
+
+def in_family_test(a, folder: Path) -> dict:
+    """The arm's adapter on the in-family test split: 500 helpful-rejection-sampled pairs of the
+    half the study never trains on (half-a), untruncated, by `align eval` (the base's scores come
+    from the study's store after the first arm)."""
+    out = folder / "in-family"
+    args = ["eval", str(folder), "--data", "Anthropic/hh-rlhf", "--subsets", "helpful-rejection-sampled",
+            "--rows", "half-a", "--pairs", str(a.eval_pairs), "--out", str(out), "--dtype", "float32",
+            "--reference-cache", str(Path(a.runs) / "reference-store")]
+    log = folder.with_name(f"{folder.name}.in-family.log")
+    rc = subprocess.call([sys.executable, "-m", "align.cli", *args], cwd=ROOT, stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT)
+    if rc:
+        raise SystemExit(f"{folder.name} in-family test: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
+    prefs = json.loads((out / "eval.json").read_text())["preferences"]
+    (name, metrics), = ((k, v) for k, v in prefs["table"].items() if k != "base")
+    return {"metrics": {**metrics, "pairs": prefs["pairs"], "seconds": prefs["seconds"],
+                        "reference_read_from_store": prefs["reference_cache"].get("hit", False)},
+            "per_pair": json.loads((out / "preferences_per_pair.json").read_text())[name]}
+
+
+def in_family_of(record: dict, key: str) -> dict:
+    """The in-family test's decision metric and interval (full-budget arms have one)."""
+    from align.scoring.stats import mean_ci95
+
+    marks = (record.get("in_family_per_pair") or {}).get(key)
+    if not marks:
+        return {}
+    m, lo, hi = mean_ci95(marks)
+    return {"in_family": m, "in_family_ci95": [lo, hi]}
 
 
 def report(a) -> dict:
@@ -161,7 +201,10 @@ def report(a) -> dict:
                 "validation": sum(v) / len(v), "off_family": sum(e) / len(e), "off_family_ci95": list(mean_ci95(e)[1:]),
                 "off_family_implicit": (r["eval"] or {}).get("implicit_accuracy") if arm["method"] not in REFERENCE_FREE else None,
                 "train_minutes": round(r["train_seconds"] / 60, 2), "wall_minutes": round(r["wall_seconds"] / 60, 1),
-                "cpu": r["machine"].get("cpu")}
+                # the arm as if it had computed every reference pass itself (a first run's wall time)
+                "wall_minutes_computing_reference": round(
+                    (r["wall_seconds"] + sum(r.get("reference_read_from_store", {}).values())) / 60, 1),
+                "cpu": r["machine"].get("cpu"), **in_family_of(r, key)}
 
     screen = [x for n, arm in screen_arms(a).items() if (x := row(n, arm))]
     screen.sort(key=lambda x: x["validation"], reverse=True)
@@ -216,23 +259,31 @@ def write_markdown(result: dict, path: Path) -> None:
              "## Screen (300 pairs, beta 0.1, seed 0), ranked by validation", "",
              "Decision metric: length-normalised margin accuracy against the reference (the policy's own per-token "
              "margin for SimPO/ORPO); validation = 200 held-out pairs of the training family, off-family = "
-             "helpful-base, untruncated. Arm wall time includes the reference and held-out scoring.", "",
-             "| method | validation | off-family [95 %] | off-family - sigmoid (paired) | implicit (off-family) | train min | arm wall min | CPU |",
-             "|---|---|---|---|---|---|---|---|"]
+             "helpful-base, untruncated. Arm wall time includes the held-out scoring; reference passes that an "
+             "earlier arm had made on the same pairs are read from the study's store (`train.reference_cache`), "
+             "and the last column adds what computing them took (a lone run's wall time).", "",
+             "| method | validation | off-family [95 %] | off-family - sigmoid (paired) | implicit (off-family) | train min "
+             "| arm wall min | the same, reference computed | CPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for x in result["screen"]:
         ci = x["off_family_ci95"]
         imp = f"{x['off_family_implicit']:.3f}" if x["off_family_implicit"] is not None else "-"
         d = x.get("off_family_vs_sigmoid")
         d = f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-"
         lines.append(f"| {x['method']} | {x['validation']:.3f} | {x['off_family']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {d} | {imp} "
-                     f"| {x['train_minutes']} | {x['wall_minutes']} | {x['cpu']} |")
+                     f"| {x['train_minutes']} | {x['wall_minutes']} | {x['wall_minutes_computing_reference']} | {x['cpu']} |")
     lines += ["", "## Full budget (1,000 pairs, validation-best beta)", "",
-              "| method | beta | off-family seed 0 | seed 1 | vs sigmoid (paired, pooled seeds) | train min |", "|---|---|---|---|---|---|"]
+              "| method | beta | in-family test seed 0 [95 %] | off-family seed 0 [95 %] | seed 1 | vs sigmoid (paired, pooled seeds) "
+              "| train min | arm wall min, reference computed |", "|---|---|---|---|---|---|---|---|"]
     for x in result["full"]:
         s1 = f"{x['seed1']['off_family']:.3f}" if x.get("seed1") else "-"
         vs = x.get("vs_sigmoid")
         vs = f"{vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}] ({vs['seeds']} seed(s))" if vs else "-"
-        lines.append(f"| {x['method']} | {x['beta']} | {x['off_family']:.3f} | {s1} | {vs} | {x['train_minutes']} |")
+        inf = (f"{x['in_family']:.3f} [{x['in_family_ci95'][0]:.3f}, {x['in_family_ci95'][1]:.3f}]"
+               if "in_family" in x else "-")
+        ci = x["off_family_ci95"]
+        lines.append(f"| {x['method']} | {x['beta']} | {inf} | {x['off_family']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {s1} | {vs} "
+                     f"| {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
     d = result["decision"]
     lines += ["", f"Rule: {d['rule']}. Decided: {d['decided']}; new default: {d['new_default'] or 'none (sigmoid stays)'}."]
     path.write_text("\n".join(lines) + "\n")

@@ -34,6 +34,14 @@ def float32_where_the_machine_would_pick_bf16():
         yield
 
 
+@pytest.fixture(autouse=True)
+def a_reference_store_of_its_own(tmp_path_factory, monkeypatch):
+    """Each test's DPO runs (and the processes it starts) keep reference scores in a store of
+    their own (``train.reference_cache: auto``): never the user's ~/.cache, and never one that an
+    earlier test filled, so a test sees the store only where it asks for it."""
+    monkeypatch.setenv("ALIGN_CACHE_DIR", str(tmp_path_factory.mktemp("align-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     """../shared with the real data. Missing -> the test fails loudly (never skips)."""
@@ -172,6 +180,7 @@ SLOW = {
     "tests/test_dpo.py::test_trls_other_losses_and_a_weighted_list_train_through_the_packed_trainer",
     "tests/test_objectives.py::test_a_reference_free_run_makes_no_reference_pass",
     "tests/test_bench_preference.py::test_arms_are_recorded_reported_and_never_run_twice",
+    "tests/test_reference_store.py::test_a_second_run_on_the_same_pairs_reads_its_reference_scores",
     "tests/test_objectives.py::test_a_kto_run_trains_on_both_answers_of_every_pair",
     "tests/test_multiprocess.py::test_fsdp_asked_where_the_trainer_does_not_apply_it_is_said",
     "tests/test_hardening3.py::test_a_reward_that_changes_folder_seeds_and_threads_changes_nothing_outside",

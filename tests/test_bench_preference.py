@@ -29,6 +29,10 @@ def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_pat
     assert rec["steps"] == 2 and rec["train_pairs"] == 8 and rec["machine"]["cpu"] and len(rec["eval_per_pair"]["normalized"]) == 8
     assert "data.max_train_pairs=500" in rec["args"]  # 300 to train on + 200 held out as validation
     assert "train.loss_type=sigmoid" in rec["args"] and "train.eval_max_length=0" in rec["args"]
+    # the second arm read the reference passes the first made (the same pairs, base and batching)
+    ipo = json.loads((tmp_path / "records" / "screen-ipo.json").read_text())
+    assert rec["reference_read_from_store"] == {} and set(ipo["reference_read_from_store"]) == {"train", "eval", "validation"}
+    assert any((tmp_path / "runs" / "reference-store").glob("*.pt"))
     result = json.loads((tmp_path / "out.json").read_text())
     assert [r["method"] for r in result["screen"]] and len(result["screen"]) == 2 and result["screen_arms"] == 18
     assert (tmp_path / "out.md").is_file() and (tmp_path / "out.png").is_file()
@@ -36,3 +40,10 @@ def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_pat
     listed = _bench(tmp_path, tiny_model_path, "--only", "screen", "--list")
     todo = listed.split("to run:", 1)[1].strip().split(", ")
     assert "screen-sigmoid" not in todo and "screen-ipo" not in todo and len(todo) == 16 and "screen-kto" in todo
+    # a full-budget arm also scores its adapter on the in-family test split (half-a, never trained on)
+    _bench(tmp_path, tiny_model_path, "--only", "full", "--max-arms", "1")
+    full = json.loads((tmp_path / "records" / "full-sigmoid-b0.05.json").read_text())
+    assert len(full["in_family_per_pair"]["normalized"]) == 8 and full["in_family_test"]["pairs"] == 8
+    assert full["in_family_test"]["normalized_margin_accuracy"] == sum(full["in_family_per_pair"]["normalized"]) / 8
+    # its base pass on those pairs was kept in the study's store, for the next arm to read
+    assert full["in_family_test"]["reference_read_from_store"] is False

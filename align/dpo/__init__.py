@@ -4,15 +4,16 @@ from __future__ import annotations
 import contextlib
 import time
 
-from .heldout import evaluate, score_reference
+from .heldout import evaluate
 
 __all__ = ["run_dpo"]
 
 
-def compute_report(model, tokens: dict, seconds: dict) -> dict:
+def compute_report(model, tokens: dict, seconds: dict, stored: dict | None = None) -> dict:
     """Model FLOPs of each phase (counted by :mod:`align.compute`: every token of a packed row
     through the backbone, answer tokens only through the LM head; training = 2 forwards) and the
-    rate reached, to compare with the machine's peak. ``tokens[split]`` = (packed, answers)."""
+    rate reached, to compare with the machine's peak. ``tokens[split]`` = (packed, answers);
+    ``stored``: reference phases read from the store, with the seconds computing them took."""
     from ..compute import device_peak_gflops, flop_counts, forward_gflop
     from ..placement import placement_of
 
@@ -36,6 +37,8 @@ def compute_report(model, tokens: dict, seconds: dict) -> dict:
     total = sum(p["gflop"] for p in out["phases"].values())
     out["total_gflop"], out["gflop_per_s"] = round(total, 3), round(total / total_s, 1) if total_s >= 1 else None
     out.update(matmul_peak_gflop_per_s=round(peak, 1), peak_dtype=where.dtype, peak_device=str(where.device))
+    if stored:
+        out["read_from_store"] = {phase: {"computed_seconds": s} for phase, s in stored.items()}
     return out
 
 
@@ -70,15 +73,18 @@ def run_dpo(cfg) -> dict:
         cut = truncation_report(trainer.train_dataset, cfg.train.max_length, cfg.train.max_prompt_length)
         print(f"training pairs: {cut['message']}")
         seconds, tokens = {}, {"train": (cut["packed_tokens"], cut["answer_tokens"])}
+        stored = {}  # phase: seconds its reference pass took when it was computed (read from the store now)
         device = model.device
         if cfg.train.objective in REFERENCE_FREE:  # nothing of the reference enters the loss
             print(f"train.objective={cfg.train.objective}: reference-free, no reference pass over the training pairs")
         else:
             with _timed(seconds, "reference_train", device):
-                trainer.attach_reference_logps(cached_reference(run, "train", lambda: score_reference(
-                    model, trainer.train_dataset, trainer.data_collator, cfg.train.batch_size)))
-        held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens)
-        validation = _prepare_eval(cfg, run, trainer, tok, val_rows, seconds, tokens, split="validation")
+                ref, said = cached_reference(run, "train", model, trainer.train_dataset, trainer.data_collator,
+                                             cfg.train.batch_size, cfg.train.reference_cache)
+                trainer.attach_reference_logps(ref)
+            _read_from_store(seconds, "reference_train", said, stored)
+        held_out = _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens, stored)
+        validation = _prepare_eval(cfg, run, trainer, tok, val_rows, seconds, tokens, stored, split="validation")
         with _timed(seconds, "train", device):
             trainer.train_resumable(run, stop)
         adapter_dir = run.path / "adapter"
@@ -95,7 +101,7 @@ def run_dpo(cfg) -> dict:
         if held_out is not None:
             with _timed(seconds, "policy_eval", device):
                 summary["eval"] = _final_eval(cfg, run, trainer, *held_out)
-        summary["compute"] = compute_report(model, tokens, seconds)
+        summary["compute"] = compute_report(model, tokens, seconds, stored)
         summary["wall_seconds"] = round(time.time() - t0, 1)
         if not is_main_process():
             return summary
@@ -149,7 +155,15 @@ def _trainer(cfg, run, model, tok, train_rows, stop, guard):
     return trainer
 
 
-def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens, split: str = "eval"):
+def _read_from_store(seconds: dict, phase: str, said: dict, stored: dict) -> None:
+    """A reference pass read from the store did no work: its phase leaves the compute block
+    (its rate would be meaningless) and is listed with what computing it took."""
+    if said.get("hit"):
+        seconds.pop(phase, None)
+        stored[phase] = said["computed_seconds"]
+
+
+def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens, stored, split: str = "eval"):
     """Tokenized held-out pairs and their reference scores (before training: the reference
     pass runs while the adapter is still untouched, and is cached for a resumed run). ``split``:
     ``eval`` (the evaluation subsets, off the training family) or ``validation`` (held out of
@@ -170,8 +184,9 @@ def _prepare_eval(cfg, run, trainer, tok, eval_rows, seconds, tokens, split: str
     if split == "eval":
         tokens["eval"] = (eval_cut["packed_tokens"], eval_cut["answer_tokens"])
     with _timed(spent, "reference_eval", trainer.model.device):
-        ref_scores = cached_reference(run, split, lambda: score_reference(
-            trainer.model, eval_ds, collator, cfg.train.batch_size))
+        ref_scores, said = cached_reference(run, split, trainer.model, eval_ds, collator, cfg.train.batch_size,
+                                            cfg.train.reference_cache)
+    _read_from_store(spent, "reference_eval", said, stored if split == "eval" else {})
     return eval_ds, ref_scores, collator
 
 

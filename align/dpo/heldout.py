@@ -10,8 +10,8 @@ import torch
 
 from .. import distributed
 from ..models import reference_mode
-from ..scoring.pairs import (PairScores, implicit_reward_metrics, normalized_margin_accuracy, reference_free_accuracy,
-                             score_pairs)
+from ..scoring.pairs import (PairScores, implicit_reward_metrics, normalized_margin_accuracy, per_pair_marks,
+                             reference_free_accuracy, score_pairs)
 
 
 def score_reference(peft_model, dataset, collator, batch_size=8) -> PairScores:
@@ -33,16 +33,29 @@ def score_reference(peft_model, dataset, collator, batch_size=8) -> PairScores:
     return PairScores(**out)
 
 
-def cached_reference(run, split: str, compute) -> PairScores:
-    """Reference log-probs of a split, computed once per run and kept in the run folder, so a
-    resumed run does not pay for them again (they depend only on the base and the data)."""
+def cached_reference(run, split: str, model, dataset, collator, batch_size: int,
+                     store: str = "off") -> tuple[PairScores, dict]:
+    """Reference log-probs of a split, computed once: kept in the run folder (a resumed run reads
+    them) and, unless ``store`` (``train.reference_cache``) is ``off``, in the store shared by
+    runs (:mod:`.reference_store`: a run on the same base, tokens and batching reads them).
+    Returns the scores and what the store said (``{}`` when it was not asked)."""
+    from . import reference_store
+
     path = run.path / f"reference_logps_{split}.pt"
     if run.resume_from is not None and path.exists():
         print(f"reference scores for {split}: reusing {path}")
-        return PairScores(**torch.load(path, map_location="cpu"))  # saved from any device
-    t = time.time()
-    scores = compute()
-    print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {time.time() - t:.0f}s")
+        return PairScores(**torch.load(path, map_location="cpu")), {}  # saved from any device
+    found, said, seconds = reference_store.scores_through(
+        store, model, dataset, collator, batch_size,
+        lambda: dataclasses.asdict(score_reference(model, dataset, collator, batch_size)))
+    scores = PairScores(**found)
+    if said.get("hit"):
+        print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs): read from {said['path']} "
+              f"(computing them took {said['computed_seconds']:.0f}s)")
+    else:
+        print(f"reference scores for {split} ({len(scores.chosen_logp)} pairs) in {seconds:.0f}s")
+    if said:
+        run.record(reference_cache={split: said})
     distributed.barrier()  # rank 0 may be about to write the file the others would read
     if distributed.rank() == 0:
         from ..atomic import disk_refusals
@@ -52,30 +65,19 @@ def cached_reference(run, split: str, compute) -> PairScores:
                            then="nothing was trained yet; free space and start again"):
             torch.save(dataclasses.asdict(scores), tmp)
             tmp.replace(path)
-    return scores
+    return scores, said
 
 
 def evaluate(peft_model, dataset, collator, beta: float, ref: PairScores,
              batch_size: int = 8) -> dict:
-    """The held-out metrics, and under ``per_pair`` each pair's mark (1 right, 1/2 tie, 0 wrong)
-    by the implicit reward and by the length-normalised margin: what a paired interval between
-    two methods scored on the same pairs needs (``scoring.stats.paired_difference``)."""
+    """The held-out metrics, and under ``per_pair`` each pair's marks
+    (:func:`align.scoring.pairs.per_pair_marks`: for paired intervals between methods)."""
     policy = score_pairs(peft_model, dataset, collator, batch_size, desc="policy scores")
-
-    def marks(margin):
-        return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margin.tolist()]
-
-    per_token = lambda s, side: (getattr(s, f"{side}_logp") - getattr(ref, f"{side}_logp")) \
-        / getattr(s, f"{side}_tokens").clamp(min=1)  # noqa: E731
     return {
         "pairs": len(dataset),
         **implicit_reward_metrics(policy, ref, beta),
         "normalized_margin_accuracy": normalized_margin_accuracy(policy, ref),
         "reference_free_accuracy_base": reference_free_accuracy(ref),
         "reference_free_accuracy_policy": reference_free_accuracy(policy),
-        "per_pair": {"implicit": marks((policy.chosen_logp - ref.chosen_logp) - (policy.rejected_logp - ref.rejected_logp)),
-                     "normalized": marks(per_token(policy, "chosen") - per_token(policy, "rejected")),
-                     # reference-free objectives' yardstick: the policy's own per-token margin
-                     "reference_free_normalized": marks(policy.chosen_logp / policy.chosen_tokens.clamp(min=1)
-                                                        - policy.rejected_logp / policy.rejected_tokens.clamp(min=1))},
+        "per_pair": per_pair_marks(policy, ref),
     }

@@ -333,6 +333,22 @@ def normalized_margin_accuracy(policy: PairScores, ref: PairScores) -> float:
     return tie_half_accuracy(c - r)
 
 
+def per_pair_marks(policy: PairScores, ref: PairScores) -> dict[str, list[float]]:
+    """Each pair's mark (1 right, 1/2 tie, 0 wrong) by the implicit reward, the length-normalised
+    margin and the policy's own per-token margin (the reference-free objectives' yardstick): what
+    a paired interval between two methods scored on the same pairs needs
+    (:func:`align.scoring.stats.paired_difference`)."""
+    def marks(margin):
+        return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margin.tolist()]
+
+    gain = lambda side: (getattr(policy, f"{side}_logp") - getattr(ref, f"{side}_logp")) \
+        / getattr(policy, f"{side}_tokens").clamp(min=1)  # noqa: E731 -- as normalized_margin_accuracy
+    return {"implicit": marks((policy.chosen_logp - ref.chosen_logp) - (policy.rejected_logp - ref.rejected_logp)),
+            "normalized": marks(gain("chosen") - gain("rejected")),
+            "reference_free_normalized": marks(policy.chosen_logp / policy.chosen_tokens.clamp(min=1)
+                                               - policy.rejected_logp / policy.rejected_tokens.clamp(min=1))}
+
+
 def reference_free_accuracy(s: PairScores) -> float:
     mean_c = s.chosen_logp / s.chosen_tokens.clamp(min=1)
     mean_r = s.rejected_logp / s.rejected_tokens.clamp(min=1)
