@@ -129,15 +129,19 @@ def _job_rows(add) -> None:
         "1.0", (), ("train.objective=simpo",))
     add("dpo", ("train.kto_desirable_weight", "train.kto_undesirable_weight"), "when train.objective is not kto",
         lambda c: c.train.objective != "kto", "2.0", (), ("train.objective=kto",))
+    add("dpo", "train.reference_cache", "when train.objective is simpo or orpo and evaluate is false (no reference "
+        "pass at all)", lambda c: c.train.objective in ("simpo", "orpo") and not c.evaluate, "off",
+        ("train.objective=simpo", "evaluate=false"), ())
     add("dpo", "train.label_smoothing", "when train.objective is orpo or kto (no smoothed form)",
         lambda c: c.train.objective in ("orpo", "kto"), "0.1", ("train.objective=orpo",), ())
 
 
 def _command_rows(add) -> None:
     """Command-line flags: ``inert`` gets the parsed arguments."""
-    add("eval", ("--subsets", "--split", "--pairs", "--rows", "--max-length"), "without --data",
+    add("eval", ("--subsets", "--split", "--pairs", "--rows", "--max-length", "--reference-cache"), "without --data",
         lambda a: not a.data, {"--subsets": "helpful-base", "--split": "test", "--pairs": "10",
-                               "--rows": "half-a", "--max-length": "256"}, (), ("--data", "pairs.jsonl"))
+                               "--rows": "half-a", "--max-length": "256", "--reference-cache": "off"},
+        (), ("--data", "pairs.jsonl"))
     add("eval", ("--prompts", "--prompt-subsets", "--num-prompts", "--temperature", "--judge"), "without --generate",
         lambda a: not a.generate,
         {"--prompts": "p.jsonl", "--prompt-subsets": "helpful-base", "--num-prompts": "8",

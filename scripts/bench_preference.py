@@ -86,6 +86,23 @@ def full_arms(a) -> dict[str, dict]:
     return arms
 
 
+# Issue 43, item 3: more, shorter or longer pairs at today's packed tokens (~162k: 1,000 pairs at
+# 128/64; counts fixed before any run by tokenizing the pairs: 155k, 162k, 161k, 160k). 1,205 is
+# every half-b pair but the 200 of validation; deduplicating by prompt is not an arm: no prompt
+# repeats among half-b's 1,405 pairs.
+BUDGET = ((1205, 96, 48), (760, 192, 96), (660, 256, 128), (560, 384, 192))
+
+
+def budget_arms(a) -> dict[str, dict]:
+    """Sigmoid DPO at its validation-best beta (once its grid has run) with each BUDGET shape."""
+    best = best_per_method(a, {n: v for n, v in full_arms(a).items() if v["method"] == "sigmoid"})
+    if "sigmoid" not in best:
+        return {}
+    beta = float(best["sigmoid"][0].split("-b")[1])
+    return {f"budget-{n}-{L}": {"stage": "budget", "method": "sigmoid", "beta": beta, "seed": 0, "pairs": n,
+                                "max_length": L, "max_prompt_length": P} for n, L, P in BUDGET}
+
+
 def best_per_method(a, arms) -> dict[str, tuple[str, float]]:
     """Per method whose whole beta grid has a record: (arm name, validation decision metric) of the best."""
     out = {}
@@ -120,7 +137,9 @@ def run_arm(a, name: str, arm: dict) -> dict:
 
     out = Path(a.runs)
     args = ["dpo", *common(a), *method_overrides(arm["method"]), f"train.beta={arm['beta']}", f"run.seed={arm['seed']}",
-            f"data.max_train_pairs={arm['pairs'] + VALIDATION}", f"run.output_dir={out}", f"run.name={name}", *a.set]
+            f"data.max_train_pairs={arm['pairs'] + VALIDATION}", f"run.output_dir={out}", f"run.name={name}",
+            *([f"train.max_length={arm['max_length']}", f"train.max_prompt_length={arm['max_prompt_length']}"]
+              if "max_length" in arm else []), *a.set]
     folder = out / name
     if folder.exists():  # an arm cut short earlier (no record): kept aside, never deleted, and run again
         aside = folder.with_name(f"{name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -135,7 +154,7 @@ def run_arm(a, name: str, arm: dict) -> dict:
     if rc:
         raise SystemExit(f"{name}: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
     wall = round(time.time() - t0, 1)  # the `align dpo` run alone (the in-family test comes after it)
-    in_family = in_family_test(a, folder) if arm["stage"] == "full" else None
+    in_family = in_family_test(a, folder) if arm["stage"] != "screen" else None
     summary = json.loads((folder / "summary.json").read_text())
     # reference passes another arm already made (same base, pairs, batching) are read from the
     # study's store: what computing them took is kept, so a wall time can be said both ways
@@ -146,7 +165,8 @@ def run_arm(a, name: str, arm: dict) -> dict:
               "validation": summary.get("validation"), "eval": summary.get("eval"),
               "validation_per_pair": json.loads((folder / "validation_per_pair.json").read_text()),
               "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),
-              "reference_read_from_store": read, "recorded": time.strftime("%Y-%m-%d %H:%M")}
+              "reference_read_from_store": read, "truncation": summary.get("truncation"),
+              "recorded": time.strftime("%Y-%m-%d %H:%M")}
     if in_family:
         record.update(in_family_test=in_family["metrics"], in_family_per_pair=in_family["per_pair"])
     record_path(a, name).parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +254,15 @@ def report(a) -> dict:
                 pooled_b += mine["eval_per_pair"][decision_key(x["method"])]
                 seeds += 1
         x["vs_sigmoid"] = {**paired_difference(pooled_a, pooled_b), "seeds": seeds}
+    grid = [x for n, arm in arms.items() if (x := row(n, arm))]  # every full-budget arm with a record
+    budget = []
+    for n, arm in budget_arms(a).items():  # item 3, against sigmoid's 1,000 pairs at 128/64, same beta and seed
+        x = row(n, arm)
+        if x:
+            r = load_record(a, n)
+            x.update(pairs=arm["pairs"], max_length=arm["max_length"], packed_tokens=r["truncation"]["packed_tokens"],
+                     vs_today=paired_difference(base[0]["eval_per_pair"]["normalized"], r["eval_per_pair"]["normalized"]))
+            budget.append(x)
     two_seeds = [x for x in full if x.get("vs_sigmoid", {}).get("seeds") == 2]
     winners = [x for x in two_seeds if x["vs_sigmoid"]["difference"] > 0 and x["vs_sigmoid"]["ci95"][0] > 0]
     everything = len(best) == len(FULL_SET) and all(load_record(a, n) is not None for n in arms)
@@ -243,7 +272,8 @@ def report(a) -> dict:
                 "new_default": max(winners, key=lambda x: x["vs_sigmoid"]["difference"])["method"]
                 if everything and winners else None}
     result = {"command": "python scripts/bench_preference.py", "protocol": "docs/preference-generalisation.md",
-              "screen": screen, "screen_arms": len(screen_arms(a)), "full": full, "full_arms_recorded":
+              "screen": screen, "screen_arms": len(screen_arms(a)), "full": full, "grid": grid, "budget": budget,
+              "full_arms_recorded":
               sum(load_record(a, n) is not None for n in arms), "full_arms": len(arms), "decision": decision}
     path = Path(a.out)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -284,6 +314,28 @@ def write_markdown(result: dict, path: Path) -> None:
         ci = x["off_family_ci95"]
         lines.append(f"| {x['method']} | {x['beta']} | {inf} | {x['off_family']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {s1} | {vs} "
                      f"| {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
+    lines += ["", "Every full-budget arm recorded so far (the beta grid; seed 1 where run):", "",
+              "| arm | validation | in-family test [95 %] | off-family [95 %] | train min | arm wall min, reference computed |",
+              "|---|---|---|---|---|---|"]
+    for x in result["grid"]:
+        inf = (f"{x['in_family']:.3f} [{x['in_family_ci95'][0]:.3f}, {x['in_family_ci95'][1]:.3f}]"
+               if "in_family" in x else "-")
+        ci = x["off_family_ci95"]
+        lines.append(f"| {x['arm']} | {x['validation']:.3f} | {inf} | {x['off_family']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                     f"| {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
+    lines += ["", "## More pairs per minute (sigmoid, its validation-best beta, seed 0; ~162k packed tokens each)", "",
+              "Validation is truncated as each arm trains; off-family and in-family test pairs are untruncated.", "",
+              "| pairs | max length (prompt) | packed tokens | validation | in-family test | off-family [95 %] "
+              "| vs 1,000 at 128/64 (paired) | train min | arm wall min, reference computed |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for x in result["budget"]:
+        d = x["vs_today"]
+        inf = f"{x['in_family']:.3f}" if "in_family" in x else "-"
+        ci = x["off_family_ci95"]
+        lines.append(f"| {x['pairs']} | {x['max_length']} ({x['max_length'] // 2}) | {x['packed_tokens']:,} | {x['validation']:.3f} "
+                     f"| {inf} | {x['off_family']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                     f"| {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {x['train_minutes']} "
+                     f"| {x['wall_minutes_computing_reference']} |")
     d = result["decision"]
     lines += ["", f"Rule: {d['rule']}. Decided: {d['decided']}; new default: {d['new_default'] or 'none (sigmoid stays)'}."]
     path.write_text("\n".join(lines) + "\n")
@@ -318,7 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "preference"))
     ap.add_argument("--records", default=str(ROOT / "results" / "preference" / "records"))
     ap.add_argument("--out", default=str(ROOT / "results" / "preference_generalisation.json"))
-    ap.add_argument("--only", choices=["screen", "full"])
+    ap.add_argument("--only", choices=["screen", "full", "budget"])
     ap.add_argument("--max-arms", type=int, default=0, help="stop after this many new arms (0 = all)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the arms and whether each has a record")
@@ -327,11 +379,12 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="more key=value overrides for every arm (tests)")
     a = ap.parse_args(argv)
     done = 0
-    for stage in ("screen", "full"):
+    stages = {"screen": screen_arms, "full": full_arms, "budget": budget_arms}
+    for stage in stages:
         if a.report_only or (a.only and a.only != stage):
             continue
         while True:  # the full stage's arms grow as the beta grids finish
-            todo = {n: v for n, v in (screen_arms(a) if stage == "screen" else full_arms(a)).items()
+            todo = {n: v for n, v in stages[stage](a).items()
                     if load_record(a, n) is None}
             if a.list:
                 print(stage, "to run:", ", ".join(todo) or "none")

@@ -47,3 +47,24 @@ def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_pat
     assert full["in_family_test"]["normalized_margin_accuracy"] == sum(full["in_family_per_pair"]["normalized"]) / 8
     # its base pass on those pairs was kept in the study's store, for the next arm to read
     assert full["in_family_test"]["reference_read_from_store"] is False
+
+
+def test_the_budget_arms_wait_for_sigmoids_grid_and_take_its_validation_best_beta(tmp_path):
+    """Item 3's shapes run sigmoid at the beta its full-budget grid chose on validation (and
+    not before that grid has run), each with its own pair count and truncation."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_preference", ROOT / "scripts" / "bench_preference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = SimpleNamespace(records=str(tmp_path))
+    assert bench.budget_arms(a) == {}
+    for beta, right in ((0.05, 100), (0.1, 120), (0.3, 110)):
+        marks = [1.0] * right + [0.0] * (200 - right)
+        (tmp_path / f"full-sigmoid-b{beta}.json").write_text(json.dumps({"validation_per_pair": {"normalized": marks}}))
+        if beta == 0.1:
+            assert bench.budget_arms(a) == {}  # the grid is not whole yet
+    arms = bench.budget_arms(a)
+    assert {v["beta"] for v in arms.values()} == {0.1} and len(arms) == 4
+    assert arms["budget-560-384"]["pairs"] == 560 and arms["budget-560-384"]["max_prompt_length"] == 192
