@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,8 +129,7 @@ def read(folder: Path, key: str) -> tuple[dict | None, Lookup]:
         except Exception as e:  # noqa: BLE001 -- a damaged entry is recomputed, never trusted
             note = f"{path} could not be read ({type(e).__name__}: {e}); computing the scores again, the file left as it is"
             print(f"reference_cache: {note}")
-    found = distributed.gather_objects(found)[0]
-    note = distributed.gather_objects(note)[0]
+    found, note = distributed.gather_objects((found, note))[0]  # rank 0's answer, on every rank
     if found is None:
         return None, Lookup(str(path), hit=False, note=note)
     scores = {k: torch.tensor(v, dtype=getattr(torch, found["dtypes"][k]), device="cpu")
@@ -146,18 +146,25 @@ def write(folder: Path, key: str, parts: dict, scores: dict, seconds: float, loo
     if path.exists():
         lookup.note = lookup.note or f"{path} exists: left as it is"
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".tmp")  # a name no one holds
+        os.close(fd)
+        tmp = Path(name)
         parts = json.loads(json.dumps(parts, default=str))  # an entry must load with weights_only
         torch.save({"key": key, "parts": parts, "scores": {k: v.detach().cpu() for k, v in scores.items()},
                     "seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%d %H:%M:%S")}, tmp)
-        os.replace(tmp, path)
+        os.link(tmp, path)  # fails if another run kept this key meanwhile: theirs stays
         lookup.saved = True
+    except FileExistsError:
+        lookup.note = f"{path} appeared while scoring: left as it is"
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         lookup.note = f"could not keep the scores in {folder} ({e}); the run goes on without the store"
         print(f"reference_cache: {lookup.note}")
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def scores_through(setting: str, model, dataset, collator, batch_size: int, compute) -> tuple[dict, dict, float]:
