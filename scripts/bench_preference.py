@@ -15,6 +15,8 @@ The protocol, as the doc fixes it:
 
 - Train on helpful-rejection-sampled (half-b); 200 of those pairs held out as validation (tune
   on these); off-family test: 500 helpful-base pairs, untruncated (``train.eval_max_length=0``).
+- Full-budget arms are also scored on the in-family test split (500 helpful-rejection-sampled
+  pairs of half-a, never trained on) and on harmless-base (reported apart, never decides).
 - Decision metric: length-normalised log-probability margin accuracy against the reference
   (``normalized``), or for a reference-free objective (SimPO, ORPO) the policy's own per-token
   margin (``reference_free_normalized``); implicit accuracy beside it where defined.
@@ -153,8 +155,8 @@ def run_arm(a, name: str, arm: dict) -> dict:
                          stderr=subprocess.STDOUT)
     if rc:
         raise SystemExit(f"{name}: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
-    wall = round(time.time() - t0, 1)  # the `align dpo` run alone (the in-family test comes after it)
-    in_family = in_family_test(a, folder) if arm["stage"] != "screen" else None
+    wall = round(time.time() - t0, 1)  # the `align dpo` run alone (the held-out tests come after it)
+    tests = {t: adapter_test(a, folder, t) for t in TESTS_OF_STAGE[arm["stage"]]}
     summary = json.loads((folder / "summary.json").read_text())
     # reference passes another arm already made (same base, pairs, batching) are read from the
     # study's store: what computing them took is kept, so a wall time can be said both ways
@@ -167,26 +169,35 @@ def run_arm(a, name: str, arm: dict) -> dict:
               "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),
               "reference_read_from_store": read, "truncation": summary.get("truncation"),
               "recorded": time.strftime("%Y-%m-%d %H:%M")}
-    if in_family:
-        record.update(in_family_test=in_family["metrics"], in_family_per_pair=in_family["per_pair"])
+    for t, got in tests.items():
+        record.update({f"{t}_test": got["metrics"], f"{t}_per_pair": got["per_pair"]})
     record_path(a, name).parent.mkdir(parents=True, exist_ok=True)
     record_path(a, name).write_text(json.dumps(record) + "\n")
     return record
 
 
-def in_family_test(a, folder: Path) -> dict:
-    """The arm's adapter on the in-family test split: 500 helpful-rejection-sampled pairs of the
-    half the study never trains on (half-a), untruncated, by `align eval` (the base's scores come
-    from the study's store after the first arm)."""
-    out = folder / "in-family"
-    args = ["eval", str(folder), "--data", "Anthropic/hh-rlhf", "--subsets", "helpful-rejection-sampled",
-            "--rows", "half-a", "--pairs", str(a.eval_pairs), "--out", str(out), "--dtype", "float32",
+# Held-out tests of a trained adapter by `align eval`, beside the off-family score its run makes:
+# in family = 500 helpful-rejection-sampled pairs of the half the study never trains on (half-a);
+# harmless = 500 harmless-base pairs, a different objective, reported apart (never decides).
+# Both untruncated; the base's scores come from the study's store after the first arm.
+TESTS = {"in_family": ("helpful-rejection-sampled", "half-a"), "harmless": ("harmless-base", "all")}
+TESTS_OF_STAGE = {"screen": (), "full": ("in_family", "harmless"), "budget": ("in_family",)}
+
+
+def adapter_test(a, folder: Path, test: str) -> dict:
+    """The arm's adapter scored on one of TESTS: its metrics and per-pair marks."""
+    subset, rows = TESTS[test]
+    out = folder / test.replace("_", "-")
+    if out.exists():  # a test cut short earlier (its record lacks it): kept aside, never deleted
+        out.rename(out.with_name(f"{out.name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}"))
+    args = ["eval", str(folder), "--data", "Anthropic/hh-rlhf", "--subsets", subset, "--rows", rows,
+            "--pairs", str(a.eval_pairs), "--out", str(out), "--dtype", "float32",
             "--reference-cache", str(Path(a.runs) / "reference-store")]
-    log = folder.with_name(f"{folder.name}.in-family.log")
+    log = folder.with_name(f"{folder.name}.{test.replace('_', '-')}.log")
     rc = subprocess.call([sys.executable, "-m", "align.cli", *args], cwd=ROOT, stdout=open(log, "w"),
                          stderr=subprocess.STDOUT)
     if rc:
-        raise SystemExit(f"{folder.name} in-family test: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
+        raise SystemExit(f"{folder.name} {test} test: exit {rc}; see {log}:\n{log.read_text()[-2000:]}")
     prefs = json.loads((out / "eval.json").read_text())["preferences"]
     (name, metrics), = ((k, v) for k, v in prefs["table"].items() if k != "base")
     return {"metrics": {**metrics, "pairs": prefs["pairs"], "seconds": prefs["seconds"],
@@ -194,15 +205,34 @@ def in_family_test(a, folder: Path) -> dict:
             "per_pair": json.loads((out / "preferences_per_pair.json").read_text())[name]}
 
 
-def in_family_of(record: dict, key: str) -> dict:
-    """The in-family test's decision metric and interval (full-budget arms have one)."""
+def add_missing_tests(a) -> int:
+    """Records made before a test joined their stage get it now, from the arm's adapter where its
+    run folder is still here (records travel between machines; run folders do not)."""
+    added = 0
+    for name, arm in {**full_arms(a), **budget_arms(a)}.items():
+        r = load_record(a, name)
+        folder = Path(a.runs) / name
+        missing = [t for t in TESTS_OF_STAGE[arm["stage"]] if r is not None and f"{t}_per_pair" not in r]
+        if not missing or not (folder / "adapter").is_dir():
+            continue
+        for t in missing:
+            print(f"== {name}: {t} test (added to its record)", flush=True)
+            got = adapter_test(a, folder, t)
+            r.update({f"{t}_test": got["metrics"], f"{t}_per_pair": got["per_pair"]})
+            record_path(a, name).write_text(json.dumps(r) + "\n")
+            added += 1
+    return added
+
+
+def test_of(record: dict, key: str, test: str) -> dict:
+    """A held-out test's decision metric and interval, where the arm has that test."""
     from align.scoring.stats import mean_ci95
 
-    marks = (record.get("in_family_per_pair") or {}).get(key)
+    marks = (record.get(f"{test}_per_pair") or {}).get(key)
     if not marks:
         return {}
     m, lo, hi = mean_ci95(marks)
-    return {"in_family": m, "in_family_ci95": [lo, hi]}
+    return {test: m, f"{test}_ci95": [lo, hi]}
 
 
 def report(a) -> dict:
@@ -224,7 +254,7 @@ def report(a) -> dict:
                 # the arm as if it had computed every reference pass itself (a first run's wall time)
                 "wall_minutes_computing_reference": round(
                     (r["wall_seconds"] + sum(r.get("reference_read_from_store", {}).values())) / 60, 1),
-                "cpu": r["machine"].get("cpu"), **in_family_of(r, key)}
+                "cpu": r["machine"].get("cpu"), **test_of(r, key, "in_family"), **test_of(r, key, "harmless")}
 
     screen = [x for n, arm in screen_arms(a).items() if (x := row(n, arm))]
     screen.sort(key=lambda x: x["validation"], reverse=True)
@@ -309,20 +339,21 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {x['method']} | {x['validation']:.3f} | {_acc(x, 'off_family')} | {_diff(x.get('off_family_vs_sigmoid'))} | {imp} "
                      f"| {x['train_minutes']} | {x['wall_minutes']} | {x['wall_minutes_computing_reference']} | {x['cpu']} |")
     lines += ["", "## Full budget (1,000 pairs, validation-best beta)", "",
+              "Harmless-base (a different objective: which answer is less harmful) is reported apart and never decides.", "",
               "| method | beta | in-family test seed 0 [95 %] | off-family seed 0 [95 %] | seed 1 | vs sigmoid (paired, pooled seeds) "
-              "| train min | arm wall min, reference computed |", "|---|---|---|---|---|---|---|---|"]
+              "| harmless-base seed 0 [95 %] | train min | arm wall min, reference computed |", "|---|---|---|---|---|---|---|---|---|"]
     for x in result["full"]:
         s1 = f"{x['seed1']['off_family']:.3f}" if x.get("seed1") else "-"
         vs = x.get("vs_sigmoid")
         vs = f"{_diff(vs)} ({vs['seeds']} seed(s))" if vs else "-"
         lines.append(f"| {x['method']} | {x['beta']} | {_acc(x, 'in_family')} | {_acc(x, 'off_family')} | {s1} | {vs} "
-                     f"| {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
+                     f"| {_acc(x, 'harmless')} | {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
     lines += ["", "Every full-budget arm recorded so far (the beta grid; seed 1 where run):", "",
-              "| arm | validation | in-family test [95 %] | off-family [95 %] | train min | arm wall min, reference computed |",
-              "|---|---|---|---|---|---|"]
+              "| arm | validation | in-family test [95 %] | off-family [95 %] | harmless-base [95 %] | train min "
+              "| arm wall min, reference computed |", "|---|---|---|---|---|---|---|"]
     for x in result["grid"]:
         lines.append(f"| {x['arm']} | {x['validation']:.3f} | {_acc(x, 'in_family')} | {_acc(x, 'off_family')} "
-                     f"| {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
+                     f"| {_acc(x, 'harmless')} | {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
     lines += ["", "## More pairs per minute (sigmoid, its validation-best beta, seed 0; ~162k packed tokens each)", "",
               "Validation is truncated as each arm trains; off-family and in-family test pairs are untruncated.", "",
               "| pairs | max length (prompt) | packed tokens | validation | in-family test [95 %] | off-family [95 %] "
@@ -379,6 +410,8 @@ def main(argv=None) -> int:
     for stage in stages:
         if a.report_only or (a.only and a.only != stage):
             continue
+        if stage == "full" and not a.list:
+            add_missing_tests(a)
         while True:  # the full stage's arms grow as the beta grids finish
             todo = {n: v for n, v in stages[stage](a).items()
                     if load_record(a, n) is None}

@@ -6,10 +6,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).parents[1]
 TINY = ["--eval-pairs", "8", "--set", "data.max_train_pairs=12", "data.validation_pairs=4", "train.batch_size=4",
         "train.max_length=64", "train.max_prompt_length=32"]
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_preference", ROOT / "scripts" / "bench_preference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def _bench(tmp_path, tiny_model_path, *args):
@@ -47,17 +57,22 @@ def test_arms_are_recorded_reported_and_never_run_twice(tmp_path, tiny_model_pat
     assert full["in_family_test"]["normalized_margin_accuracy"] == sum(full["in_family_per_pair"]["normalized"]) / 8
     # its base pass on those pairs was kept in the study's store, for the next arm to read
     assert full["in_family_test"]["reference_read_from_store"] is False
+    # and on harmless-base, reported apart
+    assert len(full["harmless_per_pair"]["normalized"]) == 8 and full["harmless_test"]["pairs"] == 8
+    # a record made before a test joined its stage gets it from the arm's adapter, the same marks
+    bench = _module()
+    stripped = {k: v for k, v in full.items() if not k.startswith("harmless")}
+    (tmp_path / "records" / "full-sigmoid-b0.05.json").write_text(json.dumps(stripped))
+    a = SimpleNamespace(runs=str(tmp_path / "runs"), records=str(tmp_path / "records"), eval_pairs=8)
+    assert bench.add_missing_tests(a) == 1 and bench.add_missing_tests(a) == 0
+    again = json.loads((tmp_path / "records" / "full-sigmoid-b0.05.json").read_text())
+    assert again["harmless_per_pair"] == full["harmless_per_pair"] and again["harmless_test"]["reference_read_from_store"]
 
 
 def test_the_budget_arms_wait_for_sigmoids_grid_and_take_its_validation_best_beta(tmp_path):
     """Item 3's shapes run sigmoid at the beta its full-budget grid chose on validation (and
     not before that grid has run), each with its own pair count and truncation."""
-    import importlib.util
-    from types import SimpleNamespace
-
-    spec = importlib.util.spec_from_file_location("bench_preference", ROOT / "scripts" / "bench_preference.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _module()
     a = SimpleNamespace(records=str(tmp_path))
     assert bench.budget_arms(a) == {}
     for beta, right in ((0.05, 100), (0.1, 120), (0.3, 110)):
