@@ -134,6 +134,13 @@ def validation_score(a, name: str, method: str) -> float | None:
     return sum(marks) / len(marks)
 
 
+def set_aside(folder: Path) -> Path:
+    """Move what a stopped arm or test left beside itself, time-stamped: kept, never deleted or reused."""
+    aside = folder.with_name(f"{folder.name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(aside)
+    return aside
+
+
 def run_arm(a, name: str, arm: dict) -> dict:
     from align.runs import machine_state
 
@@ -143,9 +150,8 @@ def run_arm(a, name: str, arm: dict) -> dict:
             *([f"train.max_length={arm['max_length']}", f"train.max_prompt_length={arm['max_prompt_length']}"]
               if "max_length" in arm else []), *a.set]
     folder = out / name
-    if folder.exists():  # an arm cut short earlier (no record): kept aside, never deleted, and run again
-        aside = folder.with_name(f"{name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
-        folder.rename(aside)
+    if folder.exists():  # an arm cut short earlier (no record): run again
+        aside = set_aside(folder)
         print(f"{folder} had no record (stopped mid-way): moved to {aside}; running the arm again", flush=True)
     print(f"== {name}: align {' '.join(args)}", flush=True)
     t0 = time.time()
@@ -188,8 +194,8 @@ def adapter_test(a, folder: Path, test: str) -> dict:
     """The arm's adapter scored on one of TESTS: its metrics and per-pair marks."""
     subset, rows = TESTS[test]
     out = folder / test.replace("_", "-")
-    if out.exists():  # a test cut short earlier (its record lacks it): kept aside, never deleted
-        out.rename(out.with_name(f"{out.name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if out.exists():  # a test cut short earlier (its record lacks it)
+        set_aside(out)
     args = ["eval", str(folder), "--data", "Anthropic/hh-rlhf", "--subsets", subset, "--rows", rows,
             "--pairs", str(a.eval_pairs), "--out", str(out), "--dtype", "float32",
             "--reference-cache", str(Path(a.runs) / "reference-store")]

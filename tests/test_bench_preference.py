@@ -83,3 +83,13 @@ def test_the_budget_arms_wait_for_sigmoids_grid_and_take_its_validation_best_bet
     arms = bench.budget_arms(a)
     assert {v["beta"] for v in arms.values()} == {0.1} and len(arms) == 4
     assert arms["budget-560-384"]["pairs"] == 560 and arms["budget-560-384"]["max_prompt_length"] == 192
+
+
+def test_what_a_stopped_arm_left_is_moved_aside_with_its_files_never_deleted(tmp_path):
+    bench = _module()
+    folder = tmp_path / "full-ipo-b0.1"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "weights").write_text("kept")
+    aside = bench.set_aside(folder)
+    assert not folder.exists() and aside.parent == tmp_path and aside.name.startswith("full-ipo-b0.1.stopped-")
+    assert (aside / "adapter" / "weights").read_text() == "kept"
