@@ -10,6 +10,7 @@ run again. One arm at a time, never two (timings compare only on an otherwise id
     python scripts/bench_preference.py                   # the screen, then the full budget; resumable
     python scripts/bench_preference.py --only screen --max-arms 2
     python scripts/bench_preference.py --report-only     # results/preference_generalisation.{json,md,png}
+    python scripts/bench_preference.py --finish-by 13:55 # start no arm that would end after 13:55
 
 The protocol, as the doc fixes it:
 
@@ -139,6 +140,28 @@ def set_aside(folder: Path) -> Path:
     aside = folder.with_name(f"{folder.name}.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.rename(aside)
     return aside
+
+
+def clock_time(text: str) -> tuple[int, int]:
+    """HH:MM as (hours, minutes); an argparse type, so a bad --finish-by is named at once."""
+    try:
+        hours, minutes = (int(x) for x in text.split(":"))
+        if 0 <= hours < 24 and 0 <= minutes < 60:
+            return hours, minutes
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--finish-by wants a local time as HH:MM (e.g. 13:55), not {text!r}")
+
+
+def time_for_another_arm(now: float, finish_by: str, arm_minutes: float) -> bool:
+    """Whether an arm started at ``now`` (epoch seconds) ends by ``finish_by`` (HH:MM, local time,
+    today). The study stops between arms, never inside one: a cut arm is lost work."""
+    if not finish_by:
+        return True
+    hours, minutes = clock_time(finish_by)
+    day = time.localtime(now)
+    deadline = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, hours, minutes, 0, 0, 0, -1))
+    return now + arm_minutes * 60 <= deadline
 
 
 def run_arm(a, name: str, arm: dict) -> dict:
@@ -406,15 +429,20 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["screen", "full", "budget"])
     ap.add_argument("--max-arms", type=int, default=0, help="stop after this many new arms (0 = all)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--finish-by", default="", metavar="HH:MM", type=lambda t: clock_time(t) and t,
+                    help="start no arm that would end after this local time today (then write the report)")
+    ap.add_argument("--arm-minutes", type=float, default=23.0,
+                    help="what one arm is expected to take, for --finish-by (a full-budget arm: ~17-22 min "
+                         "on a 2-core CPU, tests included)")
     ap.add_argument("--list", action="store_true", help="print the arms and whether each has a record")
     ap.add_argument("--model", default="", help="model.name for every arm (default: the config's)")
     ap.add_argument("--eval-pairs", type=int, default=500)
     ap.add_argument("--set", nargs="*", default=[], help="more key=value overrides for every arm (tests)")
     a = ap.parse_args(argv)
-    done = 0
+    done, out_of_time = 0, False
     stages = {"screen": screen_arms, "full": full_arms, "budget": budget_arms}
     for stage in stages:
-        if a.report_only or (a.only and a.only != stage):
+        if a.report_only or out_of_time or (a.only and a.only != stage):
             continue
         if stage == "full" and not a.list:
             add_missing_tests(a)
@@ -425,6 +453,11 @@ def main(argv=None) -> int:
                 print(stage, "to run:", ", ".join(todo) or "none")
                 break
             if not todo or (a.max_arms and done >= a.max_arms):
+                break
+            if not time_for_another_arm(time.time(), a.finish_by, a.arm_minutes):
+                print(f"stopping before {next(iter(todo))}: it would not end by {a.finish_by} "
+                      f"({a.arm_minutes:g} min an arm)", flush=True)
+                out_of_time = True
                 break
             name, arm = next(iter(todo.items()))
             run_arm(a, name, arm)

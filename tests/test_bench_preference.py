@@ -93,3 +93,27 @@ def test_what_a_stopped_arm_left_is_moved_aside_with_its_files_never_deleted(tmp
     aside = bench.set_aside(folder)
     assert not folder.exists() and aside.parent == tmp_path and aside.name.startswith("full-ipo-b0.1.stopped-")
     assert (aside / "adapter" / "weights").read_text() == "kept"
+
+
+def test_finish_by_starts_no_arm_that_would_end_after_it(tmp_path, capsys):
+    """The study stops between arms: an arm starts only if its expected minutes end by --finish-by."""
+    import time
+
+    bench = _module()
+    noon = time.mktime((2026, 12, 5, 12, 0, 0, 0, 0, -1))
+    assert bench.time_for_another_arm(noon, "", 23)
+    assert bench.time_for_another_arm(noon, "12:23", 23) and not bench.time_for_another_arm(noon, "12:22", 23)
+    assert not bench.time_for_another_arm(noon, "11:00", 23)
+    for bad in ("1355", "25:00", "13:60", "noon"):
+        try:
+            bench.clock_time(bad)
+        except bench.argparse.ArgumentTypeError as e:
+            assert "--finish-by" in str(e) and bad in str(e)
+        else:
+            raise AssertionError(bad)
+    # past the deadline: no arm runs, the report is still written from the records there are
+    assert bench.main(["--runs", str(tmp_path / "runs"), "--records", str(tmp_path / "records"),
+                       "--out", str(tmp_path / "out.json"), "--finish-by", "00:00"]) == 0
+    said = capsys.readouterr().out
+    assert "stopping before screen-sigmoid" in said and said.count("stopping before") == 1
+    assert not (tmp_path / "runs").exists() and (tmp_path / "out.json").is_file()
