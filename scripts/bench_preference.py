@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["screen", "full", "budget"])
     ap.add_argument("--max-arms", type=int, default=0, help="stop after this many new arms (0 = all)")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--finish-by", default="", metavar="HH:MM", type=lambda t: clock_time(t) and t,
+    ap.add_argument("--finish-by", default=None, metavar="HH:MM", type=lambda t: clock_time(t) and t,
                     help="start no arm that would end after this local time today (then write the report)")
     ap.add_argument("--arm-minutes", type=float, default=23.0,
                     help="what one arm is expected to take, for --finish-by (a full-budget arm: ~17-22 min "

@@ -117,3 +117,5 @@ def test_finish_by_starts_no_arm_that_would_end_after_it(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "stopping before screen-sigmoid" in said and said.count("stopping before") == 1
     assert not (tmp_path / "runs").exists() and (tmp_path / "out.json").is_file()
+    # and without it (argparse runs a string default through the type: None is not)
+    assert bench.main(["--records", str(tmp_path / "records"), "--out", str(tmp_path / "again.json"), "--report-only"]) == 0
