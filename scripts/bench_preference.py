@@ -164,6 +164,19 @@ def time_for_another_arm(now: float, finish_by: str, arm_minutes: float) -> bool
     return now + arm_minutes * 60 <= deadline
 
 
+def expected_minutes(a, arm: dict) -> float:
+    """What an arm should take: the slowest recorded arm of its method and stage (a KTO arm trains
+    on twice the rows of a paired one), never less than --arm-minutes. A record made before
+    ``arm_seconds`` was kept lacks its held-out tests' time: 4 min a test is added (what a 500-pair
+    untruncated test took on the 2-core Xeon, from the records' start and end times)."""
+    seen = []
+    for p in Path(a.records).glob("*.json"):
+        r = json.loads(p.read_text())
+        if r.get("method") == arm["method"] and r.get("stage") == arm["stage"]:
+            seen.append(r.get("arm_seconds") or r["wall_seconds"] + 240 * len(TESTS_OF_STAGE[arm["stage"]]))
+    return max([a.arm_minutes, *(s / 60 for s in seen)])
+
+
 def run_arm(a, name: str, arm: dict) -> dict:
     from align.runs import machine_state
 
@@ -198,6 +211,7 @@ def run_arm(a, name: str, arm: dict) -> dict:
               "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),
               "reference_read_from_store": read, "truncation": summary.get("truncation"),
               "recorded": time.strftime("%Y-%m-%d %H:%M")}
+    record["arm_seconds"] = round(time.time() - t0, 1)  # the run and its held-out tests
     for t, got in tests.items():
         record.update({f"{t}_test": got["metrics"], f"{t}_per_pair": got["per_pair"]})
     record_path(a, name).parent.mkdir(parents=True, exist_ok=True)
@@ -432,8 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--finish-by", default=None, metavar="HH:MM", type=lambda t: clock_time(t) and t,
                     help="start no arm that would end after this local time today (then write the report)")
     ap.add_argument("--arm-minutes", type=float, default=23.0,
-                    help="what one arm is expected to take, for --finish-by (a full-budget arm: ~17-22 min "
-                         "on a 2-core CPU, tests included)")
+                    help="the least one arm is expected to take, for --finish-by; the slowest recorded arm of "
+                         "the same method and stage counts where longer (a full-budget arm: ~17-22 min on a "
+                         "2-core CPU, KTO ~37, tests included)")
     ap.add_argument("--list", action="store_true", help="print the arms and whether each has a record")
     ap.add_argument("--model", default="", help="model.name for every arm (default: the config's)")
     ap.add_argument("--eval-pairs", type=int, default=500)
@@ -454,12 +469,13 @@ def main(argv=None) -> int:
                 break
             if not todo or (a.max_arms and done >= a.max_arms):
                 break
-            if not time_for_another_arm(time.time(), a.finish_by, a.arm_minutes):
-                print(f"stopping before {next(iter(todo))}: it would not end by {a.finish_by} "
-                      f"({a.arm_minutes:g} min an arm)", flush=True)
+            name, arm = next(iter(todo.items()))
+            minutes = expected_minutes(a, arm)
+            if not time_for_another_arm(time.time(), a.finish_by, minutes):
+                print(f"stopping before {name}: it would not end by {a.finish_by} ({minutes:.0f} min expected)",
+                      flush=True)
                 out_of_time = True
                 break
-            name, arm = next(iter(todo.items()))
             run_arm(a, name, arm)
             done += 1
     if not a.list:

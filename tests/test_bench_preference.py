@@ -119,3 +119,16 @@ def test_finish_by_starts_no_arm_that_would_end_after_it(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and (tmp_path / "out.json").is_file()
     # and without it (argparse runs a string default through the type: None is not)
     assert bench.main(["--records", str(tmp_path / "records"), "--out", str(tmp_path / "again.json"), "--report-only"]) == 0
+
+
+def test_an_arms_expected_minutes_come_from_its_methods_slowest_record(tmp_path):
+    bench = _module()
+    a = SimpleNamespace(records=str(tmp_path), arm_minutes=23.0)
+    kto = {"stage": "full", "method": "kto"}
+    assert bench.expected_minutes(a, kto) == 23.0  # nothing recorded: the floor
+    (tmp_path / "full-kto-b0.05.json").write_text(json.dumps({**kto, "wall_seconds": 1937}))  # no arm_seconds: + 2 tests
+    assert bench.expected_minutes(a, kto) == (1937 + 2 * 240) / 60
+    (tmp_path / "full-kto-b0.1.json").write_text(json.dumps({**kto, "wall_seconds": 1900, "arm_seconds": 2500}))
+    assert bench.expected_minutes(a, kto) == 2500 / 60
+    assert bench.expected_minutes(a, {"stage": "full", "method": "sigmoid"}) == 23.0  # another method's arms do not count
+    assert bench.expected_minutes(a, {"stage": "screen", "method": "kto"}) == 23.0  # nor another stage's
