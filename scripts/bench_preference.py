@@ -210,8 +210,8 @@ def run_arm(a, name: str, arm: dict) -> dict:
               "validation_per_pair": json.loads((folder / "validation_per_pair.json").read_text()),
               "eval_per_pair": json.loads((folder / "eval_per_pair.json").read_text()),
               "reference_read_from_store": read, "truncation": summary.get("truncation"),
+              "arm_seconds": round(time.time() - t0, 1),  # the run and its held-out tests
               "recorded": time.strftime("%Y-%m-%d %H:%M")}
-    record["arm_seconds"] = round(time.time() - t0, 1)  # the run and its held-out tests
     for t, got in tests.items():
         record.update({f"{t}_test": got["metrics"], f"{t}_per_pair": got["per_pair"]})
     record_path(a, name).parent.mkdir(parents=True, exist_ok=True)
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arm-minutes", type=float, default=23.0,
                     help="the least one arm is expected to take, for --finish-by; the slowest recorded arm of "
                          "the same method and stage counts where longer (a full-budget arm: ~17-22 min on a "
-                         "2-core CPU, KTO ~37, tests included)")
+                         "2-core CPU, KTO ~40, tests included)")
     ap.add_argument("--list", action="store_true", help="print the arms and whether each has a record")
     ap.add_argument("--model", default="", help="model.name for every arm (default: the config's)")
     ap.add_argument("--eval-pairs", type=int, default=500)
