@@ -78,12 +78,14 @@ def screen_arms(a) -> dict[str, dict]:
 
 def full_arms(a) -> dict[str, dict]:
     """Every method of the full set at every beta; then, once a method's grid has run, its
-    validation-best beta with seed 1 for the three best methods."""
+    validation-best beta with seed 1 for sigmoid (first: every comparison of the rule pools its
+    two seeds, so a study stopped part-way still decides for the methods whose seed 1 ran) and
+    the three best methods by validation."""
     arms = {f"full-{m}-b{b}": {"stage": "full", "method": m, "beta": b, "seed": 0, "pairs": FULL_PAIRS}
             for m in FULL_SET for b in BETAS}
     best = best_per_method(a, arms)
     ranked = sorted(best, key=lambda m: best[m][1], reverse=True)
-    for m in ranked[:3] + (["sigmoid"] if "sigmoid" in best else []):
+    for m in (["sigmoid"] if "sigmoid" in best else []) + [m for m in ranked[:3] if m != "sigmoid"]:
         b = arms[best[m][0]]["beta"]
         arms[f"full-{m}-b{b}-seed1"] = {"stage": "full", "method": m, "beta": b, "seed": 1, "pairs": FULL_PAIRS}
     return arms

@@ -132,3 +132,17 @@ def test_an_arms_expected_minutes_come_from_its_methods_slowest_record(tmp_path)
     assert bench.expected_minutes(a, kto) == 2500 / 60
     assert bench.expected_minutes(a, {"stage": "full", "method": "sigmoid"}) == 23.0  # another method's arms do not count
     assert bench.expected_minutes(a, {"stage": "screen", "method": "kto"}) == 23.0  # nor another stage's
+
+
+def test_sigmoids_second_seed_comes_first_then_the_three_best_by_validation(tmp_path):
+    """Every comparison of the rule pools sigmoid's two seeds: its seed 1 is queued before the
+    others, so a study stopped part-way can still decide for the methods whose seed 1 ran."""
+    bench = _module()
+    a = SimpleNamespace(records=str(tmp_path))
+    right = {"sigmoid": 100, "ipo": 130, "robust": 105, "apo_zero": 110, "simpo": 125, "orpo": 90, "kto": 120}
+    for m, r in right.items():
+        for beta in bench.BETAS:
+            marks = [1.0] * (r + (beta == 0.1)) + [0.0] * (200 - r - (beta == 0.1))
+            (tmp_path / f"full-{m}-b{beta}.json").write_text(json.dumps({"validation_per_pair": {bench.decision_key(m): marks}}))
+    seed1 = [n for n, v in bench.full_arms(a).items() if v["seed"] == 1]
+    assert seed1 == ["full-sigmoid-b0.1-seed1", "full-ipo-b0.1-seed1", "full-simpo-b0.1-seed1", "full-kto-b0.1-seed1"]
