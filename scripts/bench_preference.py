@@ -98,6 +98,10 @@ def full_arms(a) -> dict[str, dict]:
 BUDGET = ((1205, 96, 48), (760, 192, 96), (660, 256, 128), (560, 384, 192))
 
 
+# Issue 43's target for the new default: off-family (helpful-base) accuracy, mean of two seeds.
+TARGET = 0.65
+
+
 def budget_arms(a) -> dict[str, dict]:
     """Sigmoid DPO at its validation-best beta (once its grid has run) with each BUDGET shape."""
     best = best_per_method(a, {n: v for n, v in full_arms(a).items() if v["method"] == "sigmoid"})
@@ -315,6 +319,8 @@ def report(a) -> dict:
         x = row(n, arms[n])
         seed1 = f"{n}-seed1"
         x["seed1"] = row(seed1, {**arms[n], "seed": 1}) if seed1 in arms else None
+        offs = [x["off_family"]] + ([x["seed1"]["off_family"]] if x["seed1"] else [])
+        x["off_family_mean"], x["seeds"] = sum(offs) / len(offs), len(offs)
         full.append(x)
     sig = best.get("sigmoid")
     base = {0: load_record(a, sig[0]), 1: load_record(a, f"{sig[0]}-seed1")} if sig else {}
@@ -322,7 +328,7 @@ def report(a) -> dict:
         if x["method"] == "sigmoid" or not base.get(0):
             continue
         pooled_a, pooled_b, seeds = [], [], 0
-        for seed, name in ((0, x["arm"]), (1, f"{x['arm']}-seed1")):
+        for seed, name in ((0, x["arm"]), *(((1, x["seed1"]["arm"]),) if x["seed1"] else ())):
             mine, theirs = load_record(a, name), base.get(seed)
             if mine and theirs:  # the same pairs, the same seed: sigmoid's marks against this method's
                 pooled_a += theirs["eval_per_pair"]["normalized"]
@@ -345,12 +351,19 @@ def report(a) -> dict:
                         "excludes 0 (the highest such mean wins)",
                 "decided": everything,
                 "new_default": max(winners, key=lambda x: x["vs_sigmoid"]["difference"])["method"]
-                if everything and winners else None}
+                if everything and winners else None,
+                # the rule applied to the methods whose two seeds have run (and sigmoid's): not yet the
+                # decision while other arms wait, but what it says so far
+                "two_seeds_so_far": [{"method": x["method"], "off_family_mean": x["off_family_mean"],
+                                      "vs_sigmoid": x["vs_sigmoid"], "passes_rule": any(x is w for w in winners)} for x in two_seeds],
+                "target": TARGET,
+                "target_reached_two_seeds": [x["method"] for x in full if x["seeds"] == 2 and x["off_family_mean"] >= TARGET]}
     result = {"command": "python scripts/bench_preference.py", "protocol": "docs/preference-generalisation.md",
               "screen": screen, "screen_arms": len(screen_arms(a)), "full": full, "grid": grid, "budget": budget,
               "full_arms_recorded":
               sum(load_record(a, n) is not None for n in arms), "full_arms": len(arms), "decision": decision}
     path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, path.with_suffix(".md"))
     plot(result, path.with_suffix(".png"))
@@ -385,13 +398,16 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"| {x['train_minutes']} | {x['wall_minutes']} | {x['wall_minutes_computing_reference']} | {x['cpu']} |")
     lines += ["", "## Full budget (1,000 pairs, validation-best beta)", "",
               "Harmless-base (a different objective: which answer is less harmful) is reported apart and never decides.", "",
-              "| method | beta | in-family test seed 0 [95 %] | off-family seed 0 [95 %] | seed 1 | vs sigmoid (paired, pooled seeds) "
-              "| harmless-base seed 0 [95 %] | train min | arm wall min, reference computed |", "|---|---|---|---|---|---|---|---|---|"]
+              "Ties on validation go to the first beta of the grid (the smallest).", "",
+              "| method | beta | in-family test seed 0 [95 %] | off-family seed 0 [95 %] | seed 1 | mean (seeds) "
+              "| vs sigmoid (paired, pooled seeds) | harmless-base seed 0 [95 %] | train min | arm wall min, reference computed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["full"]:
         s1 = f"{x['seed1']['off_family']:.3f}" if x.get("seed1") else "-"
         vs = x.get("vs_sigmoid")
         vs = f"{_diff(vs)} ({vs['seeds']} seed(s))" if vs else "-"
-        lines.append(f"| {x['method']} | {x['beta']} | {_acc(x, 'in_family')} | {_acc(x, 'off_family')} | {s1} | {vs} "
+        lines.append(f"| {x['method']} | {x['beta']} | {_acc(x, 'in_family')} | {_acc(x, 'off_family')} | {s1} "
+                     f"| {x['off_family_mean']:.3f} ({x['seeds']}) | {vs} "
                      f"| {_acc(x, 'harmless')} | {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
     lines += ["", "Every full-budget arm recorded so far (the beta grid; seed 1 where run):", "",
               "| arm | validation | in-family test [95 %] | off-family [95 %] | harmless-base [95 %] | train min "
@@ -410,6 +426,12 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"| {x['wall_minutes_computing_reference']} |")
     d = result["decision"]
     lines += ["", f"Rule: {d['rule']}. Decided: {d['decided']}; new default: {d['new_default'] or 'none (sigmoid stays)'}."]
+    if d["two_seeds_so_far"]:
+        lines += ["", "So far, the methods whose two seeds have run (against sigmoid's two): " + "; ".join(
+            f"{t['method']} {t['off_family_mean']:.3f}, {_diff(t['vs_sigmoid'])}, "
+            f"{'passes' if t['passes_rule'] else 'does not pass'}" for t in d["two_seeds_so_far"]) + "."]
+    reached = ", ".join(d["target_reached_two_seeds"]) or "none so far"
+    lines += ["", f"Target (issue 43): off-family >= {d['target']}, mean of two seeds -- reached by: {reached}."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -420,7 +442,7 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["screen"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, (ax, ax_full) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     if rows:
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["validation"] for r in rows], 0.4, label="validation (in family)")
@@ -432,6 +454,21 @@ def plot(result: dict, png: Path) -> None:
         ax.legend(fontsize=7)
     ax.set_ylabel("decision metric (normalised margin acc.)")
     ax.set_title(f"screen: {len(rows)} of {result['screen_arms']} arms")
+    full = result["full"]  # in family (test, seed 0) against off family (seed 0 with its interval; seed 1 as a dot)
+    if full:
+        xs = range(len(full))
+        ax_full.bar([x - 0.2 for x in xs], [r.get("in_family", float("nan")) for r in full], 0.4, label="in-family test")
+        ax_full.bar([x + 0.2 for x in xs], [r["off_family"] for r in full], 0.4, label="helpful-base (off family)",
+                    yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in full],
+                          [r["off_family_ci95"][1] - r["off_family"] for r in full]])
+        seed1 = [(x, r["seed1"]["off_family"]) for x, r in zip(xs, full) if r.get("seed1")]
+        if seed1:
+            ax_full.plot([x + 0.2 for x, _ in seed1], [v for _, v in seed1], "k.", label="off family, seed 1")
+        ax_full.axhline(TARGET, color="red", lw=0.6, ls="--", label=f"target {TARGET}")
+        ax_full.set_xticks(list(xs), [f"{r['method']} b{r['beta']}" for r in full], rotation=45, fontsize=7)
+        ax_full.set_ylim(0.3, 0.82)
+        ax_full.legend(fontsize=6, ncol=2, loc="upper left")
+    ax_full.set_title(f"full budget (1,000 pairs): {result['full_arms_recorded']} of {result['full_arms']} arms")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

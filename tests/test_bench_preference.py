@@ -146,3 +146,36 @@ def test_sigmoids_second_seed_comes_first_then_the_three_best_by_validation(tmp_
             (tmp_path / f"full-{m}-b{beta}.json").write_text(json.dumps({"validation_per_pair": {bench.decision_key(m): marks}}))
     seed1 = [n for n, v in bench.full_arms(a).items() if v["seed"] == 1]
     assert seed1 == ["full-sigmoid-b0.1-seed1", "full-ipo-b0.1-seed1", "full-simpo-b0.1-seed1", "full-kto-b0.1-seed1"]
+
+
+def test_the_report_applies_the_rule_to_the_methods_whose_two_seeds_have_run(tmp_path):
+    """Before every arm has run the rule is not decided, but the report says what it gives for the
+    methods with both seeds beside sigmoid's, and which reach the 0.65 target (mean of two seeds)."""
+    bench = _module()
+    a = SimpleNamespace(records=str(tmp_path / "records"), out=str(tmp_path / "out" / "report.json"))
+    (tmp_path / "records").mkdir()
+    off = {"sigmoid": 310, "ipo": 350, "simpo": 320, "kto": 315}  # right of 500 off-family pairs, both seeds
+
+    def record(name, method, right_val, right_off):
+        key = bench.decision_key(method)
+        marks = lambda right, n: [1.0] * right + [0.0] * (n - right)  # noqa: E731 -- pair i right in both arms if i < right
+        (tmp_path / "records" / f"{name}.json").write_text(json.dumps({
+            "method": method, "stage": "full", "validation_per_pair": {key: marks(right_val, 200)},
+            "eval_per_pair": {key: marks(right_off, 500)}, "eval": {}, "train_seconds": 600, "wall_seconds": 1200,
+            "machine": {"cpu": "test"}}))
+
+    for i, m in enumerate(bench.FULL_SET):  # the three best by validation: ipo, simpo, kto
+        for beta in bench.BETAS:
+            record(f"full-{m}-b{beta}", m, {"ipo": 150, "simpo": 140, "kto": 130}.get(m, 100 + i) + (beta == 0.1),
+                   off.get(m, 300))
+    for m in ("sigmoid", "ipo"):
+        record(f"full-{m}-b0.1-seed1", m, 100, off[m])
+    result = bench.report(a)
+    d = result["decision"]
+    assert not d["decided"] and d["new_default"] is None  # other seed-1 arms still wait
+    (ipo,) = d["two_seeds_so_far"]
+    assert ipo["method"] == "ipo" and ipo["passes_rule"] and abs(ipo["off_family_mean"] - 0.70) < 1e-9
+    assert abs(ipo["vs_sigmoid"]["difference"] - 0.08) < 1e-9 and ipo["vs_sigmoid"]["ci95"][0] > 0
+    assert d["target_reached_two_seeds"] == ["ipo"]  # sigmoid's 0.62 does not, and one seed never counts
+    md = Path(a.out).with_suffix(".md").read_text()
+    assert "ipo 0.700, +0.080" in md and "passes" in md and "reached by: ipo" in md
