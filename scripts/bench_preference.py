@@ -28,6 +28,9 @@ The protocol, as the doc fixes it:
   three best; differences against sigmoid at the same seed paired on the same pairs (95 %).
 - The rule: a method replaces sigmoid as the default only if its off-family mean of two seeds
   beats sigmoid's and the paired interval excludes 0.
+- Item 3 (more pairs per minute): sigmoid at its validation-best beta with each BUDGET shape
+  (~162k packed tokens), seed 0; a shape that leads today's seed 0 off family gets seed 1 and
+  the same rule, pooled against sigmoid's two seeds.
 """
 from __future__ import annotations
 
@@ -103,13 +106,27 @@ TARGET = 0.65
 
 
 def budget_arms(a) -> dict[str, dict]:
-    """Sigmoid DPO at its validation-best beta (once its grid has run) with each BUDGET shape."""
+    """Sigmoid DPO at its validation-best beta (once its grid has run) with each BUDGET shape; a
+    shape whose seed 0 leads today's (1,000 pairs at 128/64, seed 0) off family gets seed 1, so the
+    rule can pool two seeds against sigmoid's two, as the protocol says ("two seeds where one leads")."""
     best = best_per_method(a, {n: v for n, v in full_arms(a).items() if v["method"] == "sigmoid"})
     if "sigmoid" not in best:
         return {}
     beta = float(best["sigmoid"][0].split("-b")[1])
-    return {f"budget-{n}-{L}": {"stage": "budget", "method": "sigmoid", "beta": beta, "seed": 0, "pairs": n,
+    arms = {f"budget-{n}-{L}": {"stage": "budget", "method": "sigmoid", "beta": beta, "seed": 0, "pairs": n,
                                 "max_length": L, "max_prompt_length": P} for n, L, P in BUDGET}
+    today = load_record(a, best["sigmoid"][0])
+    for name, arm in list(arms.items()):
+        shape = load_record(a, name)
+        if today and shape and off_family(shape, "sigmoid") > off_family(today, "sigmoid"):
+            arms[f"{name}-seed1"] = {**arm, "seed": 1}
+    return arms
+
+
+def off_family(record: dict, method: str) -> float:
+    """An arm's off-family decision metric (mean of its per-pair marks)."""
+    marks = record["eval_per_pair"][decision_key(method)]
+    return sum(marks) / len(marks)
 
 
 def best_per_method(a, arms) -> dict[str, tuple[str, float]]:
@@ -336,17 +353,30 @@ def report(a) -> dict:
                 seeds += 1
         x["vs_sigmoid"] = {**paired_difference(pooled_a, pooled_b), "seeds": seeds}
     grid = [x for n, arm in arms.items() if (x := row(n, arm))]  # every full-budget arm with a record
-    budget = []
-    for n, arm in budget_arms(a).items():  # item 3, against sigmoid's 1,000 pairs at 128/64, same beta and seed
+    budget, shapes = [], {}
+    b_arms = budget_arms(a)
+    for n, arm in b_arms.items():  # item 3, against sigmoid's 1,000 pairs at 128/64, same beta and seed
         x = row(n, arm)
-        if x:
+        if x and base.get(arm["seed"]):
             r = load_record(a, n)
+            today = base[arm["seed"]]["eval_per_pair"]["normalized"]
             x.update(pairs=arm["pairs"], max_length=arm["max_length"], packed_tokens=r["truncation"]["packed_tokens"],
-                     vs_today=paired_difference(base[0]["eval_per_pair"]["normalized"], r["eval_per_pair"]["normalized"]))
+                     vs_today=paired_difference(today, r["eval_per_pair"]["normalized"]))
             budget.append(x)
+            s = shapes.setdefault((arm["pairs"], arm["max_length"]), {"today": [], "shape": [], "offs": []})
+            s["today"] += today
+            s["shape"] += r["eval_per_pair"]["normalized"]
+            s["offs"].append(x["off_family"])
+    budget_rule = []
+    for (pairs, length), s in shapes.items():  # the same rule: two seeds pooled against today's two
+        vs = {**paired_difference(s["today"], s["shape"]), "seeds": len(s["offs"])}
+        budget_rule.append({"pairs": pairs, "max_length": length, "off_family_mean": sum(s["offs"]) / len(s["offs"]),
+                            "vs_today": vs, "passes_rule": vs["seeds"] == 2 and vs["difference"] > 0 and vs["ci95"][0] > 0})
     two_seeds = [x for x in full if x.get("vs_sigmoid", {}).get("seeds") == 2]
     winners = [x for x in two_seeds if x["vs_sigmoid"]["difference"] > 0 and x["vs_sigmoid"]["ci95"][0] > 0]
     everything = len(best) == len(FULL_SET) and all(load_record(a, n) is not None for n in arms)
+    shapes_done = bool(b_arms) and all(load_record(a, n) is not None for n in b_arms)
+    passing = [s for s in budget_rule if s["passes_rule"]]
     decision = {"rule": "replace sigmoid if the off-family mean of two seeds beats it and the paired 95 % interval "
                         "excludes 0 (the highest such mean wins)",
                 "decided": everything,
@@ -356,6 +386,11 @@ def report(a) -> dict:
                 # decision while other arms wait, but what it says so far
                 "two_seeds_so_far": [{"method": x["method"], "off_family_mean": x["off_family_mean"],
                                       "vs_sigmoid": x["vs_sigmoid"], "passes_rule": any(x is w for w in winners)} for x in two_seeds],
+                # item 3: a shape replaces today's 1,000 pairs at 128/64 by the same rule (seed 1 runs
+                # only where seed 0 leads; a shape with one seed has not led and does not pass)
+                "budget_decided": shapes_done,
+                "budget_rule": budget_rule,
+                "new_shape": max(passing, key=lambda s: s["vs_today"]["difference"]) if shapes_done and passing else None,
                 "target": TARGET,
                 "target_reached_two_seeds": [x["method"] for x in full if x["seeds"] == 2 and x["off_family_mean"] >= TARGET]}
     result = {"command": "python scripts/bench_preference.py", "protocol": "docs/preference-generalisation.md",
@@ -415,16 +450,25 @@ def write_markdown(result: dict, path: Path) -> None:
     for x in result["grid"]:
         lines.append(f"| {x['arm']} | {x['validation']:.3f} | {_acc(x, 'in_family')} | {_acc(x, 'off_family')} "
                      f"| {_acc(x, 'harmless')} | {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
-    lines += ["", "## More pairs per minute (sigmoid, its validation-best beta, seed 0; ~162k packed tokens each)", "",
-              "Validation is truncated as each arm trains; off-family and in-family test pairs are untruncated.", "",
-              "| pairs | max length (prompt) | packed tokens | validation | in-family test [95 %] | off-family [95 %] "
+    lines += ["", "## More pairs per minute (sigmoid, its validation-best beta; ~162k packed tokens each)", "",
+              "Validation is truncated as each arm trains; off-family and in-family test pairs are untruncated. "
+              "Each shape is compared with sigmoid's 1,000 pairs at 128/64 of the same seed; seed 1 runs only for a "
+              "shape whose seed 0 leads.", "",
+              "| pairs | max length (prompt) | seed | packed tokens | validation | in-family test [95 %] | off-family [95 %] "
               "| vs 1,000 at 128/64 (paired) | train min | arm wall min, reference computed |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["budget"]:
-        lines.append(f"| {x['pairs']} | {x['max_length']} ({x['max_length'] // 2}) | {x['packed_tokens']:,} | {x['validation']:.3f} "
-                     f"| {_acc(x, 'in_family')} | {_acc(x, 'off_family')} | {_diff(x['vs_today'])} | {x['train_minutes']} "
-                     f"| {x['wall_minutes_computing_reference']} |")
+        lines.append(f"| {x['pairs']} | {x['max_length']} ({x['max_length'] // 2}) | {x['seed']} | {x['packed_tokens']:,} "
+                     f"| {x['validation']:.3f} | {_acc(x, 'in_family')} | {_acc(x, 'off_family')} | {_diff(x['vs_today'])} "
+                     f"| {x['train_minutes']} | {x['wall_minutes_computing_reference']} |")
     d = result["decision"]
+    if d["budget_rule"]:
+        lines += ["", f"Item 3 by the same rule (decided: {d['budget_decided']}; new shape: "
+                  + (f"{d['new_shape']['pairs']} pairs at {d['new_shape']['max_length']}" if d["new_shape"]
+                     else "none (1,000 pairs at 128/64 stay)") + "): " + "; ".join(
+                      f"{s['pairs']} at {s['max_length']} {s['off_family_mean']:.3f} ({s['vs_today']['seeds']} seed(s)), "
+                      f"{_diff(s['vs_today'])}, {'passes' if s['passes_rule'] else 'does not pass'}"
+                      for s in d["budget_rule"]) + "."]
     lines += ["", f"Rule: {d['rule']}. Decided: {d['decided']}; new default: {d['new_default'] or 'none (sigmoid stays)'}."]
     if d["two_seeds_so_far"]:
         lines += ["", "So far, the methods whose two seeds have run (against sigmoid's two): " + "; ".join(
@@ -442,7 +486,7 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["screen"]
-    fig, (ax, ax_full) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax_full, ax_shape) = plt.subplots(1, 3, figsize=(16, 3.8), gridspec_kw={"width_ratios": [3, 2, 1.4]})
     if rows:
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["validation"] for r in rows], 0.4, label="validation (in family)")
@@ -469,6 +513,20 @@ def plot(result: dict, png: Path) -> None:
         ax_full.set_ylim(0.3, 0.82)
         ax_full.legend(fontsize=6, ncol=2, loc="upper left")
     ax_full.set_title(f"full budget (1,000 pairs): {result['full_arms_recorded']} of {result['full_arms']} arms")
+    shapes = [r for r in result["budget"] if r["seed"] == 0]  # item 3: seed 0 of each shape, today's as a line
+    if shapes:
+        xs = range(len(shapes))
+        ax_shape.bar([x - 0.2 for x in xs], [r.get("in_family", float("nan")) for r in shapes], 0.4, label="in-family test")
+        ax_shape.bar([x + 0.2 for x in xs], [r["off_family"] for r in shapes], 0.4, label="off family",
+                     yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in shapes],
+                           [r["off_family_ci95"][1] - r["off_family"] for r in shapes]])
+        today = next((r for r in full if r["method"] == "sigmoid"), None)
+        if today:
+            ax_shape.axhline(today["off_family"], color="k", lw=0.6, ls=":", label="1,000 at 128, off family")
+        ax_shape.set_xticks(list(xs), [f"{r['pairs']} at {r['max_length']}" for r in shapes], rotation=45, fontsize=7)
+        ax_shape.set_ylim(0.3, 0.82)
+        ax_shape.legend(fontsize=6, loc="upper left")
+    ax_shape.set_title(f"sigmoid, ~162k tokens: {len(shapes)} of {len(BUDGET)} shapes")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -179,3 +179,39 @@ def test_the_report_applies_the_rule_to_the_methods_whose_two_seeds_have_run(tmp
     assert d["target_reached_two_seeds"] == ["ipo"]  # sigmoid's 0.62 does not, and one seed never counts
     md = Path(a.out).with_suffix(".md").read_text()
     assert "ipo 0.700, +0.080" in md and "passes" in md and "reached by: ipo" in md
+
+
+def test_a_shape_that_leads_gets_its_second_seed_and_the_rule_decides_item_3(tmp_path):
+    """Item 3 follows the protocol: a budget shape whose seed 0 beats today's 1,000 pairs at
+    128/64 (seed 0) off family is queued with seed 1; the rule pools both seeds against sigmoid's
+    two and decides once every queued shape has run. A shape that does not lead gets no seed 1."""
+    bench = _module()
+    a = SimpleNamespace(records=str(tmp_path / "records"), out=str(tmp_path / "out" / "report.json"))
+    (tmp_path / "records").mkdir()
+
+    def record(name, right_off, right_val=100):
+        marks = lambda right, n: [1.0] * right + [0.0] * (n - right)  # noqa: E731
+        (tmp_path / "records" / f"{name}.json").write_text(json.dumps({
+            "method": "sigmoid", "stage": "budget" if name.startswith("budget") else "full",
+            "validation_per_pair": {"normalized": marks(right_val, 200)}, "eval_per_pair": {"normalized": marks(right_off, 500)},
+            "eval": {}, "train_seconds": 600, "wall_seconds": 1200, "machine": {"cpu": "test"},
+            "truncation": {"packed_tokens": 160000}}))
+
+    for beta in bench.BETAS:
+        record(f"full-sigmoid-b{beta}", 300, 100 + (beta == 0.1))
+    record("full-sigmoid-b0.1-seed1", 300)
+    record("budget-1205-96", 340)  # leads today's 300
+    record("budget-760-192", 290)
+    arms = bench.budget_arms(a)
+    assert "budget-1205-96-seed1" in arms and arms["budget-1205-96-seed1"]["seed"] == 1
+    assert arms["budget-1205-96-seed1"]["pairs"] == 1205 and "budget-760-192-seed1" not in arms
+    record("budget-660-256", 300)  # a tie does not lead
+    record("budget-560-384", 200)
+    assert not bench.report(a)["decision"]["budget_decided"]  # the leader's seed 1 still waits
+    record("budget-1205-96-seed1", 340)
+    d = bench.report(a)["decision"]
+    assert d["budget_decided"] and d["new_shape"]["pairs"] == 1205
+    (lead,) = [s for s in d["budget_rule"] if s["passes_rule"]]
+    assert lead["vs_today"]["seeds"] == 2 and abs(lead["vs_today"]["difference"] - 0.08) < 1e-9
+    md = Path(a.out).with_suffix(".md").read_text()
+    assert "new shape: 1205 pairs at 96" in md and "760 at 192 0.580 (1 seed(s))" in md
