@@ -395,6 +395,7 @@ def report(a) -> dict:
                 "target_reached_two_seeds": [x["method"] for x in full if x["seeds"] == 2 and x["off_family_mean"] >= TARGET]}
     result = {"command": "python scripts/bench_preference.py", "protocol": "docs/preference-generalisation.md",
               "screen": screen, "screen_arms": len(screen_arms(a)), "full": full, "grid": grid, "budget": budget,
+              "limits": limits(full, grid, winners),
               "full_arms_recorded":
               sum(load_record(a, n) is not None for n in arms), "full_arms": len(arms), "decision": decision}
     path = Path(a.out)
@@ -403,6 +404,52 @@ def report(a) -> dict:
     write_markdown(result, path.with_suffix(".md"))
     plot(result, path.with_suffix(".png"))
     return result
+
+
+def limits(full: list[dict], grid: list[dict], winners: list[dict]) -> dict:
+    """What the grid says limits the study, from its own records: how many paired pair-marks the
+    interval would need before a leading method's difference excluded 0 (half-width ~ 1/sqrt(n), at
+    the measured difference and spread), whether validation picked each method's off-family-best
+    beta, and how well validation and the in-family test rank the arms as off family does."""
+    needed = {}
+    for x in full:
+        vs = x.get("vs_sigmoid")
+        if vs and vs["seeds"] == 2 and vs["difference"] > 0 and not any(x is w for w in winners):
+            half = (vs["ci95"][1] - vs["ci95"][0]) / 2
+            needed[x["method"]] = {"difference": vs["difference"], "pair_marks": vs["n"],
+                                   "pair_marks_needed": round(vs["n"] * (half / vs["difference"]) ** 2)}
+    seed0 = [x for x in grid if x["seed"] == 0]
+    picked = {}
+    for x in full:  # ties on off family count as the best
+        offs = [y["off_family"] for y in seed0 if y["method"] == x["method"]]
+        picked[x["method"]] = {"beta": x["beta"], "off_family": x["off_family"], "grid_off_family_max": max(offs),
+                               "grid_off_family_min": min(offs), "is_off_family_best": x["off_family"] >= max(offs)}
+    both = [x for x in seed0 if "in_family" in x]
+    return {"more_pairs_needed": needed, "validation_picked_beta": picked,
+            "spearman_validation_vs_off_family": spearman([x["validation"] for x in seed0], [x["off_family"] for x in seed0]),
+            "spearman_in_family_test_vs_off_family": spearman([x["in_family"] for x in both], [x["off_family"] for x in both]),
+            "arms": len(seed0)}
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Rank correlation (ties take their mean rank); None under three items or with no spread."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r, i = [0.0] * len(v), 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    if len(a) < 3:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    sa, sb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return sum((x - ma) * (y - mb) for x, y in zip(ra, rb)) / (sa * sb) ** 0.5 if sa and sb else None
 
 
 def _acc(x: dict, key: str) -> str:
@@ -471,11 +518,27 @@ def write_markdown(result: dict, path: Path) -> None:
                       for s in d["budget_rule"]) + "."]
     lines += ["", f"Rule: {d['rule']}. Decided: {d['decided']}; new default: {d['new_default'] or 'none (sigmoid stays)'}."]
     if d["two_seeds_so_far"]:
-        lines += ["", "So far, the methods whose two seeds have run (against sigmoid's two): " + "; ".join(
+        lines += ["", ("The rule on" if d["decided"] else "So far,") + " the methods whose two seeds have run (against sigmoid's two): " + "; ".join(
             f"{t['method']} {t['off_family_mean']:.3f}, {_diff(t['vs_sigmoid'])}, "
             f"{'passes' if t['passes_rule'] else 'does not pass'}" for t in d["two_seeds_so_far"]) + "."]
     reached = ", ".join(d["target_reached_two_seeds"]) or "none so far"
     lines += ["", f"Target (issue 43): off-family >= {d['target']}, mean of two seeds -- reached by: {reached}."]
+    lim = result["limits"]
+    lines += ["", "## What limits it (computed from the records)", ""]
+    for m, v in lim["more_pairs_needed"].items():
+        lines.append(f"- {m}: {v['difference']:+.3f} against sigmoid on {v['pair_marks']:,} paired pair-marks; at this "
+                     f"difference and spread the interval would exclude 0 from ~{v['pair_marks_needed']:,} "
+                     f"(~{-(-v['pair_marks_needed'] // 2):,} pairs a seed).")
+    missed = [f"{m} (beta {v['beta']}: {v['off_family']:.3f}; the grid's off-family range "
+              f"{v['grid_off_family_min']:.3f}-{v['grid_off_family_max']:.3f})"
+              for m, v in lim["validation_picked_beta"].items() if not v["is_off_family_best"]]
+    lines.append(f"- Validation (200 in-family pairs) picked the off-family-best beta for "
+                 f"{len(lim['validation_picked_beta']) - len(missed)} of {len(lim['validation_picked_beta'])} methods; "
+                 f"not for {', '.join(missed) or 'none'}.")
+    rho = lambda v: f"{v:+.2f}" if v is not None else "-"  # noqa: E731
+    lines.append(f"- Rank correlation with off family over the {lim['arms']} seed-0 full-budget arms: validation "
+                 f"{rho(lim['spearman_validation_vs_off_family'])}, in-family test "
+                 f"{rho(lim['spearman_in_family_test_vs_off_family'])}.")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -215,3 +215,20 @@ def test_a_shape_that_leads_gets_its_second_seed_and_the_rule_decides_item_3(tmp
     assert lead["vs_today"]["seeds"] == 2 and abs(lead["vs_today"]["difference"] - 0.08) < 1e-9
     md = Path(a.out).with_suffix(".md").read_text()
     assert "new shape: 1205 pairs at 96" in md and "760 at 192 0.580 (1 seed(s))" in md
+
+
+def test_the_limits_say_how_many_pairs_a_lead_needs_and_whether_validation_found_the_best_beta():
+    """Hand-computed: a +0.02 lead with a +-0.03 interval on 1,000 pair-marks needs 1,000 x 1.5^2
+    = 2,250; a method whose validation picked a beta that is not the grid's best off family is
+    named; ties in a rank correlation take their mean rank."""
+    bench = _module()
+    kto = {"method": "kto", "beta": 0.05, "off_family": 0.664,
+           "vs_sigmoid": {"difference": 0.02, "ci95": [-0.01, 0.05], "n": 1000, "seeds": 2}}
+    grid = [{"method": "kto", "seed": 0, "off_family": off, "validation": val, "in_family": 0.5}
+            for off, val in ((0.664, 0.56), (0.672, 0.55), (0.674, 0.56))]
+    got = bench.limits([kto], grid, winners=[])
+    assert got["more_pairs_needed"]["kto"]["pair_marks_needed"] == 2250
+    assert got["validation_picked_beta"]["kto"]["is_off_family_best"] is False
+    assert bench.limits([kto], grid, winners=[kto])["more_pairs_needed"] == {}  # a passing method needs no more
+    assert abs(bench.spearman([1, 1, 2], [1, 2, 3]) - 1.5 / 3 ** 0.5) < 1e-12
+    assert bench.spearman([1, 2, 3], [3, 2, 1]) == -1.0 and bench.spearman([1, 1, 1], [1, 2, 3]) is None
