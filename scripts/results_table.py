@@ -100,6 +100,16 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
             out.append((f"LoRA Without Regret: {claim}", "lora_without_regret.json",
                         f"held-out greedy accuracy, lenient, {d['base']['n']} problems ({done} of {len(d['arms'])} runs)",
                         f"{value}: **{v.get('verdict', '—')}**", d["protocol"]["dtype"], "—"))
+    if (d := _load("preference_generalisation.json")) and d["decision"]["decided"]:
+        dec = d["decision"]
+        sig = next(x for x in d["full"] if x["method"] == "sigmoid")
+        best = max(dec["two_seeds_so_far"], key=lambda t: t["vs_sigmoid"]["difference"])
+        out.append(("DPO losses off their training family (`scripts/bench_preference.py`)", "preference_generalisation.json",
+                    "helpful-base normalised margin accuracy, 500 pairs, mean of two seeds; the best against sigmoid, paired",
+                    f"sigmoid {sig['off_family_mean']:.3f}; {best['method']} {best['off_family_mean']:.3f}, "
+                    f"{100 * best['vs_sigmoid']['difference']:+.1f} points {_ci(best['vs_sigmoid']['ci95'], sign=True)}: "
+                    f"**{'default: ' + dec['new_default'] if dec['new_default'] else 'sigmoid stays the default'}**",
+                    "float32", f"{sig['wall_minutes_computing_reference']:.0f} min a sigmoid run"))
     for name in ("bench_dtype.json", "bench_dtype_xeon_amx.json"):  # one per machine it ran on
         if d := _load(name):
             m, v = d["machine"], {x["variant"]: x for x in d["variants"]}
