@@ -542,6 +542,15 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _bars(ax, rows: list[dict], left: list[float], left_label: str, right_label: str) -> None:
+    """Two bars per row: ``left`` (an in-family figure) and off family with its 95 % interval."""
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], left, 0.4, label=left_label)
+    ax.bar([x + 0.2 for x in xs], [r["off_family"] for r in rows], 0.4, label=right_label,
+           yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in rows],
+                 [r["off_family_ci95"][1] - r["off_family"] for r in rows]])
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -552,10 +561,7 @@ def plot(result: dict, png: Path) -> None:
     fig, (ax, ax_full, ax_shape) = plt.subplots(1, 3, figsize=(16, 3.8), gridspec_kw={"width_ratios": [3, 2, 1.4]})
     if rows:
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["validation"] for r in rows], 0.4, label="validation (in family)")
-        ax.bar([x + 0.2 for x in xs], [r["off_family"] for r in rows], 0.4, label="helpful-base (off family)",
-               yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in rows],
-                     [r["off_family_ci95"][1] - r["off_family"] for r in rows]])
+        _bars(ax, rows, [r["validation"] for r in rows], "validation (in family)", "helpful-base (off family)")
         ax.set_xticks(list(xs), [r["method"] for r in rows], rotation=60, fontsize=7)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.legend(fontsize=7)
@@ -564,10 +570,7 @@ def plot(result: dict, png: Path) -> None:
     full = result["full"]  # in family (test, seed 0) against off family (seed 0 with its interval; seed 1 as a dot)
     if full:
         xs = range(len(full))
-        ax_full.bar([x - 0.2 for x in xs], [r.get("in_family", float("nan")) for r in full], 0.4, label="in-family test")
-        ax_full.bar([x + 0.2 for x in xs], [r["off_family"] for r in full], 0.4, label="helpful-base (off family)",
-                    yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in full],
-                          [r["off_family_ci95"][1] - r["off_family"] for r in full]])
+        _bars(ax_full, full, [r.get("in_family", float("nan")) for r in full], "in-family test", "helpful-base (off family)")
         seed1 = [(x, r["seed1"]["off_family"]) for x, r in zip(xs, full) if r.get("seed1")]
         if seed1:
             ax_full.plot([x + 0.2 for x, _ in seed1], [v for _, v in seed1], "k.", label="off family, seed 1")
@@ -579,10 +582,7 @@ def plot(result: dict, png: Path) -> None:
     shapes = [r for r in result["budget"] if r["seed"] == 0]  # item 3: seed 0 of each shape, today's as a line
     if shapes:
         xs = range(len(shapes))
-        ax_shape.bar([x - 0.2 for x in xs], [r.get("in_family", float("nan")) for r in shapes], 0.4, label="in-family test")
-        ax_shape.bar([x + 0.2 for x in xs], [r["off_family"] for r in shapes], 0.4, label="off family",
-                     yerr=[[r["off_family"] - r["off_family_ci95"][0] for r in shapes],
-                           [r["off_family_ci95"][1] - r["off_family"] for r in shapes]])
+        _bars(ax_shape, shapes, [r.get("in_family", float("nan")) for r in shapes], "in-family test", "off family")
         today = next((r for r in full if r["method"] == "sigmoid"), None)
         if today:
             ax_shape.axhline(today["off_family"], color="k", lw=0.6, ls=":", label="1,000 at 128, off family")
